@@ -1,0 +1,36 @@
+"""The one contract every sampler consumes: ``denoiser(x_t, t, alpha_cumprod, **cond) -> x0_hat``.
+
+``x_t`` is in variance-preserving coordinates (``sqrt(ᾱ) x0 + sqrt(1 - ᾱ) eps``), the space networks
+see, so that SNR = 0 (σ = ∞ in k-diffusion's coordinates, its issue #64) is an ordinary point.
+``t`` is the (possibly fractional) training timestep and ``alpha_cumprod`` its ᾱ, both plain floats
+shared by the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .prediction import check_prediction, to_x0
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor: ...
+
+
+def from_model(model, prediction: str) -> Denoiser:
+    """Wrap a network called like a diffusers UNet, ``model(x_t, t, **cond)`` with ``t`` a float (B,)
+    tensor, whose output is an eps, v or x0 prediction; ``.sample`` outputs are unwrapped."""
+    check_prediction(prediction)
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    model_dtype = param.dtype if param is not None else None
+
+    def denoise(x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
+        x_in = x if model_dtype is None else x.to(model_dtype)
+        t_in = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+        output = model(x_in, t_in, **cond)
+        output = getattr(output, "sample", output)
+        return to_x0(prediction, output.to(x.dtype), x, alpha_cumprod)
+
+    return denoise

@@ -1,0 +1,162 @@
+"""Noise schedules: ᾱ_t builders, zero-terminal-SNR rescaling, resolution shift.
+
+Notation (DDPM, 0-indexed): ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) eps`` for ``t`` in ``0..T-1``,
+``SNR(t) = ᾱ_t / (1 - ᾱ_t)``, k-diffusion ``sigma_t = sqrt((1 - ᾱ_t) / ᾱ_t)``.
+Everything is float64; cast at the boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine")
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """An immutable noise schedule: ``alphas_cumprod`` (ᾱ_t, float64, shape (T,), decreasing)."""
+
+    alphas_cumprod: torch.Tensor
+
+    def __post_init__(self) -> None:
+        ac = self.alphas_cumprod
+        if ac.ndim != 1 or ac.numel() < 2:
+            raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(ac.shape)}")
+        ac = ac.detach().to(dtype=torch.float64, device="cpu").clone()
+        if not bool(((ac >= 0) & (ac < 1)).all()):
+            raise ValueError("alphas_cumprod must lie in [0, 1)")
+        if not bool((ac[1:] <= ac[:-1]).all()):
+            raise ValueError("alphas_cumprod must be non-increasing in t")
+        if bool((ac[:-1] == 0).any()):
+            raise ValueError("only the last timestep may have alphas_cumprod == 0 (zero terminal SNR)")
+        ac.requires_grad_(False)
+        object.__setattr__(self, "alphas_cumprod", ac)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """``beta_t = 1 - ᾱ_t / ᾱ_{t-1}`` with ``ᾱ_{-1} = 1``."""
+        ac = self.alphas_cumprod
+        prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        return 1 - ac / prev
+
+    @property
+    def snr(self) -> torch.Tensor:
+        """``SNR(t) = ᾱ_t / (1 - ᾱ_t)``; 0 at zero terminal SNR."""
+        return self.alphas_cumprod / (1 - self.alphas_cumprod)
+
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """``log SNR(t)``; ``-inf`` at zero terminal SNR."""
+        return torch.log(self.snr)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """k-diffusion ``sigma_t = sqrt((1 - ᾱ_t) / ᾱ_t)``; ``inf`` at zero terminal SNR."""
+        return self.snr.rsqrt()
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.alphas_cumprod[-1] == 0)
+
+    def alphas_cumprod_at(self, t: torch.Tensor | float) -> torch.Tensor:
+        """ᾱ at (possibly fractional) timesteps, linear in log SNR between integers (exact at integers)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if bool(((t < 0) | (t > self.num_train_timesteps - 1)).any()):
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
+        lo = t.floor().long()
+        hi = torch.clamp(lo + 1, max=self.num_train_timesteps - 1)
+        frac = t - lo
+        log_snr = self.log_snr
+        # An integer t takes its value exactly, which also keeps -inf (zero terminal SNR) finite-safe.
+        mix = torch.where(frac == 0, log_snr[lo], (1 - frac) * log_snr[lo] + frac * log_snr[hi])
+        return torch.sigmoid(mix)
+
+    def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Fractional timestep of a k-diffusion sigma, linear in log sigma (the inverse of ``alphas_cumprod_at``)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        log_sigmas = self.sigmas.log()
+        finite = log_sigmas[torch.isfinite(log_sigmas)]
+        log_sigma = sigma.log()
+        if bool(((log_sigma < finite[0]) | (log_sigma > finite[-1])).any()):
+            raise ValueError(
+                f"sigma must lie in [{finite[0].exp().item():.6g}, {finite[-1].exp().item():.6g}] "
+                f"(the schedule's finite range), got {sigma.tolist()}"
+            )
+        hi = torch.searchsorted(finite, log_sigma).clamp(1, finite.numel() - 1)
+        lo = hi - 1
+        frac = (log_sigma - finite[lo]) / (finite[hi] - finite[lo])
+        return lo.to(torch.float64) + frac
+
+
+def from_betas(betas: torch.Tensor) -> Schedule:
+    """Schedule from betas: ``ᾱ_t = prod_{s<=t} (1 - beta_s)`` (DDPM eq. 4)."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    return Schedule(torch.cumprod(1 - betas, dim=0))
+
+
+def linear(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+    """DDPM's linear betas (Ho et al. 2020)."""
+    _check_T(num_train_timesteps)
+    return from_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64))
+
+
+def scaled_linear(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Schedule:
+    """Stable Diffusion's schedule: ``betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``."""
+    _check_T(num_train_timesteps)
+    root = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_train_timesteps, dtype=torch.float64)
+    return from_betas(root**2)
+
+
+def cosine(num_train_timesteps: int = 1000, s: float = 0.008, clip: bool = True) -> Schedule:
+    """iDDPM cosine schedule ``ᾱ(t) = f(t)/f(0)``, ``f(t) = cos((t/T + s)/(1 + s) · π/2)²`` (Nichol & Dhariwal).
+
+    Step ``i`` is continuous time ``(i + 1)/T`` as in iDDPM and diffusers. ``clip=True`` caps betas at 0.999
+    (iDDPM); ``clip=False`` keeps the last ᾱ at exactly 0, i.e. zero terminal SNR (Lin et al. §3.1).
+    """
+    _check_T(num_train_timesteps)
+    times = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    f = torch.cos((times + s) / (1 + s) * math.pi / 2) ** 2
+    f[-1] = 0.0  # cos(π/2) is 0; float64 leaves ~3.7e-33
+    betas = 1 - f[1:] / f[:-1]
+    if clip:
+        betas = betas.clamp(max=0.999)
+    return from_betas(betas)
+
+
+def rescale_zero_terminal_snr(schedule: Schedule) -> Schedule:
+    """Lin et al. 2024, Algorithm 1: shift and scale ``sqrt(ᾱ)`` so ᾱ_{T-1} = 0 and ᾱ_0 is unchanged."""
+    root = schedule.alphas_cumprod.sqrt()
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    return Schedule(root**2)
+
+
+def shift_resolution(schedule: Schedule, base: int, resolution: int) -> Schedule:
+    """Resolution shift (Hoogeboom et al. 2023): ``log SNR_d(t) = log SNR_b(t) + 2 log(b / d)``."""
+    if base <= 0 or resolution <= 0:
+        raise ValueError(f"base and resolution must be positive, got {base} and {resolution}")
+    shifted = schedule.log_snr + 2 * math.log(base / resolution)
+    return Schedule(torch.sigmoid(shifted))
+
+
+def by_name(name: str, num_train_timesteps: int = 1000, *, zero_terminal_snr: bool = False) -> Schedule:
+    """A schedule by its diffusers ``beta_schedule`` name (``squaredcos_cap_v2`` is accepted for cosine)."""
+    builders = {"linear": linear, "scaled_linear": scaled_linear, "cosine": cosine, "squaredcos_cap_v2": cosine}
+    if name not in builders:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    schedule = builders[name](num_train_timesteps)
+    return rescale_zero_terminal_snr(schedule) if zero_terminal_snr else schedule
+
+
+def _check_T(num_train_timesteps: int) -> None:
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")

@@ -1,0 +1,108 @@
+"""Sample steps: which training timesteps a sampler visits.
+
+Every function returns one descending tensor of timesteps; samplers visit each and, after the last,
+return the model's x0 (the implicit final point is the clean image, ᾱ = 1).
+Spacings follow Lin et al. 2024, Table 2; σ ladders follow Karras et al. 2022 (eq. 5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedules import Schedule
+
+SPACINGS = ("leading", "linspace", "trailing")
+LADDERS = ("karras", "exponential")
+
+ZTSNR_SIGMA_MAX = 80.0
+"""Top of a σ ladder on a zero-terminal-SNR schedule, below its first step at σ = ∞.
+
+At SNR = 0 the schedule's largest finite σ (2254 at t = 998 for rescaled SD) is an artefact of the
+rescale, and a ladder starting there spends most steps at t > 990. 80 is EDM's σ_max: for data of
+std 0.5 the signal is then 4e-5 of the noise, so nothing is skipped (t ≈ 972 for rescaled SD).
+"""
+
+
+def spaced(num_train_timesteps: int, num_steps: int, spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:
+    """Integer timesteps, descending, spaced as in Lin et al. Table 2 (and diffusers' ``timestep_spacing``).
+
+    leading: ``k·(T//S) + steps_offset``; linspace: ``round(linspace(0, T-1, S))``;
+    trailing: ``round(T - k·T/S) - 1``. Only linspace and trailing include t = T-1.
+    """
+    T, S = num_train_timesteps, num_steps
+    if T < 1:
+        raise ValueError(f"num_train_timesteps must be positive, got {T}")
+    if not 1 <= S <= T:
+        raise ValueError(f"steps must be between 1 and num_train_timesteps={T}, got {S}")
+    k = torch.arange(S, dtype=torch.float64)
+    if spacing == "leading":
+        t = k * (T // S) + steps_offset
+    elif spacing == "linspace":
+        t = torch.linspace(0, T - 1, S, dtype=torch.float64).round()
+    elif spacing == "trailing":
+        t = (T - k * (T / S)).round() - 1
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    t = t.sort(descending=True).values.long()
+    if int(t[0]) > T - 1 or int(t[-1]) < 0:
+        raise ValueError(f"steps_offset={steps_offset} puts timesteps outside [0, {T - 1}]")
+    return t
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. eq. 5: ``(σ_max^(1/ρ) + k/(n-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ``, descending."""
+    _check_range(sigma_min, sigma_max, num_steps)
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> torch.Tensor:
+    """σ evenly spaced in log σ (i.e. in log SNR), descending."""
+    _check_range(sigma_min, sigma_max, num_steps)
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64).exp()
+
+
+def ladder(
+    schedule: Schedule,
+    num_steps: int,
+    kind: str = "karras",
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+) -> torch.Tensor:
+    """Fractional timesteps of a σ ladder on ``schedule``, descending.
+
+    The range defaults to the schedule's own ``[σ(0), σ(T-1)]``. On a zero-terminal-SNR schedule the
+    first step is t = T-1 (σ = ∞, pure noise) and the other ``num_steps - 1`` follow the ladder from
+    ``sigma_max`` (default :data:`ZTSNR_SIGMA_MAX`) down.
+    """
+    if kind not in LADDERS:
+        raise ValueError(f"unknown ladder {kind!r}; choose one of {', '.join(LADDERS)}")
+    sigmas = schedule.sigmas
+    T = schedule.num_train_timesteps
+    if sigma_min is None:
+        sigma_min = float(sigmas[0])
+    ztsnr = schedule.zero_terminal_snr
+    if sigma_max is None:
+        sigma_max = min(ZTSNR_SIGMA_MAX, float(sigmas[-2])) if ztsnr else float(sigmas[-1])
+    n = num_steps - 1 if ztsnr else num_steps
+    if n < 1:
+        raise ValueError("a ladder on a zero-terminal-SNR schedule needs at least 2 steps")
+    if kind == "karras":
+        ladder_sigmas = karras_sigmas(sigma_min, sigma_max, n, rho)
+    else:
+        ladder_sigmas = exponential_sigmas(sigma_min, sigma_max, n)
+    t = schedule.sigma_to_t(ladder_sigmas)
+    if ztsnr:
+        t = torch.cat([t.new_tensor([T - 1.0]), t])
+    return t
+
+
+def _check_range(sigma_min: float, sigma_max: float, num_steps: int) -> None:
+    if num_steps < 1:
+        raise ValueError(f"steps must be positive, got {num_steps}")
+    if not 0 < sigma_min < sigma_max < math.inf:
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min} and {sigma_max}")

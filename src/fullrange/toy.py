@@ -1,0 +1,76 @@
+"""Exact (closed-form) denoisers ``E[x0 | x_t]`` for toy data, standing in for a trained network.
+
+With ``a = sqrt(ᾱ)``, ``s = sqrt(1 - ᾱ)`` and ``x_t = a x0 + s eps``:
+- Gaussian data ``x0 ~ N(mu, c² I)``: ``E[x0 | x_t] = mu + a c² / (a² c² + s²) · (x_t - a mu)``.
+- A mixture of flat images ``x0 = mu_k 1 + c z`` (weight w_k): each component is Gaussian as above, with
+  responsibility ``∝ w_k exp((a mu_k Σx_t - a² mu_k² N / 2) / (a² c² + s²))`` over N values.
+They let anyone see the seeds' brightness effect without training: the only way these denoisers learn a
+sample's brightness is through the image mean that ``a`` leaks into ``x_t``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def _coefficients(alpha_cumprod: float) -> tuple[float, float]:
+    return math.sqrt(alpha_cumprod), math.sqrt(1 - alpha_cumprod)
+
+
+@dataclass(frozen=True)
+class GaussianToy:
+    """Data ``N(mean, std² I)``; exact denoiser and exact probability-flow map."""
+
+    mean: float = 0.3
+    std: float = 0.5
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None, dtype=torch.float64):
+        return self.mean + self.std * torch.randn(shape, generator=generator, dtype=dtype)
+
+    def denoise(self, x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
+        a, s = _coefficients(alpha_cumprod)
+        gain = a * self.std**2 / (a**2 * self.std**2 + s**2)
+        return self.mean + gain * (x - a * self.mean)
+
+    def flow(self, x: torch.Tensor, alpha_cumprod_from: float, alpha_cumprod_to: float) -> torch.Tensor:
+        """The exact ODE solution: ``(x - a mu) / sqrt(a² c² + s²)`` is constant along the flow."""
+        a, s = _coefficients(alpha_cumprod_from)
+        a2, s2 = _coefficients(alpha_cumprod_to)
+        z = (x - a * self.mean) / math.sqrt(a**2 * self.std**2 + s**2)
+        return a2 * self.mean + math.sqrt(a2**2 * self.std**2 + s2**2) * z
+
+
+@dataclass(frozen=True)
+class MixtureToy:
+    """Flat images at brightness ``levels`` (data units, [-1, 1]) with weights, plus pixel noise ``pixel_std``."""
+
+    levels: tuple[float, ...] = (-0.8, -0.4, 0.0, 0.4, 0.8)
+    weights: tuple[float, ...] | None = None
+    pixel_std: float = 0.2
+
+    def _log_weights(self, device, dtype) -> torch.Tensor:
+        w = torch.tensor(self.weights or [1.0] * len(self.levels), device=device, dtype=dtype)
+        return (w / w.sum()).log()
+
+    def sample(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, dtype=torch.float64
+    ) -> torch.Tensor:
+        """``shape = (B, C, H, W)``: one component per image, then pixel noise."""
+        k = torch.multinomial(self._log_weights("cpu", torch.float64).exp(), shape[0], True, generator=generator)
+        levels = torch.tensor(self.levels, dtype=dtype)[k].reshape(-1, *(1,) * (len(shape) - 1))
+        return levels + self.pixel_std * torch.randn(shape, generator=generator, dtype=dtype)
+
+    def denoise(self, x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
+        a, s = _coefficients(alpha_cumprod)
+        var = a**2 * self.pixel_std**2 + s**2
+        flat = x.flatten(1).to(torch.float64)
+        n = flat.shape[1]
+        mu = torch.tensor(self.levels, dtype=torch.float64, device=x.device)
+        logits = self._log_weights(x.device, torch.float64) + (
+            a * mu * flat.sum(1, keepdim=True) - a**2 * mu**2 * n / 2
+        ) / var
+        mean = (logits.softmax(dim=1) * mu).sum(1).reshape(-1, *(1,) * (x.ndim - 1)).to(x.dtype)
+        return mean + (a * self.pixel_std**2 / var) * (x - a * mean)
