@@ -50,7 +50,9 @@ def cfg(
 
     def guided(x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
         if set(cond) != set(uncond):
-            raise ValueError(f"guidance needs the same keys in cond and uncond, got {sorted(cond)} and {sorted(uncond)}")
+            raise ValueError(
+                f"guidance needs the same keys in cond and uncond, got {sorted(cond)} and {sorted(uncond)}"
+            )
         both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
         negative, positive = denoiser(torch.cat([x, x]), t, alpha_cumprod, **both).chunk(2)
         if space == "v":

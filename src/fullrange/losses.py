@@ -19,9 +19,7 @@ def sample_timesteps(
     return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
 
 
-def min_snr_weight(
-    snr: torch.Tensor, prediction: str, gamma: float = 5.0, floor: float = 0.0
-) -> torch.Tensor:
+def min_snr_weight(snr: torch.Tensor, prediction: str, gamma: float = 5.0, floor: float = 0.0) -> torch.Tensor:
     """Min-SNR-γ (Hang et al. 2023) for the target actually trained, finite at SNR = 0.
 
     The weight on the x0-MSE is ``min(SNR, γ)``; divided by the target's own scale it becomes

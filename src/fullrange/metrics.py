@@ -13,3 +13,12 @@ def brightness(x: torch.Tensor) -> torch.Tensor:
 def spread_ratio(samples: torch.Tensor, data: torch.Tensor) -> float:
     """Std of per-image mean brightness of ``samples`` over that of ``data``; 1.0 is the data's range."""
     return float(brightness(samples).std() / brightness(data).std())
+
+
+def mean_leak(snr: torch.Tensor | float, num_values: int) -> torch.Tensor:
+    """How far a unit shift of the image mean moves ``x_t``'s mean, in std of the noise's own mean.
+
+    The signal moves the mean by ``sqrt(ᾱ)``; the mean of N iid noise values has std ``sqrt(1 - ᾱ)/sqrt(N)``
+    (seed 000's 1/N argument), so the leak is ``sqrt(SNR · N)``; 0 at zero terminal SNR.
+    """
+    return (torch.as_tensor(snr, dtype=torch.float64) * num_values).sqrt()

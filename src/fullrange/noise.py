@@ -61,9 +61,7 @@ def pyramid(
     return (noise / noise.std(dim=(1, 2, 3), keepdim=True)).to(dtype)
 
 
-def perturb(
-    eps: torch.Tensor, gamma: float = 0.1, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def perturb(eps: torch.Tensor, gamma: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
     """Input perturbation (Ning et al. 2023): the noise fed to ``x_t`` is ``eps + γ ξ``; the target stays eps."""
     xi = torch.randn(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
     return eps + gamma * xi

@@ -107,9 +107,7 @@ def linear(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: 
     return from_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64))
 
 
-def scaled_linear(
-    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
-) -> Schedule:
+def scaled_linear(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Schedule:
     """Stable Diffusion's schedule: ``betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``."""
     _check_T(num_train_timesteps)
     root = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_train_timesteps, dtype=torch.float64)
@@ -150,7 +148,12 @@ def shift_resolution(schedule: Schedule, base: int, resolution: int) -> Schedule
 
 def by_name(name: str, num_train_timesteps: int = 1000, *, zero_terminal_snr: bool = False) -> Schedule:
     """A schedule by its diffusers ``beta_schedule`` name (``squaredcos_cap_v2`` is accepted for cosine)."""
-    builders = {"linear": linear, "scaled_linear": scaled_linear, "cosine": cosine, "squaredcos_cap_v2": cosine}
+    builders = {
+        "linear": linear,
+        "scaled_linear": scaled_linear,
+        "cosine": cosine,
+        "squaredcos_cap_v2": cosine,
+    }
     if name not in builders:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     schedule = builders[name](num_train_timesteps)

@@ -56,13 +56,17 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     _check_range(sigma_min, sigma_max, num_steps)
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact ends: the roots' round trip drifts by ~1e-15
+    return sigmas
 
 
 def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> torch.Tensor:
     """σ evenly spaced in log σ (i.e. in log SNR), descending."""
     _check_range(sigma_min, sigma_max, num_steps)
-    return torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64).exp()
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64).exp()
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min
+    return sigmas
 
 
 def ladder(

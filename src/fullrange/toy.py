@@ -47,7 +47,7 @@ class GaussianToy:
 class MixtureToy:
     """Flat images at brightness ``levels`` (data units, [-1, 1]) with weights, plus pixel noise ``pixel_std``."""
 
-    levels: tuple[float, ...] = (-0.8, -0.4, 0.0, 0.4, 0.8)
+    levels: tuple[float, ...] = (-0.9, -0.6, -0.3, 0.0, 0.3, 0.6, 0.9)
     weights: tuple[float, ...] | None = None
     pixel_std: float = 0.2
 
@@ -69,8 +69,9 @@ class MixtureToy:
         flat = x.flatten(1).to(torch.float64)
         n = flat.shape[1]
         mu = torch.tensor(self.levels, dtype=torch.float64, device=x.device)
-        logits = self._log_weights(x.device, torch.float64) + (
-            a * mu * flat.sum(1, keepdim=True) - a**2 * mu**2 * n / 2
-        ) / var
+        logits = (
+            self._log_weights(x.device, torch.float64)
+            + (a * mu * flat.sum(1, keepdim=True) - a**2 * mu**2 * n / 2) / var
+        )
         mean = (logits.softmax(dim=1) * mu).sum(1).reshape(-1, *(1,) * (x.ndim - 1)).to(x.dtype)
         return mean + (a * self.pixel_std**2 / var) * (x - a * mean)

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fullrange import schedules
+from fullrange.cli import app
+
+runner = CliRunner()
+
+
+def test_schedule_json_matches_the_library():
+    result = runner.invoke(
+        app,
+        [
+            "schedule",
+            "--steps",
+            "10",
+            "--spacing",
+            "leading",
+            "--steps-offset",
+            "1",
+            "--resolution",
+            "64x64x4",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [row["t"] for row in data["plan"]] == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    sd = schedules.scaled_linear()
+    assert data["plan"][0]["alphas_cumprod"] == pytest.approx(sd.alphas_cumprod[901].item(), rel=1e-12)
+    # Seed 000 / REFERENCE: N = 4·64·64, the terminal mean leak is sqrt(0.0046819 · 16384) = 8.76.
+    assert data["num_values"] == 16384
+    assert data["terminal_mean_leak"] == pytest.approx((0.0046819 * 16384) ** 0.5, rel=1e-4)
+
+
+def test_schedule_zero_terminal_snr_table_and_plot(tmp_path):
+    plot = tmp_path / "plots" / "schedule.png"
+    result = runner.invoke(
+        app, ["schedule", "--zero-terminal-snr", "--spacing", "karras", "--steps", "12", "--plot", str(plot)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "inf" in result.output and "999" in result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(runner.invoke(app, ["schedule", "--zero-terminal-snr", "--json"]).output)
+    assert data["plan"][0]["sigma"] is None and data["terminal_mean_leak"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--resolution", "64xx4"], "--resolution '64xx4' is not like 64x64x4"),
+        (["--resolution", "0x64"], "--resolution '0x64'"),
+        (["--spacing", "uniform"], "--spacing 'uniform' is unknown"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--steps", "2000"], "steps must be between 1 and num_train_timesteps=1000"),
+        (["--schedule", "quadratic"], "unknown schedule 'quadratic'"),
+        (["--plot", "out.jpg"], "must name a .png file"),
+    ],
+)
+def test_schedule_bad_options_give_one_line_errors(args, message):
+    result = runner.invoke(app, ["schedule", *args])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]

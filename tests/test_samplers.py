@@ -1,0 +1,306 @@
+"""Samplers checked against closed forms (exact toy denoisers), each other, and diffusers' schedulers."""
+
+import math
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+import fullrange
+from fullrange import metrics, prediction, schedules, timesteps, toy
+from fullrange.samplers import SAMPLERS, STOCHASTIC
+
+DETERMINISTIC = sorted(set(SAMPLERS) - STOCHASTIC)
+SD = schedules.scaled_linear()
+ZTSNR = schedules.rescale_zero_terminal_snr(SD)
+
+
+def _plans():
+    for name, sched in (("sd", SD), ("ztsnr", ZTSNR)):
+        for spacing, steps in (
+            ("leading", 10),
+            ("linspace", 10),
+            ("trailing", 7),
+            ("trailing", 1),
+            ("trailing", 50),
+        ):
+            offset = 1 if spacing == "leading" else 0
+            yield f"{name}-{spacing}-{steps}", sched, timesteps.spaced(1000, steps, spacing, offset)
+        yield f"{name}-karras-12", sched, timesteps.ladder(sched, 12, "karras")
+
+
+PLANS = list(_plans())
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("plan", PLANS, ids=[p[0] for p in PLANS])
+def test_oracle_follows_the_forward_process_and_returns_x0(sampler, plan, gen):
+    """With a model that knows x0, DDIM-type trajectories are ``a_i x0 + s_i eps`` at every visited step
+    and the result is x0: the next point is read from the ladder, not from ``t - T//S``."""
+    _, sched, steps = plan
+    x0 = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64)
+    eps = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64)
+    ac = sched.alphas_cumprod_at(steps)
+    x_start = prediction.add_noise(x0, eps, float(ac[0]))
+    seen = []
+
+    def check(info):
+        seen.append(info.t)
+        if sampler not in STOCHASTIC:
+            expected = prediction.add_noise(x0, eps, float(ac[info.i]))
+            torch.testing.assert_close(info.x, expected, atol=1e-10, rtol=0)
+
+    out = SAMPLERS[sampler](
+        lambda x, t, a, **c: x0,
+        x_start,
+        sched,
+        steps,
+        callback=check,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(out, x0, atol=1e-12, rtol=0)
+    assert seen == steps.double().tolist()
+
+
+def test_oracle_through_a_v_network_and_sample(gen):
+    """The public entry point with a diffusers-like network (``model(x_t, t)`` returns v)."""
+    x0 = torch.randn(2, 3, 8, 8, generator=gen)
+
+    def model(x_t, t):
+        assert t.shape == (2,) and t.dtype == torch.float32
+        return prediction.to_v(x0, x_t, ZTSNR.alphas_cumprod_at(t[0].double()).float())
+
+    noise = torch.randn(2, 3, 8, 8, generator=gen)
+    for sampler in DETERMINISTIC:
+        out = fullrange.sample(
+            model,
+            noise,
+            schedule=ZTSNR,
+            prediction="v_prediction",
+            sampler=sampler,
+            steps=7,
+            spacing="trailing",
+        )
+        torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+
+
+EXPECTED_ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "unipc": 3}
+
+
+@pytest.mark.parametrize("sampler", sorted(EXPECTED_ORDER))
+def test_convergence_order_on_gaussian_toy(sampler):
+    """Error against the exact ODE solution falls as ``S^-p`` (UniPC-2 + corrector: p = 3, Zhao et al.)."""
+    data = toy.GaussianToy(mean=0.3, std=0.5)
+    x = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = []
+    for S in (16, 32, 64, 128):
+        steps = SD.sigma_to_t(timesteps.exponential_sigmas(0.03, 14.0, S))
+        ac = SD.alphas_cumprod_at(steps)
+        exact = data.denoise(data.flow(x, float(ac[0]), float(ac[-1])), 0.0, float(ac[-1]))
+        errors.append((SAMPLERS[sampler](data.denoise, x, SD, steps) - exact).abs().max().item())
+    orders = [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)]
+    print(f"{sampler}: errors {[f'{e:.2e}' for e in errors]}, observed orders {[round(o, 2) for o in orders]}")
+    assert abs(orders[-1] - EXPECTED_ORDER[sampler]) < 0.25
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=[p[0] for p in PLANS])
+def test_ddim_eta0_equals_euler_and_ancestral_forms_agree(plan):
+    _, sched, steps = plan
+    data = toy.MixtureToy()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(
+        SAMPLERS["ddim"](data.denoise, x, sched, steps),
+        SAMPLERS["euler"](data.denoise, x, sched, steps),
+        atol=1e-10,
+        rtol=0,
+    )
+    for eta in (1.0, 0.5):
+        ddim = SAMPLERS["ddim"](data.denoise, x, sched, steps, eta=eta, generator=torch.Generator().manual_seed(5))
+        anc = SAMPLERS["euler_ancestral"](
+            data.denoise, x, sched, steps, eta=eta, generator=torch.Generator().manual_seed(5)
+        )
+        torch.testing.assert_close(ddim, anc, atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        SAMPLERS["ddpm"](data.denoise, x, sched, steps, generator=torch.Generator().manual_seed(5)),
+        SAMPLERS["ddim"](data.denoise, x, sched, steps, eta=1.0, generator=torch.Generator().manual_seed(5)),
+    )
+
+
+def _diffusers_loop(scheduler, data, noise, sched, kind):
+    """A plain diffusers loop with the toy denoiser as the network (raw eps or v output)."""
+    x = noise
+    if isinstance(scheduler, EulerDiscreteScheduler):
+        # Same VP start as ours; diffusers' own init_noise_sigma for trailing is σ_max, not sqrt(σ_max² + 1).
+        x = noise * (scheduler.sigmas[0].double() ** 2 + 1).sqrt()
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        ac = float(sched.alphas_cumprod_at(float(t)))
+        x0 = data.denoise(x_in, float(t), ac)
+        out = prediction.to_v(x0, x_in, ac) if kind == "v_prediction" else prediction.to_eps(x0, x_in, ac)
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+REFERENCES = {
+    "euler": EulerDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "ddim": DDIMScheduler,
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(REFERENCES))
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_agrees_with_diffusers(sampler, spacing, zero_terminal_snr):
+    """Same toy network, spacing and steps. Tolerances: diffusers runs in float32 (1e-5); at zero terminal
+    SNR its DPM++/UniPC clamp ᾱ_T to 2^-24 where we step exactly (3e-3); DDIM's ``t - T//S`` arithmetic
+    only agrees where T//S is the true gap (leading; trailing with S dividing T)."""
+    kind = "v_prediction" if zero_terminal_snr else "epsilon"
+    sched = ZTSNR if zero_terminal_snr else SD
+    data = toy.MixtureToy()
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tol = 3e-3 if zero_terminal_snr and sampler in ("dpmpp_2m", "unipc") else 2e-5
+    for S in (7, 10, 25):
+        if sampler == "ddim" and (spacing == "linspace" or (spacing == "trailing" and 1000 % S)):
+            continue
+        extra = {"clip_sample": False} if sampler == "ddim" else {}
+        ref = REFERENCES[sampler](
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type=kind,
+            timestep_spacing=spacing,
+            steps_offset=int(spacing == "leading"),
+            rescale_betas_zero_snr=zero_terminal_snr,
+            **extra,
+        )
+        ref.set_timesteps(S)
+        expected = _diffusers_loop(ref, data, noise, sched, kind)
+        ours = SAMPLERS[sampler](data.denoise, noise, sched, ref.timesteps.double())
+        assert (ours - expected).abs().max().item() < tol, (S, (ours - expected).abs().max().item())
+
+
+def test_diffusers_ddim_trailing_7_ends_on_noise_but_ours_does_not(gen):
+    """diffusers' DDIM steps to ``t - T//S``: with trailing S = 7 its last step lands on t = 0, so even a
+    model that knows x0 leaves ``sqrt(1 - ᾱ_0) eps`` of noise; ours reads the ladder and returns x0."""
+    x0 = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64)
+    noise = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64)
+    oracle = lambda x, t, ac, **c: x0  # noqa: E731
+    ref = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+    )
+    ref.set_timesteps(7)
+    x = noise
+    for t in ref.timesteps:
+        ac = float(ZTSNR.alphas_cumprod[t])
+        x = ref.step(prediction.to_v(x0, x, ac), t, x).prev_sample
+    theirs_error = (x - x0).abs().mean().item()
+    ours = SAMPLERS["ddim"](oracle, noise, ZTSNR, timesteps.spaced(1000, 7, "trailing"))
+    assert (ours - x0).abs().max().item() < 1e-12
+    expected = (1 - ZTSNR.alphas_cumprod[0]).sqrt().item() * math.sqrt(2 / math.pi)  # E|s_0 eps|
+    assert theirs_error == pytest.approx(expected, rel=0.15)
+
+
+@pytest.mark.parametrize("sampler", sorted(STOCHASTIC))
+def test_stochastic_samplers_match_target_variance(sampler):
+    """From the exact marginal (pure noise at zero terminal SNR) the samples of the Gaussian toy have mean mu
+    and the variance of ``E[x0 | x_t]`` at the last step, ``c² · a²c² / (a²c² + s²)``."""
+    data = toy.GaussianToy(mean=0.3, std=0.5)
+    n = 40_000
+    x = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = timesteps.spaced(1000, 1000, "trailing")
+    out = SAMPLERS[sampler](data.denoise, x, ZTSNR, steps, generator=torch.Generator().manual_seed(1))
+    ac = float(ZTSNR.alphas_cumprod[0])
+    target_std = 0.5 * math.sqrt(ac * 0.25 / (ac * 0.25 + 1 - ac))
+    se_mean, se_std = target_std / math.sqrt(n), target_std / math.sqrt(2 * n)
+    print(f"{sampler}: mean {out.mean().item():.4f} (0.3), std {out.std().item():.4f} ({target_std:.4f})")
+    assert abs(out.mean().item() - 0.3) < 5 * se_mean
+    assert abs(out.std().item() - target_std) < 5 * se_std + 0.01 * target_std
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_same_generator_same_output(sampler):
+    data = toy.MixtureToy()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    steps = timesteps.spaced(1000, 6, "trailing")
+
+    def run(seed):
+        return SAMPLERS[sampler](data.denoise, x, ZTSNR, steps, generator=torch.Generator().manual_seed(seed))
+
+    torch.testing.assert_close(run(3), run(3), atol=0, rtol=0)
+    assert torch.equal(run(3), run(4)) == (sampler not in STOCHASTIC)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("steps", [1, 2, 7, 25])
+def test_finite_at_zero_terminal_snr(sampler, steps):
+    data = toy.MixtureToy()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for plan in (timesteps.spaced(1000, steps, "trailing"), timesteps.spaced(1000, steps, "linspace")):
+        out = SAMPLERS[sampler](data.denoise, x, ZTSNR, plan, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out).all()
+
+
+def test_brightness_effect_on_the_mixture_toy():
+    """The seeds' finding with an exact denoiser at 3×32×32 and 50 steps: the SD schedule with leading steps
+    squeezes the spread of per-image brightness; zero terminal SNR with trailing steps restores it."""
+    data = toy.MixtureToy()
+    shape = (256, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    reference = data.sample(shape, g)
+    noise = torch.randn(shape, generator=g, dtype=torch.float64)
+    ratios = {}
+    for label, sched, spacing in (
+        ("sd+leading", SD, "leading"),
+        ("sd+trailing", SD, "trailing"),
+        ("ztsnr+trailing", ZTSNR, "trailing"),
+    ):
+        steps = timesteps.spaced(1000, 50, spacing, steps_offset=int(spacing == "leading"))
+        for sampler in ("ddim", "dpmpp_2m"):
+            out = SAMPLERS[sampler](data.denoise, noise, sched, steps)
+            ratios[f"{label}/{sampler}"] = metrics.spread_ratio(out, reference)
+    print("brightness spread, samples / data:", {k: round(v, 3) for k, v in ratios.items()})
+    assert ratios["sd+leading/ddim"] < 0.5 and ratios["sd+leading/dpmpp_2m"] < 0.5
+    assert ratios["ztsnr+trailing/ddim"] > 0.9 and abs(ratios["ztsnr+trailing/dpmpp_2m"] - 1) < 0.1
+
+
+def test_effect_grows_with_resolution():
+    """Seed 000: the noise's own mean shrinks as 1/sqrt(N), so the leak matters more for larger images."""
+    data = toy.MixtureToy()
+    steps = timesteps.spaced(1000, 50, "leading", steps_offset=1)
+    ratios = []
+    for side in (8, 32):
+        shape = (128, 3, side, side)
+        g = torch.Generator().manual_seed(0)
+        reference = data.sample(shape, g)
+        noise = torch.randn(shape, generator=g, dtype=torch.float64)
+        ratios.append(metrics.spread_ratio(SAMPLERS["ddim"](data.denoise, noise, SD, steps), reference))
+    print("sd+leading spread ratio at 3x8x8 and 3x32x32:", [round(r, 3) for r in ratios])
+    assert ratios[1] < ratios[0] - 0.2
+
+
+def test_sample_validates_its_options():
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    noise = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        fullrange.sample(model, noise, schedule=SD, prediction="epsilon", sampler="plms")
+    with pytest.raises(ValueError, match="has no option eta"):
+        fullrange.sample(model, noise, schedule=SD, prediction="epsilon", sampler="euler", eta=1.0)
+    with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
+        fullrange.sample(model, noise, schedule=ZTSNR, prediction="epsilon")
+    with pytest.raises(ValueError, match="strictly descending"):
+        fullrange.sample(model, noise, schedule=SD, prediction="epsilon", steps=torch.tensor([10, 500]))
+    out = fullrange.sample(model, noise, schedule=SD, prediction="epsilon", sampler="ddim", eta=0.0, steps=3)
+    assert out.shape == noise.shape

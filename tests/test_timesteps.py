@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from fullrange import schedules, timesteps
+
+# Lin et al. 2024, Table 2 (T = 1000, S = 10), 0-indexed as diffusers prints them.
+TABLE_2 = {
+    "leading": [901, 801, 701, 601, 501, 401, 301, 201, 101, 1],
+    "linspace": [999, 888, 777, 666, 555, 444, 333, 222, 111, 0],
+    "trailing": [999, 899, 799, 699, 599, 499, 399, 299, 199, 99],
+}
+
+
+@pytest.mark.parametrize("spacing", list(TABLE_2))
+def test_table_2(spacing):
+    offset = 1 if spacing == "leading" else 0
+    assert timesteps.spaced(1000, 10, spacing, steps_offset=offset).tolist() == TABLE_2[spacing]
+
+
+@pytest.mark.parametrize("T,S", [(1000, 7), (1000, 25), (1000, 50), (1000, 1000), (1000, 3), (500, 33), (37, 5)])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_spacing_matches_diffusers(T, S, spacing):
+    # DDIM rounds linspace; DPM-Solver's leading/trailing formulas differ, so DDIM is the reference.
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    ref.set_timesteps(S)
+    ours = timesteps.spaced(T, S, spacing)
+    assert ours.dtype == torch.int64
+    assert ours.tolist() == ref.timesteps.tolist()
+    assert (ours[1:] < ours[:-1]).all()
+
+
+@pytest.mark.parametrize("S", [7, 10, 25])
+def test_trailing_matches_dpm_solver(S):
+    ref = DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    ref.set_timesteps(S)
+    assert timesteps.spaced(1000, S, "trailing").tolist() == ref.timesteps.tolist()
+
+
+def test_only_linspace_and_trailing_reach_the_last_timestep():
+    for S in (5, 7, 10, 50):
+        assert timesteps.spaced(1000, S, "trailing")[0] == 999
+        assert timesteps.spaced(1000, S, "linspace")[0] == 999
+        assert timesteps.spaced(1000, S, "leading", steps_offset=1)[0] < 999
+
+
+def test_karras_and_exponential_sigmas():
+    k = timesteps.karras_sigmas(0.03, 14.6, 10, rho=7.0)
+    assert k[0].item() == pytest.approx(14.6) and k[-1].item() == pytest.approx(0.03)
+    roots = k ** (1 / 7)
+    torch.testing.assert_close(roots.diff(), roots.diff()[:1].expand(9))
+    e = timesteps.exponential_sigmas(0.03, 14.6, 10)
+    torch.testing.assert_close(e.log().diff(), e.log().diff()[:1].expand(9))
+
+
+def test_ladder_matches_diffusers_karras_timesteps():
+    from diffusers import EulerDiscreteScheduler
+
+    ref = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True
+    )
+    ref.set_timesteps(20)
+    ours = timesteps.ladder(schedules.scaled_linear(), 20, "karras")
+    np.testing.assert_allclose(ours.numpy(), ref.timesteps.numpy(), atol=2e-3)
+
+
+def test_ztsnr_ladder_is_sensible():
+    z = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
+    t = timesteps.ladder(z, 25, "karras")
+    assert t[0].item() == 999.0
+    assert (t[1:] < t[:-1]).all()
+    print("karras ladder at zero terminal SNR, 25 steps:", [round(v, 1) for v in t.tolist()])
+    # One step at σ = ∞, then σ_max = ZTSNR_SIGMA_MAX (diffusers' Euler spends 18 of 25 at t >= 997).
+    assert int((t >= 990).sum()) == 1
+    assert z.sigmas[int(t[1].round())].item() == pytest.approx(timesteps.ZTSNR_SIGMA_MAX, rel=0.05)
+    # Below the first step it is the usual Karras ladder: most steps in the lower part of the range.
+    assert t.median().item() < 800
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((1000, 0, "trailing"), "steps must be between"),
+        ((1000, 1001, "trailing"), "steps must be between"),
+        ((1000, 10, "uniform"), "unknown spacing 'uniform'"),
+    ],
+)
+def test_bad_spacing_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        timesteps.spaced(*args)
+
+
+def test_bad_ladder_arguments():
+    with pytest.raises(ValueError, match="unknown ladder"):
+        timesteps.ladder(schedules.scaled_linear(), 10, "polyexponential")
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        timesteps.karras_sigmas(1.0, 0.5, 10)
