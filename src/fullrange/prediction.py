@@ -7,6 +7,8 @@ Names match diffusers' ``prediction_type``: ``"epsilon"``, ``"v_prediction"``, `
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -18,8 +20,13 @@ def check_prediction(prediction: str) -> str:
     return prediction
 
 
-def _coefficients(alpha_cumprod: torch.Tensor | float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, s)`` computed in float64, cast to ``like``'s dtype, broadcastable against it (ᾱ may be (B,))."""
+def _coefficients(
+    alpha_cumprod: torch.Tensor | float, like: torch.Tensor
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """``(a, s)``: Python floats for one ᾱ (cheap in sampler loops); for per-sample ᾱ of shape (B,),
+    float64-computed tensors cast to ``like``'s dtype and broadcastable against it."""
+    if isinstance(alpha_cumprod, float | int):
+        return math.sqrt(alpha_cumprod), math.sqrt(1 - alpha_cumprod)
     ac = torch.as_tensor(alpha_cumprod, dtype=torch.float64, device=like.device)
     ac = ac.reshape(ac.shape + (1,) * (like.ndim - ac.ndim))
     return ac.sqrt().to(like.dtype), (1 - ac).sqrt().to(like.dtype)
@@ -49,7 +56,7 @@ def to_x0(
     if prediction == "v_prediction":
         x0 = a * x_t - s * output
     else:
-        if bool((a == 0).any()):
+        if bool(torch.as_tensor(a == 0).any()):
             raise ValueError(
                 "epsilon prediction cannot give x0 at zero SNR (alphas_cumprod = 0): "
                 "use v_prediction or sample with zero terminal SNR (Lin et al. §3.2)"
