@@ -93,7 +93,7 @@ EXPECTED_ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "unipc": 3}
 
 
 @pytest.mark.parametrize("sampler", sorted(EXPECTED_ORDER))
-def test_convergence_order_on_gaussian_toy(sampler):
+def test_convergence_order_on_gaussian_toy(sampler, report):
     """Error against the exact ODE solution falls as ``S^-p`` (UniPC-2 + corrector: p = 3, Zhao et al.)."""
     data = toy.GaussianToy(mean=0.3, std=0.5)
     x = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -104,7 +104,9 @@ def test_convergence_order_on_gaussian_toy(sampler):
         exact = data.denoise(data.flow(x, float(ac[0]), float(ac[-1])), 0.0, float(ac[-1]))
         errors.append((SAMPLERS[sampler](data.denoise, x, SD, steps) - exact).abs().max().item())
     orders = [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)]
-    print(f"{sampler}: errors {[f'{e:.2e}' for e in errors]}, observed orders {[round(o, 2) for o in orders]}")
+    report(
+        f"convergence {sampler}: errors {[f'{e:.2e}' for e in errors]}, observed orders {[round(o, 2) for o in orders]}"
+    )
     assert abs(orders[-1] - EXPECTED_ORDER[sampler]) < 0.25
 
 
@@ -214,7 +216,7 @@ def test_diffusers_ddim_trailing_7_ends_on_noise_but_ours_does_not(gen):
 
 
 @pytest.mark.parametrize("sampler", sorted(STOCHASTIC))
-def test_stochastic_samplers_match_target_variance(sampler):
+def test_stochastic_samplers_match_target_variance(sampler, report):
     """From the exact marginal (pure noise at zero terminal SNR) the samples of the Gaussian toy have mean mu
     and the variance of ``E[x0 | x_t]`` at the last step, ``c² · a²c² / (a²c² + s²)``."""
     data = toy.GaussianToy(mean=0.3, std=0.5)
@@ -225,7 +227,7 @@ def test_stochastic_samplers_match_target_variance(sampler):
     ac = float(ZTSNR.alphas_cumprod[0])
     target_std = 0.5 * math.sqrt(ac * 0.25 / (ac * 0.25 + 1 - ac))
     se_mean, se_std = target_std / math.sqrt(n), target_std / math.sqrt(2 * n)
-    print(f"{sampler}: mean {out.mean().item():.4f} (0.3), std {out.std().item():.4f} ({target_std:.4f})")
+    report(f"stochastic {sampler}: mean {out.mean().item():.4f} (0.3), std {out.std().item():.4f} ({target_std:.4f})")
     assert abs(out.mean().item() - 0.3) < 5 * se_mean
     assert abs(out.std().item() - target_std) < 5 * se_std + 0.01 * target_std
 
@@ -253,7 +255,7 @@ def test_finite_at_zero_terminal_snr(sampler, steps):
         assert torch.isfinite(out).all()
 
 
-def test_brightness_effect_on_the_mixture_toy():
+def test_brightness_effect_on_the_mixture_toy(report):
     """The seeds' finding with an exact denoiser at 3×32×32 and 50 steps: the SD schedule with leading steps
     squeezes the spread of per-image brightness; zero terminal SNR with trailing steps restores it."""
     data = toy.MixtureToy()
@@ -271,12 +273,12 @@ def test_brightness_effect_on_the_mixture_toy():
         for sampler in ("ddim", "dpmpp_2m"):
             out = SAMPLERS[sampler](data.denoise, noise, sched, steps)
             ratios[f"{label}/{sampler}"] = metrics.spread_ratio(out, reference)
-    print("brightness spread, samples / data:", {k: round(v, 3) for k, v in ratios.items()})
+    report(f"brightness spread, samples / data: { {k: round(v, 3) for k, v in ratios.items()} }")
     assert ratios["sd+leading/ddim"] < 0.5 and ratios["sd+leading/dpmpp_2m"] < 0.5
     assert ratios["ztsnr+trailing/ddim"] > 0.9 and abs(ratios["ztsnr+trailing/dpmpp_2m"] - 1) < 0.1
 
 
-def test_effect_grows_with_resolution():
+def test_effect_grows_with_resolution(report):
     """Seed 000: the noise's own mean shrinks as 1/sqrt(N), so the leak matters more for larger images."""
     data = toy.MixtureToy()
     steps = timesteps.spaced(1000, 50, "leading", steps_offset=1)
@@ -287,7 +289,7 @@ def test_effect_grows_with_resolution():
         reference = data.sample(shape, g)
         noise = torch.randn(shape, generator=g, dtype=torch.float64)
         ratios.append(metrics.spread_ratio(SAMPLERS["ddim"](data.denoise, noise, SD, steps), reference))
-    print("sd+leading spread ratio at 3x8x8 and 3x32x32:", [round(r, 3) for r in ratios])
+    report(f"sd+leading spread ratio at 3x8x8 and 3x32x32: {[round(r, 3) for r in ratios]}")
     assert ratios[1] < ratios[0] - 0.2
 
 

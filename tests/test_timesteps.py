@@ -65,12 +65,12 @@ def test_ladder_matches_diffusers_karras_timesteps():
     np.testing.assert_allclose(ours.numpy(), ref.timesteps.numpy(), atol=2e-3)
 
 
-def test_ztsnr_ladder_is_sensible():
+def test_ztsnr_ladder_is_sensible(report):
     z = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
     t = timesteps.ladder(z, 25, "karras")
     assert t[0].item() == 999.0
     assert (t[1:] < t[:-1]).all()
-    print("karras ladder at zero terminal SNR, 25 steps:", [round(v, 1) for v in t.tolist()])
+    report(f"karras ladder at zero terminal SNR, 25 steps: {[round(v, 1) for v in t.tolist()]}")
     # One step at σ = ∞, then σ_max = ZTSNR_SIGMA_MAX (diffusers' Euler spends 18 of 25 at t >= 997).
     assert int((t >= 990).sum()) == 1
     assert z.sigmas[int(t[1].round())].item() == pytest.approx(timesteps.ZTSNR_SIGMA_MAX, rel=0.05)

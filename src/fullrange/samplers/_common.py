@@ -51,7 +51,7 @@ class Ladder:
 
 def prepare(schedule: Schedule, steps: torch.Tensor) -> Ladder:
     """Check that ``steps`` descend strictly and read their ᾱ from ``schedule``."""
-    t = torch.as_tensor(steps, dtype=torch.float64).flatten()
+    t = torch.as_tensor(steps).detach().cpu().to(torch.float64).flatten()
     if t.numel() == 0:
         raise ValueError("steps is empty")
     if t.numel() > 1 and not bool((t[1:] < t[:-1]).all()):
