@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+import _diffusers_loop
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
@@ -28,24 +29,14 @@ DIFFUSERS = {
 }
 
 
-def diffusers_loop(cls, data, noise, schedule, steps):
-    kwargs = {"clip_sample": False} if cls is DDIMScheduler else {}
-    scheduler = cls(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type="v_prediction",
-        timestep_spacing="trailing",
-        rescale_betas_zero_snr=True,
-        **kwargs,
-    )
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
+def as_v_network(data, schedule):
+    """The toy's exact denoiser as a v-prediction network ``network(x_in, t)``."""
+
+    def network(x_in, t):
         ac = float(schedule.alphas_cumprod_at(float(t)))
-        x = scheduler.step(prediction.to_v(data.denoise(x_in, float(t), ac), x_in, ac), t, x).prev_sample
-    return x
+        return prediction.to_v(data.denoise(x_in, float(t), ac), x_in, ac)
+
+    return network
 
 
 def main() -> None:
@@ -60,6 +51,7 @@ def main() -> None:
     noise = torch.randn(shape, generator=g, dtype=torch.float64)
     schedule = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
 
+    network = as_v_network(data, schedule)
     rows = {}
     for name, fn in SAMPLERS.items():
         rows[f"fullrange {name}"] = [
@@ -84,7 +76,7 @@ def main() -> None:
         ]
     for name, cls in DIFFUSERS.items():
         rows[f"diffusers {name}"] = [
-            metrics.spread_ratio(diffusers_loop(cls, data, noise, schedule, s), reference) for s in STEPS
+            metrics.spread_ratio(_diffusers_loop.run(cls, network, noise, s), reference) for s in STEPS
         ]
     baseline = metrics.spread_ratio(
         SAMPLERS["ddim"](data.denoise, noise, schedules.scaled_linear(), timesteps.spaced(1000, 50, "leading", 1)),

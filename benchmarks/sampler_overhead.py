@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import _diffusers_loop
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
@@ -29,24 +30,6 @@ def ours(name, noise, schedule, steps):
     return fullrange.sample(
         model, noise, schedule=schedule, prediction="v_prediction", sampler=name, steps=steps, spacing="trailing"
     )
-
-
-def theirs(cls, noise, steps):
-    scheduler = cls(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type="v_prediction",
-        timestep_spacing="trailing",
-        rescale_betas_zero_snr=True,
-    )
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = model(scheduler.scale_model_input(x, t), t)
-            x = scheduler.step(out, t, x).prev_sample
-    return x
 
 
 def per_step_us(fn, steps: int, repeats: int) -> float:
@@ -74,7 +57,7 @@ def main() -> None:
     print(f"{'sampler':<10} {'fullrange µs':>13} {'diffusers µs':>13} {'ratio':>7}")
     for name, cls in PAIRS.items():
         a = per_step_us(lambda name=name: ours(name, noise, schedule, args.steps), args.steps, args.repeats)
-        b = per_step_us(lambda cls=cls: theirs(cls, noise, args.steps), args.steps, args.repeats)
+        b = per_step_us(lambda cls=cls: _diffusers_loop.run(cls, model, noise, args.steps), args.steps, args.repeats)
         print(f"{name:<10} {a:>13.1f} {b:>13.1f} {a / b:>7.2f}")
 
 
