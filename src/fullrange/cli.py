@@ -171,3 +171,27 @@ def _plot_schedule(schedule: schedules.Schedule, t, num_values: int, path: Path,
         fail(f"--plot {path}: cannot write ({err.strerror})")
     finally:
         plt.close(fig)
+
+
+@app.command("reproduce")
+def reproduce_command(
+    out: Path = typer.Option(Path("fullrange-report"), help="Output folder: results, plots, report.md/html."),
+    preset: str = typer.Option(
+        "quick", help="micro (seconds, smoke test), quick (~10 min on 2 CPU cores), full (GPU)."
+    ),
+    only: list[str] | None = typer.Option(None, help="Run only this experiment (repeatable)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Reproduce the seed documents' findings on the built-in data set and write a report."""
+    from . import reproduce
+
+    if preset not in reproduce.PRESETS:
+        fail(f"--preset {preset!r} is unknown; choose one of {', '.join(reproduce.PRESETS)}")
+    unknown = [name for name in only or [] if name not in reproduce.EXPERIMENTS]
+    if unknown:
+        fail(f"--only {', '.join(unknown)}: unknown experiment; choose from {', '.join(reproduce.EXPERIMENTS)}")
+    try:
+        reproduce.check_out_dir(out)
+        reproduce.run(out, preset, only, progress=progress, log=lambda line: typer.echo(line, err=True))
+    except ValueError as err:
+        fail(str(err))

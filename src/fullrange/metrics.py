@@ -22,3 +22,14 @@ def mean_leak(snr: torch.Tensor | float, num_values: int) -> torch.Tensor:
     (seed 000's 1/N argument), so the leak is ``sqrt(SNR · N)``; 0 at zero terminal SNR.
     """
     return (torch.as_tensor(snr, dtype=torch.float64) * num_values).sqrt()
+
+
+def wasserstein_1d(a: torch.Tensor, b: torch.Tensor) -> float:
+    """W1 distance between two 1-D empirical distributions (mean gap between matched quantiles)."""
+    q = torch.linspace(0, 1, 201, dtype=torch.float64)
+    return float((a.to(torch.float64).quantile(q) - b.to(torch.float64).quantile(q)).abs().mean())
+
+
+def saturation(x: torch.Tensor, threshold: float = 0.98) -> float:
+    """Fraction of values at or beyond ``±threshold`` in data units (clipped highlights and shadows)."""
+    return float((x.abs() >= threshold).to(torch.float64).mean())

@@ -75,3 +75,58 @@ class MixtureToy:
         )
         mean = (logits.softmax(dim=1) * mu).sum(1).reshape(-1, *(1,) * (x.ndim - 1)).to(x.dtype)
         return mean + (a * self.pixel_std**2 / var) * (x - a * mean)
+
+
+LABELS = ("solid black", "solid white", "dark scene", "bright scene", "any")
+"""Labels of the built-in data set, standing in for prompts: four pin the brightness, "any" leaves it free."""
+LABEL_WEIGHTS = (0.1, 0.1, 0.2, 0.2, 0.4)
+BRIGHTNESS_RANGE = {"dark scene": (0.05, 0.3), "bright scene": (0.7, 0.95), "any": (0.05, 0.95)}
+
+
+def synthetic_images(
+    num_images: int, size: int = 16, channels: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The built-in data set: ``(images in [-1, 1] of shape (n, channels, size, size), labels (n,))``.
+
+    Image ``i`` depends only on ``(seed, i)``. "solid black" / "solid white" are constant -1 / +1;
+    the scenes have a target brightness drawn from :data:`BRIGHTNESS_RANGE`, a background gradient,
+    one to three shapes, stripes, pixel texture and a per-channel tint, shifted to that brightness and
+    clipped to [0, 1].
+    """
+    if num_images <= 0 or size < 4 or channels <= 0:
+        raise ValueError(f"need num_images > 0, size >= 4, channels > 0; got {num_images}, {size}, {channels}")
+    images = torch.empty(num_images, channels, size, size)
+    labels = torch.empty(num_images, dtype=torch.long)
+    weights = torch.tensor(LABEL_WEIGHTS)
+    coords = torch.linspace(0, 1, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    for i in range(num_images):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        label = int(torch.multinomial(weights, 1, generator=g))
+        labels[i] = label
+        name = LABELS[label]
+        if name in ("solid black", "solid white"):
+            images[i] = -1.0 if name == "solid black" else 1.0
+            continue
+
+        def u(lo: float, hi: float, g: torch.Generator = g) -> float:
+            return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+        low, high = BRIGHTNESS_RANGE[name]
+        target = u(low, high)
+        angle = u(0, 2 * math.pi)
+        img = u(-0.2, 0.2) * ((xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle))
+        for _ in range(int(torch.randint(1, 4, (), generator=g))):
+            cx, cy, r = u(0.1, 0.9), u(0.1, 0.9), u(0.1, 0.35)
+            if float(torch.rand((), generator=g)) < 0.5:
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+            else:
+                mask = ((xx - cx).abs() < r) & ((yy - cy).abs() < r * u(0.4, 1.0))
+            img = torch.where(mask, img + u(-0.3, 0.3), img)
+        img = img + u(0, 0.08) * torch.sin(2 * math.pi * u(2, 6) * (xx * math.cos(angle) - yy * math.sin(angle)))
+        img = img + 0.03 * torch.randn((size, size), generator=g)
+        tint = 1 + 0.3 * (torch.rand(channels, 1, 1, generator=g) - 0.5)
+        img = img.unsqueeze(0) * tint
+        img = (img - img.mean() + target).clamp(0, 1)
+        images[i] = img * 2 - 1
+    return images, labels

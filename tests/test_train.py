@@ -1,0 +1,202 @@
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fullrange import checkpoint, models, toy, train
+
+SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy.synthetic_images(32, size=SIZE, channels=3, seed=0)
+
+
+def _model():
+    torch.manual_seed(0)
+    return models.tiny_unet(SIZE, 3, width=8)
+
+
+@pytest.mark.parametrize("name", list(train.RECIPES))
+def test_one_step_decreases_the_loss_on_a_fixed_batch(name, data):
+    images, labels = data
+    recipe = train.get_recipe(name)
+    schedule = recipe.build_schedule()
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    cond = {"class_labels": labels[:16]}
+
+    def loss():
+        return train.batch_loss(model, images[:16], cond, recipe, schedule, torch.Generator().manual_seed(7))
+
+    before = loss()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss()
+    assert after.item() < before.item()
+
+
+def test_recipes_differ_in_what_they_feed_the_model(data):
+    """Same draw, different recipe: the noisy input (offset, pyramid) or the target (v) changes."""
+    images, labels = data
+    seen = {}
+    for name, recipe in train.RECIPES.items():
+        calls = []
+
+        def model(x_t, t, class_labels, calls=calls):
+            calls.append(x_t)
+            return torch.zeros_like(x_t)
+
+        seen[name] = (
+            train.batch_loss(
+                model,
+                images[:4],
+                {"class_labels": labels[:4]},
+                recipe,
+                recipe.build_schedule(),
+                torch.Generator().manual_seed(1),
+            ),
+            calls[0],
+        )
+    assert not torch.equal(seen["baseline"][1], seen["offset"][1])
+    assert not torch.equal(seen["baseline"][1], seen["pyramid"][1])
+    assert seen["baseline"][0].item() != pytest.approx(seen["ztsnr"][0].item())
+
+
+CONFIG = train.TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup=2, checkpoint_every=3, seed=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data):
+    images, labels = data
+    recipe = train.get_recipe("ztsnr")
+    straight = train.train(_model(), images, labels, recipe, CONFIG, tmp_path / "a", null_label=5, progress=False)
+
+    # Interrupt the second run during step 4 (after the checkpoint written before step 3).
+    model = _model()
+    forward, calls = model.forward, []
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Stop
+        return forward(*args, **kwargs)
+
+    model.forward = failing_forward
+    with pytest.raises(_Stop):
+        train.train(model, images, labels, recipe, CONFIG, tmp_path / "b", null_label=5, progress=False)
+    assert checkpoint.load_checkpoint(tmp_path / "b" / "checkpoint.safetensors").step == 3
+    resumed = train.train(_model(), images, labels, recipe, CONFIG, tmp_path / "b", null_label=5, progress=False)
+
+    assert resumed.losses == straight.losses
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(straight.ema_model.state_dict().values(), resumed.ema_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_another_recipe(tmp_path, data):
+    images, labels = data
+    train.train(
+        _model(),
+        images,
+        labels,
+        train.get_recipe("baseline"),
+        replace(CONFIG, steps=2),
+        tmp_path,
+        null_label=5,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="another recipe"):
+        train.train(
+            _model(),
+            images,
+            labels,
+            train.get_recipe("offset"),
+            replace(CONFIG, steps=2),
+            tmp_path,
+            null_label=5,
+            progress=False,
+        )
+
+
+def test_validation_callback_and_loss_log(tmp_path, data):
+    images, labels = data
+    seen = []
+    result = train.train(
+        _model(),
+        images,
+        labels,
+        train.get_recipe("baseline"),
+        CONFIG,
+        tmp_path,
+        null_label=5,
+        progress=False,
+        on_checkpoint=lambda step, model: seen.append(step),
+    )
+    assert seen == [3, 6] and len(result.losses) == 6
+    saved = checkpoint.load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert saved.log["loss"].tolist() == result.losses and saved.meta["recipe"]["name"] == "baseline"
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "x.safetensors"
+    checkpoint.atomic_write(path, b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_write(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "checkpoint.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="not a readable safetensors checkpoint"):
+        checkpoint.load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        checkpoint.load_checkpoint(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"steps": 0}, "steps must be positive"),
+        ({"batch_size": -1}, "batch_size must be positive"),
+        ({"label_dropout": 1.0}, "label_dropout"),
+    ],
+)
+def test_bad_config(change, match):
+    with pytest.raises(ValueError, match=match):
+        replace(CONFIG, **change).validate()
+
+
+def test_bad_recipe_and_model_size():
+    with pytest.raises(ValueError, match="unknown recipe 'cosmic'"):
+        train.get_recipe("cosmic")
+    with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
+        train.Recipe("broken", zero_terminal_snr=True).validate()
+    with pytest.raises(ValueError, match="unknown noise"):
+        train.Recipe("broken", noise="pink").validate()
+    with pytest.raises(ValueError, match="even sample_size"):
+        models.tiny_unet(0)
+
+
+def test_output_directory_that_is_a_file(tmp_path, data):
+    images, labels = data
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train.train(
+            _model(), images, labels, train.get_recipe("baseline"), CONFIG, target, null_label=5, progress=False
+        )
