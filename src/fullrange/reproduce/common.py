@@ -149,7 +149,7 @@ def generate(
     guidance_rescale: float = 0.0,
     seed: int = 1,
 ) -> torch.Tensor:
-    """Samples in [-1, 1] (clamped) for ``labels`` from a trained model, same noise for the same seed."""
+    """Raw samples (data units, not clamped) for ``labels`` from a trained model; same seed, same noise."""
     p = ctx.preset
     noise = torch.randn(len(labels), p.channels, p.size, p.size, generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
@@ -165,7 +165,7 @@ def generate(
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
     )
-    return out.float().cpu().clamp(-1, 1)
+    return out.float().cpu()
 
 
 def balanced_labels(n: int) -> torch.Tensor:
@@ -174,7 +174,9 @@ def balanced_labels(n: int) -> torch.Tensor:
 
 
 def brightness_summary(samples: torch.Tensor, labels: torch.Tensor, data: torch.Tensor, data_labels) -> dict:
-    """Spread ratio, quantiles, a distance to the data, and per-label mean brightness."""
+    """Spread ratio, quantiles, a distance to the data, and per-label mean brightness (samples clamped to
+    [-1, 1], as an image file would store them)."""
+    samples = samples.clamp(-1, 1)
     b, ref = metrics.brightness(samples), metrics.brightness(data)
     per_label = {}
     for k, name in enumerate(toy.LABELS):
@@ -184,6 +186,7 @@ def brightness_summary(samples: torch.Tensor, labels: torch.Tensor, data: torch.
     q = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
     return {
         "spread_ratio": metrics.spread_ratio(samples, data),
+        "saturation": metrics.saturation(samples),
         "quantiles": {"samples": b.quantile(q).tolist(), "data": ref.quantile(q).tolist()},
         "wasserstein": metrics.wasserstein_1d(b, ref),
         "per_label": per_label,
@@ -218,6 +221,23 @@ def save_figure(fig, path: Path) -> str:
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path.name
+
+
+def label_grid(samples: torch.Tensor, labels: torch.Tensor, path: Path, per_label: int = 10) -> str:
+    """One row per label (in :data:`toy.LABELS` order), ``per_label`` samples each."""
+    rows = [samples[labels == k][:per_label] for k in range(len(toy.LABELS))]
+    columns = max(len(r) for r in rows)
+    padded = [torch.cat([r, torch.zeros(columns - len(r), *r.shape[1:])]) for r in rows if len(r)]
+    return save_grid(torch.cat(padded), path, columns=columns)
+
+
+def log_steps_axis(ax, steps) -> None:
+    """A log x axis labelled at exactly the step counts used."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(list(steps), [str(s) for s in steps])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 4) -> str:

@@ -21,7 +21,7 @@ def finetune(ctx: Context) -> dict:
     base_recipe = ctx.recipes["baseline"]
     base = ctx.model("baseline")
     n = max(4, p.num_samples // 5)
-    every = max(1, p.finetune_steps // p.finetune_evals)
+    every = max(1, -(-p.finetune_steps // p.finetune_evals))
     config = ctx.train_config(
         steps=p.finetune_steps, lr=p.finetune_lr, warmup=1, checkpoint_every=every, ema_decay=0.0, label_dropout=0.0
     )
