@@ -7,6 +7,7 @@ fast to train. The model is anything called like a diffusers UNet, ``model(x_t, 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -154,7 +155,8 @@ def train(
 ) -> TrainResult:
     """Train ``model`` on ``(images, labels)`` (labels go to ``class_labels``; ``null_label`` is the dropped one).
 
-    Writes ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` steps and at the end, atomically; with
+    Writes ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` steps and at the end, atomically, and the
+    loss of every step so far to ``out_dir/loss.json``; with
     ``resume`` an existing checkpoint is continued exactly (model, optimizer, EMA, RNG, step, loss log).
     ``on_checkpoint(step, ema_model)`` runs after each checkpoint (validation at intervals); it must not
     touch the training generator.
@@ -198,6 +200,7 @@ def train(
             log={"loss": torch.tensor(loss_log, dtype=torch.float64)},
             meta=meta,
         )
+        (out_dir / "loss.json").write_text(json.dumps(loss_log))
         if on_checkpoint is not None:
             on_checkpoint(step, ema_model.eval())
             ema_model.train()

@@ -7,6 +7,8 @@ import html
 import json
 from pathlib import Path
 
+from ..toy import LABELS
+
 ORDER = ("schedule_facts", "exact_sweep", "from_scratch", "finetune", "guidance", "sample_steps")
 
 
@@ -36,8 +38,15 @@ def write_report(out: Path) -> Path:
         md += ["", f"## {r['name']}", "", (r.get("doc") or "").strip(), "", f"Ran in {r['seconds']} s.", ""]
         for f in r["findings"]:
             md.append(f"- **{f['verdict']}**: {f['claim']}. {f['evidence']}.")
-        for image in r.get("plots", []) + r.get("grids", []):
+        for image in r.get("plots", []):
             md += ["", f"![{image}]({r['name']}/{image})"]
+        for image in r.get("grids", []):
+            md += [
+                "",
+                f"Samples `{image}`, one row per label: {', '.join(LABELS)}.",
+                "",
+                f"![{image}]({r['name']}/{image})",
+            ]
     text = "\n".join(md) + "\n"
     report = out / "report.md"
     report.write_text(text)
