@@ -1,0 +1,104 @@
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from fullrange import schedules, sd
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return sd.save_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny")
+
+
+def test_tiny_sd_loads_offline_with_its_schedule(tiny_sd):
+    model = sd.load_stable_diffusion(tiny_sd)
+    assert model.prediction == "epsilon"
+    torch.testing.assert_close(model.schedule.alphas_cumprod, schedules.scaled_linear().alphas_cumprod)
+    emb = model.encode_prompts(["a dark alley", "solid black background"])
+    assert emb.shape == (2, 16, 32) and not torch.equal(emb[0], emb[1])
+    x = torch.randn(2, 4, 8, 8)
+    assert model.unet(x, torch.tensor([10, 900]), encoder_hidden_states=emb).sample.shape == x.shape
+
+
+@pytest.mark.parametrize("zero_snr,prediction", [(True, "v_prediction"), (False, "epsilon")])
+def test_schedule_from_scheduler_config_matches_diffusers(zero_snr, prediction):
+    config = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=zero_snr,
+        prediction_type=prediction,
+    ).config
+    sched, pred = sd.schedule_from_config(dict(config))
+    ref = DDIMScheduler.from_config(config).alphas_cumprod.double()
+    torch.testing.assert_close(sched.alphas_cumprod, ref, atol=1e-6, rtol=0)
+    assert pred == prediction and sched.zero_terminal_snr == zero_snr
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_sd, tmp_path):
+    copy = shutil.copytree(tiny_sd, tmp_path / "pickled")
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(weights), copy / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"pickle files \(diffusion_pytorch_model.bin\).*--allow-pickle"):
+        sd.load_stable_diffusion(copy)
+
+
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        (lambda p: p.write_text("x"), "not a directory"),
+        (lambda p: p.mkdir(), "no model_index.json"),
+    ],
+)
+def test_bad_model_paths(tmp_path, setup, match):
+    target = tmp_path / "model"
+    setup(target)
+    with pytest.raises(ValueError, match=match):
+        sd.load_stable_diffusion(target)
+
+
+def _write_safetensors(path, header_extra, metadata):
+    header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, **header_extra}
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * 4)
+
+
+@pytest.mark.parametrize(
+    "extra,metadata,expected",
+    [
+        ({}, {}, {"v_prediction": False, "zero_terminal_snr": False}),
+        (
+            {
+                "v_pred": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
+                "ztsnr": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
+            },
+            {},
+            {"v_prediction": True, "zero_terminal_snr": True},
+        ),
+        (
+            {},
+            {"ss_v_parameterization": "True", "ss_zero_terminal_snr": "False"},
+            {"v_prediction": True, "zero_terminal_snr": False},
+        ),
+    ],
+)
+def test_single_file_markers(tmp_path, extra, metadata, expected):
+    path = tmp_path / "model.safetensors"
+    _write_safetensors(path, extra, metadata)
+    assert sd.single_file_markers(path) == expected
+
+
+def test_single_file_markers_on_garbage(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        sd.single_file_markers(path)
