@@ -1,0 +1,112 @@
+"""Image + caption folders: validation up front, loading at a training resolution, and latent caching.
+
+Captions come from a sidecar ``NAME.txt`` or a ``metadata.jsonl`` with ``file_name`` and ``text`` (the
+Hugging Face imagefolder convention); a sidecar wins. Every file is checked before training: unreadable,
+truncated, too small and uncaptioned ones are listed with the reason and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    caption: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    reason: str
+
+
+class DataError(ValueError):
+    """No usable image in a data folder."""
+
+
+def _captions_from_metadata(folder: Path) -> dict[str, str]:
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(meta.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[row["file_name"]] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{meta}:{number}: not a JSON object with file_name and text") from None
+    return captions
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """An image as 8-bit RGB. 16-bit and 32-bit grey are rescaled (PIL's own conversion clips them at 255);
+    alpha is dropped, keeping the colour under it."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            values = np.asarray(img, dtype=np.float64)
+            peak = 65535.0 if img.mode != "I" or values.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(values / peak * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        elif img.mode == "F":
+            img = Image.fromarray(np.clip(np.asarray(img) * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return img.convert("RGB")
+
+
+def scan(folder: Path | str, min_size: int) -> tuple[list[Item], list[Problem]]:
+    """Check every image in ``folder``; returns the usable items and the problems, each with its reason."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--data {folder}: not a directory")
+    captions = _captions_from_metadata(folder)
+    items, problems = [], []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        sidecar = path.with_suffix(".txt")
+        caption = sidecar.read_text().strip() if sidecar.is_file() else captions.get(path.name, "").strip()
+        try:
+            with Image.open(path) as img:
+                img.verify()
+            width, height = open_rgb(path).size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            problems.append(Problem(path, f"unreadable or truncated ({type(err).__name__}: {err})"))
+            continue
+        if min(width, height) < min_size:
+            problems.append(Problem(path, f"too small: {width}x{height}, the shorter side must be >= {min_size}"))
+        elif not caption:
+            problems.append(Problem(path, "no caption (NAME.txt or a metadata.jsonl row)"))
+        else:
+            items.append(Item(path, caption))
+    if not items:
+        listed = "; ".join(f"{p.path.name}: {p.reason}" for p in problems[:5]) or "no image files"
+        raise DataError(f"--data {folder}: no usable image ({listed})")
+    return items, problems
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to ``resolution`` (Lanczos), centre-crop, and scale to [-1, 1]; shape (3, R, R)."""
+    img = open_rgb(path)
+    scale = resolution / min(img.size)
+    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    img = img.resize(size, Image.LANCZOS)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    array = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    return array.permute(2, 0, 1) / 127.5 - 1
+
+
+def cache_key(path: Path, model_id: str, resolution: int) -> str:
+    """Content hash of the file plus what the latent depends on: the same bytes give the same key anywhere."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(f"{digest}:{model_id}:{resolution}".encode()).hexdigest()[:32]

@@ -1,0 +1,91 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fullrange import data
+
+
+def _png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def messy(tmp_path):
+    rgb = Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8))
+    (tmp_path / "good.png").write_bytes(_png(rgb))
+    (tmp_path / "good.txt").write_text("a bright scene")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (tmp_path / "corrupt.txt").write_text("x")
+    (tmp_path / "truncated.png").write_bytes(
+        _png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))[:400]
+    )
+    (tmp_path / "truncated.txt").write_text("x")
+    (tmp_path / "gray.png").write_bytes(_png(Image.fromarray(np.full((32, 32), 10, dtype=np.uint8), mode="L")))
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., :3], rgba[..., 3] = 30, 0
+    (tmp_path / "rgba.png").write_bytes(_png(Image.fromarray(rgba, mode="RGBA")))
+    deep = Image.fromarray(np.full((32, 32), 65535, dtype=np.uint16))
+    (tmp_path / "deep.png").write_bytes(_png(deep))
+    (tmp_path / "tiny.png").write_bytes(_png(Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8))))
+    (tmp_path / "tiny.txt").write_text("tiny")
+    (tmp_path / "nocaption.png").write_bytes(_png(rgb))
+    (tmp_path / "metadata.jsonl").write_text(
+        "\n".join(
+            json.dumps({"file_name": n, "text": t})
+            for n, t in [("gray.png", "a dark scene"), ("rgba.png", "dark"), ("deep.png", "a white background")]
+        )
+    )
+    return tmp_path
+
+
+def test_messy_folder_is_validated_up_front(messy):
+    items, problems = data.scan(messy, min_size=16)
+    assert [i.path.name for i in items] == ["deep.png", "good.png", "gray.png", "rgba.png"]
+    assert {i.path.name: i.caption for i in items}["gray.png"] == "a dark scene"
+    reasons = {p.path.name: p.reason for p in problems}
+    assert set(reasons) == {"corrupt.png", "truncated.png", "tiny.png", "nocaption.png"}
+    assert reasons["corrupt.png"].startswith("unreadable or truncated")
+    assert reasons["truncated.png"].startswith("unreadable or truncated")
+    assert reasons["tiny.png"].startswith("too small: 4x4")
+    assert reasons["nocaption.png"].startswith("no caption")
+
+
+def test_modes_are_converted_with_their_brightness(messy):
+    white16 = data.load_image(messy / "deep.png", 16)
+    assert white16.shape == (3, 16, 16)
+    torch.testing.assert_close(white16, torch.ones_like(white16))  # 16-bit white stays white
+    gray = data.load_image(messy / "gray.png", 16)
+    torch.testing.assert_close(gray, torch.full_like(gray, 10 / 127.5 - 1))
+    rgba = data.load_image(messy / "rgba.png", 16)
+    torch.testing.assert_close(rgba, torch.full_like(rgba, 30 / 127.5 - 1))
+
+
+def test_resize_and_centre_crop(messy):
+    x = data.load_image(messy / "good.png", 16)  # 60x40 -> 24x16 -> crop 16x16
+    assert x.shape == (3, 16, 16)
+    torch.testing.assert_close(x, torch.full_like(x, 200 / 127.5 - 1), atol=1e-5, rtol=0)
+
+
+def test_nothing_usable_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(data.DataError, match=r"no usable image \(bad.png: unreadable"):
+        data.scan(tmp_path, 16)
+    with pytest.raises(data.DataError, match="not a directory"):
+        data.scan(tmp_path / "missing", 16)
+    (tmp_path / "metadata.jsonl").write_text("{not json}\n")
+    with pytest.raises(data.DataError, match=r"metadata.jsonl:1: not a JSON object"):
+        data.scan(tmp_path, 16)
+
+
+def test_cache_key_follows_content_and_model(messy):
+    a = data.cache_key(messy / "good.png", "model-a", 16)
+    assert a == data.cache_key(messy / "good.png", "model-a", 16)
+    assert a != data.cache_key(messy / "good.png", "model-b", 16)
+    assert a != data.cache_key(messy / "good.png", "model-a", 32)
+    assert a != data.cache_key(messy / "gray.png", "model-a", 16)
