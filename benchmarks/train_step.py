@@ -26,12 +26,10 @@ def fullrange_run(images, labels, steps: int, batch: int, size: int) -> float:
         start = time.perf_counter()
         train.train(
             model,
-            images,
-            labels,
+            train.labelled_batches(images, labels, len(toy.LABELS)),
             train.get_recipe("baseline"),
             config,
             out,
-            null_label=len(toy.LABELS),
             progress=False,
             resume=False,
         )

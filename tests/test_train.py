@@ -76,7 +76,9 @@ class _Stop(Exception):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data):
     images, labels = data
     recipe = train.get_recipe("ztsnr")
-    straight = train.train(_model(), images, labels, recipe, CONFIG, tmp_path / "a", null_label=5, progress=False)
+    straight = train.train(
+        _model(), train.labelled_batches(images, labels, 5), recipe, CONFIG, tmp_path / "a", progress=False
+    )
 
     # Interrupt the second run during step 4 (after the checkpoint written before step 3).
     model = _model()
@@ -90,14 +92,16 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data):
 
     model.forward = failing_forward
     with pytest.raises(_Stop):
-        train.train(model, images, labels, recipe, CONFIG, tmp_path / "b", null_label=5, progress=False)
+        train.train(model, train.labelled_batches(images, labels, 5), recipe, CONFIG, tmp_path / "b", progress=False)
     assert checkpoint.load_checkpoint(tmp_path / "b" / "checkpoint.safetensors").step == 3
-    resumed = train.train(_model(), images, labels, recipe, CONFIG, tmp_path / "b", null_label=5, progress=False)
+    resumed = train.train(
+        _model(), train.labelled_batches(images, labels, 5), recipe, CONFIG, tmp_path / "b", progress=False
+    )
 
     assert resumed.losses == straight.losses
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    for a, b in zip(straight.ema_model.state_dict().values(), resumed.ema_model.state_dict().values(), strict=True):
+    for a, b in zip(straight.ema.values(), resumed.ema.values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -105,23 +109,19 @@ def test_resume_refuses_another_recipe(tmp_path, data):
     images, labels = data
     train.train(
         _model(),
-        images,
-        labels,
+        train.labelled_batches(images, labels, 5),
         train.get_recipe("baseline"),
         replace(CONFIG, steps=2),
         tmp_path,
-        null_label=5,
         progress=False,
     )
     with pytest.raises(ValueError, match="another recipe"):
         train.train(
             _model(),
-            images,
-            labels,
+            train.labelled_batches(images, labels, 5),
             train.get_recipe("offset"),
             replace(CONFIG, steps=2),
             tmp_path,
-            null_label=5,
             progress=False,
         )
 
@@ -131,12 +131,10 @@ def test_validation_callback_and_loss_log(tmp_path, data):
     seen = []
     result = train.train(
         _model(),
-        images,
-        labels,
+        train.labelled_batches(images, labels, 5),
         train.get_recipe("baseline"),
         CONFIG,
         tmp_path,
-        null_label=5,
         progress=False,
         on_checkpoint=lambda step, model: seen.append(step),
     )
@@ -173,7 +171,7 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     [
         ({"steps": 0}, "steps must be positive"),
         ({"batch_size": -1}, "batch_size must be positive"),
-        ({"label_dropout": 1.0}, "label_dropout"),
+        ({"ema_decay": 1.0}, "ema_decay"),
     ],
 )
 def test_bad_config(change, match):
@@ -198,5 +196,10 @@ def test_output_directory_that_is_a_file(tmp_path, data):
     target.write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         train.train(
-            _model(), images, labels, train.get_recipe("baseline"), CONFIG, target, null_label=5, progress=False
+            _model(),
+            train.labelled_batches(images, labels, 5),
+            train.get_recipe("baseline"),
+            CONFIG,
+            target,
+            progress=False,
         )

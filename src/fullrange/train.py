@@ -75,7 +75,6 @@ class TrainConfig:
     warmup: int = 50
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    label_dropout: float = 0.1
     checkpoint_every: int = 250
     seed: int = 0
     mixed_precision: str = "no"
@@ -84,17 +83,21 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.label_dropout < 1 or not 0 <= self.ema_decay < 1 or self.lr <= 0:
-            raise ValueError("need 0 <= label_dropout < 1, 0 <= ema_decay < 1 and lr > 0")
+        if not 0 <= self.ema_decay < 1 or self.lr <= 0:
+            raise ValueError(f"need 0 <= ema_decay < 1 and lr > 0, got {self.ema_decay} and {self.lr}")
         return self
 
 
 @dataclass
 class TrainResult:
     model: torch.nn.Module
-    ema_model: torch.nn.Module
+    ema: dict[str, torch.Tensor]
     losses: list[float] = field(default_factory=list)
     step: int = 0
+
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the model carrying the EMA of its trained weights."""
+        return with_weights(self.model, self.ema)
 
 
 def draw_noise(recipe: Recipe, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -139,25 +142,49 @@ def _lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+Batches = Callable[[int, torch.Generator], tuple[torch.Tensor, dict]]
+"""``batches(batch_size, generator) -> (x0, cond)``: draws one batch (and its conditioning dropout) on the CPU."""
+
+
+def labelled_batches(images: torch.Tensor, labels: torch.Tensor, null_label: int, dropout: float = 0.1) -> Batches:
+    """Batches of ``images`` with ``class_labels``, each replaced by ``null_label`` with probability ``dropout``
+    (classifier-free guidance training)."""
+
+    def draw(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+        drop = torch.rand(batch_size, generator=generator) < dropout
+        return images[index], {"class_labels": torch.where(drop, null_label, labels[index])}
+
+    return draw
+
+
+def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` (in eval mode, no grad) with some of its parameters replaced, e.g. the EMA ones."""
+    copy_ = copy.deepcopy(model).requires_grad_(False).eval()
+    missing = set(weights) - set(dict(copy_.named_parameters()))
+    if missing:
+        raise ValueError(f"weights for unknown parameters: {sorted(missing)[:3]}")
+    copy_.load_state_dict(weights, strict=False)
+    return copy_
+
+
 def train(
     model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    batches: Batches,
     recipe: Recipe,
     config: TrainConfig,
     out_dir: Path | str,
     *,
-    null_label: int,
     resume: bool = True,
     progress: bool = True,
     description: str | None = None,
     on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``(images, labels)`` (labels go to ``class_labels``; ``null_label`` is the dropped one).
+    """Train the parameters of ``model`` that require grad (all, or an adapter's) on ``batches``.
 
-    Writes ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` steps and at the end, atomically, and the
-    loss of every step so far to ``out_dir/loss.json``; with
-    ``resume`` an existing checkpoint is continued exactly (model, optimizer, EMA, RNG, step, loss log).
+    Writes ``out_dir/checkpoint.safetensors`` (trainable weights, their EMA, optimizer, RNG, step, loss log)
+    every ``checkpoint_every`` steps and at the end, atomically, and the loss of every step so far to
+    ``out_dir/loss.json``; with ``resume`` an existing checkpoint is continued exactly.
     ``on_checkpoint(step, ema_model)`` runs after each checkpoint (validation at intervals); it must not
     touch the training generator.
     """
@@ -170,8 +197,11 @@ def train(
     schedule = recipe.build_schedule()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    ema_model = copy.deepcopy(model).requires_grad_(False)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("the model has no trainable parameter")
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=0.0)
+    ema = {name: p.detach().clone() for name, p in trainable.items()}
     loss_log: list[float] = []
     start = 0
     if resume and ckpt_path.exists():
@@ -179,22 +209,24 @@ def train(
         for key, value in (("recipe", asdict(recipe)), ("config", asdict(config))):
             if ckpt.meta.get(key) != value:
                 raise ValueError(f"{ckpt_path}: checkpoint was made with another {key}; use a new output directory")
-        model.load_state_dict(ckpt.model)
-        ema_model.load_state_dict(ckpt.ema)
+        if set(ckpt.model) != set(trainable):
+            raise ValueError(f"{ckpt_path}: checkpoint holds other trainable parameters than this model")
+        model.load_state_dict(ckpt.model, strict=False)
+        ema = {name: ckpt.ema[name].to(p.dtype) for name, p in trainable.items()}
         optimizer.load_state_dict(ckpt.optimizer)
         generator.set_state(ckpt.rng["generator"])
         loss_log = ckpt.log["loss"].tolist()
         start = ckpt.step
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema_model.to(accelerator.device)
+    ema = {name: value.to(accelerator.device) for name, value in ema.items()}
     meta = {"recipe": asdict(recipe), "config": asdict(config)}
 
     def checkpoint(step: int) -> None:
         save_checkpoint(
             ckpt_path,
             step=step,
-            model=accelerator.unwrap_model(model).state_dict(),
-            ema=ema_model.state_dict(),
+            model={name: p for name, p in trainable.items()},
+            ema=ema,
             optimizer=optimizer.state_dict(),
             rng={"generator": generator.get_state()},
             log={"loss": torch.tensor(loss_log, dtype=torch.float64)},
@@ -202,12 +234,10 @@ def train(
         )
         (out_dir / "loss.json").write_text(json.dumps(loss_log))
         if on_checkpoint is not None:
-            on_checkpoint(step, ema_model.eval())
-            ema_model.train()
+            on_checkpoint(step, with_weights(accelerator.unwrap_model(model), ema))
 
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    ema_params = [p for p in ema_model.parameters()]
+    params, ema_params = list(trainable.values()), list(ema.values())
     bar = tqdm(total=config.steps, initial=start, desc=description or f"train {recipe.name}", disable=not progress)
     for step in range(start, config.steps):
         # Learning rate for this step.
@@ -216,11 +246,10 @@ def train(
         # Checkpoint before the step, so a resumed run replays exactly what follows.
         if step > start and step % config.checkpoint_every == 0:
             checkpoint(step)
-        # One batch: images, labels with classifier-free-guidance dropout.
-        index = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
-        drop = torch.rand(config.batch_size, generator=generator) < config.label_dropout
-        cond = {"class_labels": torch.where(drop, null_label, labels[index]).to(accelerator.device)}
-        x0 = images[index].to(accelerator.device)
+        # One batch, drawn on the CPU from the run's generator.
+        x0, cond = batches(config.batch_size, generator)
+        x0 = x0.to(accelerator.device)
+        cond = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
         with accelerator.autocast():
             loss = batch_loss(model, x0, cond, recipe, schedule, generator)
         accelerator.backward(loss)
@@ -230,12 +259,11 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         # EMA of the weights (decay warmed up so early averages are not dominated by the random init).
         decay = min(config.ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(ema_params, [p.detach() for p in accelerator.unwrap_model(model).parameters()], 1 - decay)
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
         loss_log.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss_log[-1]:.4f}")
     bar.close()
     if start < config.steps or not ckpt_path.exists():
         checkpoint(config.steps)
-    unwrapped = accelerator.unwrap_model(model)
-    return TrainResult(unwrapped, ema_model.eval(), loss_log, config.steps)
+    return TrainResult(accelerator.unwrap_model(model), ema, loss_log, config.steps)

@@ -12,7 +12,7 @@ import torch
 from .. import metrics, timesteps, toy
 from ..models import tiny_unet
 from ..samplers import sample
-from ..train import RECIPES, Recipe, TrainConfig, train
+from ..train import RECIPES, Recipe, TrainConfig, labelled_batches, train
 
 
 @dataclass(frozen=True)
@@ -118,16 +118,14 @@ class Context:
             images, labels = self.data
             result = train(
                 self.new_model(),
-                images,
-                labels,
+                labelled_batches(images, labels, NULL_LABEL),
                 self.recipes[recipe_name],
                 self.train_config(),
                 self.out / "models" / recipe_name,
-                null_label=NULL_LABEL,
                 progress=self.progress,
                 description=f"train {recipe_name}",
             )
-            self._models[recipe_name] = result.ema_model
+            self._models[recipe_name] = result.ema_model()
         return self._models[recipe_name]
 
 

@@ -8,7 +8,7 @@ import json
 import torch
 
 from .. import metrics, toy
-from ..train import train
+from ..train import labelled_batches, train
 from .common import NULL_LABEL, Context, generate, pyplot, save_figure
 
 TARGETS = {"solid black": -1.0, "solid white": 1.0}
@@ -22,9 +22,7 @@ def finetune(ctx: Context) -> dict:
     base = ctx.model("baseline")
     n = max(4, p.num_samples // 5)
     every = max(1, -(-p.finetune_steps // p.finetune_evals))
-    config = ctx.train_config(
-        steps=p.finetune_steps, lr=p.finetune_lr, warmup=1, checkpoint_every=every, ema_decay=0.0, label_dropout=0.0
-    )
+    config = ctx.train_config(steps=p.finetune_steps, lr=p.finetune_lr, warmup=1, checkpoint_every=every, ema_decay=0.0)
     curves: dict[str, dict[str, dict[str, float]]] = {}
     for target, value in TARGETS.items():
         label = toy.LABELS.index(target)
@@ -44,12 +42,10 @@ def finetune(ctx: Context) -> dict:
 
             train(
                 copy.deepcopy(base).requires_grad_(True),
-                image,
-                torch.tensor([label]),
+                labelled_batches(image, torch.tensor([label]), NULL_LABEL, dropout=0.0),
                 recipe,
                 config,
                 out / "models" / f"{name}_{target.replace(' ', '_')}",
-                null_label=NULL_LABEL,
                 progress=ctx.progress,
                 description=f"fine-tune {name} on {target}",
                 on_checkpoint=evaluate,
