@@ -1,0 +1,108 @@
+"""LoRA (Hu et al. 2021) and OFT (Qiu et al. 2023) adapters on a diffusers UNet, through peft. All peft calls
+live here.
+
+OFT is applied only to Linear and 1×1 convolution layers. peft's OFT on a k×k convolution rotates the
+unfolded patches and folds the overlapping ones back by summing, which is not an orthogonal map of the
+weights: an identity-initialised adapter already changes the output, and merged weights differ from the
+unmerged adapter. fullrange refuses such targets.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+ADAPTERS = ("full", "lora", "oft")
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj")
+OFT_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "conv_shortcut")
+
+
+def _matching(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and name.endswith(suffixes)
+    ]
+
+
+def add_lora(
+    unet: torch.nn.Module, rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = LORA_TARGETS
+) -> int:
+    """Freeze ``unet`` and add LoRA (B = 0 at init, so outputs are unchanged) to the matching layers, 3×3
+    convolutions included; returns the number of trainable parameters."""
+    from peft import LoraConfig
+
+    if rank <= 0:
+        raise ValueError(f"--lora-rank must be positive, got {rank}")
+    names = [name for name, _ in _matching(unet, targets)]
+    if not names:
+        raise ValueError(f"no layer of the model matches the LoRA targets {targets}")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=names))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def add_oft(
+    unet: torch.nn.Module,
+    block_size: int = 4,
+    coft: bool = False,
+    eps: float = 6e-5,
+    targets: tuple[str, ...] = OFT_TARGETS,
+) -> int:
+    """Freeze ``unet`` and add OFT (``W' = R W``, R block-diagonal orthogonal by the Cayley transform, identity
+    at init) to the matching Linear and 1×1 conv layers; ``coft`` keeps ``||R - I|| <= eps``."""
+    from peft import OFTConfig
+
+    if block_size <= 0:
+        raise ValueError(f"--oft-block-size must be positive, got {block_size}")
+    layers = _matching(unet, targets)
+    wide = [name for name, m in layers if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    if wide:
+        raise ValueError(
+            f"OFT on k×k convolutions is not orthogonal (overlapping patches are summed); "
+            f"refusing {wide[0]}: target Linear or 1×1 layers"
+        )
+    names = [name for name, m in layers if _in_features(m) % block_size == 0]
+    if not names:
+        raise ValueError(f"no Linear or 1×1 layer has an input size divisible by --oft-block-size {block_size}")
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        OFTConfig(
+            r=0,
+            oft_block_size=block_size,
+            target_modules=names,
+            coft=coft,
+            eps=eps,
+            init_weights=True,
+            use_cayley_neumann=False,
+        )
+    )
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def _in_features(module: torch.nn.Module) -> int:
+    return module.in_features if isinstance(module, torch.nn.Linear) else module.in_channels
+
+
+def adapter_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's own weights (peft names), for saving."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet)
+
+
+def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of ``unet`` with its adapters merged in, under the plain (adapter-free) names."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged_model = copy.deepcopy(unet)
+    for module in merged_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    return {
+        key.replace(".base_layer.", "."): value
+        for key, value in merged_model.state_dict().items()
+        if not any(tag in key for tag in ("lora_", "oft_"))
+    }
