@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """fullrange: diffusion models whose outputs reach the full brightness range."""
+    # transformers warns at import about optional image processors fullrange never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def fail(message: str) -> None:
@@ -195,3 +198,103 @@ def reproduce_command(
         reproduce.run(out, preset, only, progress=progress, log=lambda line: typer.echo(line, err=True))
     except ValueError as err:
         fail(str(err))
+
+
+@app.command("train")
+def train_command(
+    model: str | None = typer.Option(None, help="Local diffusers folder of a Stable Diffusion 1.x / 2.x checkpoint."),
+    data: str | None = typer.Option(None, help="Folder of images with NAME.txt captions or a metadata.jsonl."),
+    out: str | None = typer.Option(None, help="Output folder: checkpoints, cache, config.json, results."),
+    config: Path | None = typer.Option(None, help="TOML file with any of these options (flags override it)."),
+    adapter: str | None = typer.Option(None, help="full, lora or oft [default: lora]."),
+    resolution: int | None = typer.Option(None, help="Training resolution in pixels [default: 512]."),
+    max_steps: int | None = typer.Option(None, help="Training steps [default: 1000]."),
+    batch_size: int | None = typer.Option(None, help="Batch size [default: 1]."),
+    lr: float | None = typer.Option(None, help="Peak learning rate [default: 1e-4]."),
+    offset_noise: float | None = typer.Option(None, help="Offset-noise strength, e.g. 0.1 (seed 000)."),
+    pyramid_noise: float | None = typer.Option(None, help="Pyramid-noise discount, e.g. 0.8."),
+    input_perturbation: float | None = typer.Option(None, help="Input perturbation γ, e.g. 0.1."),
+    zero_terminal_snr: bool | None = typer.Option(None, "--zero-terminal-snr", help="Rescale to zero terminal SNR."),
+    prediction: str | None = typer.Option(
+        None, help="epsilon or v_prediction [default: the checkpoint's; v with --zero-terminal-snr]."
+    ),
+    min_snr_gamma: float | None = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 (0: off)."),
+    caption_dropout: float | None = typer.Option(None, help="Probability of training on the empty caption."),
+    lora_rank: int | None = typer.Option(None, help="LoRA rank [default: 4]."),
+    oft_block_size: int | None = typer.Option(None, help="OFT block size [default: 4]."),
+    ema_decay: float | None = typer.Option(None, help="EMA decay of the trained weights (0: off)."),
+    snr_weight_floor: float | None = typer.Option(None, help="Floor on the min-SNR weight (keeps SNR = 0 steps)."),
+    oft_coft: bool | None = typer.Option(None, "--oft-coft", help="Constrained OFT: ||R - I|| <= eps."),
+    checkpoint_every: int | None = typer.Option(None, help="Steps between checkpoints [default: 250]."),
+    mixed_precision: str | None = typer.Option(None, help="no, fp16 or bf16 (accelerate)."),
+    seed: int | None = typer.Option(None, help="Seed of every random draw."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT's checkpoint."),
+    allow_pickle: bool | None = typer.Option(None, "--allow-pickle", help="Allow pickle weights (can run code)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Fine-tune Stable Diffusion on a folder of images with offset noise, zero terminal SNR, LoRA or OFT."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "progress")}
+    from .data import DataError
+    from .sd_finetune import finetune, read_options
+
+    try:
+        options = read_options(config, overrides)
+        if Path(options.out, "train", "checkpoint.safetensors").exists() and not resume:
+            fail(f"--out {options.out} holds a checkpoint: pass --resume to continue it, or choose a new folder")
+        finetune(options, progress=progress, log=lambda line: typer.echo(line, err=True))
+    except (ValueError, DataError, OSError) as err:
+        fail(str(err))
+
+
+@app.command("sample")
+def sample_command(
+    model: Path = typer.Option(..., help="Local diffusers folder (a checkpoint or a fullrange output pipeline)."),
+    prompt: list[str] | None = typer.Option(None, help="Prompt (repeatable)."),
+    prompts_file: Path | None = typer.Option(None, help="A text file with one prompt per line."),
+    out: Path = typer.Option(..., help="Output folder for the PNGs and grid.png."),
+    adapter: Path | None = typer.Option(None, help="A LoRA folder written by fullrange train."),
+    negative_prompt: str = typer.Option("", help="Negative prompt (the unconditional branch of guidance)."),
+    sampler: str = typer.Option("ddim", help="Any of fullrange's samplers."),
+    steps: int = typer.Option(25, help="Sample steps."),
+    spacing: str | None = typer.Option(
+        None, help="leading, linspace, trailing, karras or exponential [default: the scheduler config's]."
+    ),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    guidance_rescale: float = typer.Option(0.0, help="Guidance rescale φ (Lin et al.; 0.7 recommended at zero SNR)."),
+    seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
+    num_images: int = typer.Option(1, help="Images per prompt."),
+    resolution: int | None = typer.Option(None, help="Image side in pixels [default: the UNet's]."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (can run code)."),
+) -> None:
+    """Sample Stable Diffusion with fullrange's samplers; PNGs carry their settings."""
+    from .samplers import SAMPLERS
+    from .sd import load_stable_diffusion
+    from .sd_sample import SampleSettings, apply_adapter, generate, save_images
+
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            fail(f"--prompts-file {prompts_file}: no such file")
+        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        fail("give at least one --prompt or a --prompts-file")
+    if sampler not in SAMPLERS:
+        fail(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    if num_images <= 0:
+        fail(f"--num-images must be positive, got {num_images}")
+    try:
+        settings = SampleSettings(
+            sampler, steps, spacing, guidance, guidance_rescale, seed, resolution, negative_prompt
+        ).validate()
+        sd_model = load_stable_diffusion(model, allow_pickle=allow_pickle)
+        if adapter is not None:
+            apply_adapter(sd_model, adapter)
+        all_prompts = [p for p in prompts for _ in range(num_images)]
+        from tqdm.auto import tqdm
+
+        with tqdm(total=steps, desc="sample") as bar:
+            images = generate(sd_model, all_prompts, settings, callback=lambda info: bar.update(1))
+        paths = save_images(images, all_prompts, settings, out)
+    except (ValueError, OSError) as err:
+        fail(str(err))
+    typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}", err=True)

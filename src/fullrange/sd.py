@@ -33,6 +33,10 @@ class StableDiffusion:
     scheduler_config: dict
     source: Path
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """CLIP hidden states for ``prompts`` (padded to the tokenizer's max length), as SD conditions on them."""

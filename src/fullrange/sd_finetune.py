@@ -1,0 +1,266 @@
+"""Fine-tune Stable Diffusion with the fixes: options, cached latents and text embeddings, batches, outputs.
+
+The training itself is :func:`fullrange.train.train`; this module turns a checkpoint and an image folder into
+its inputs, and the result into files other tools load: a diffusers pipeline whose scheduler config says what
+the model needs (prediction type, zero terminal SNR, trailing steps), LoRA weights for ``load_lora_weights``,
+and for OFT (which diffusers cannot load) the adapter plus a merged pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import adapters, data
+from .checkpoint import atomic_write
+from .sd import StableDiffusion, load_stable_diffusion
+from .train import Batches, Recipe, TrainConfig, train
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Everything ``fullrange train`` takes; a TOML file sets any of them, the command line overrides."""
+
+    model: str
+    data: str
+    out: str
+    adapter: str = "lora"
+    resolution: int = 512
+    max_steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    offset_noise: float = 0.0
+    pyramid_noise: float = 0.0
+    input_perturbation: float = 0.0
+    zero_terminal_snr: bool = False
+    prediction: str | None = None
+    min_snr_gamma: float = 0.0
+    snr_weight_floor: float = 0.0
+    caption_dropout: float = 0.1
+    lora_rank: int = 4
+    oft_block_size: int = 4
+    oft_coft: bool = False
+    ema_decay: float = 0.0
+    checkpoint_every: int = 250
+    mixed_precision: str = "no"
+    seed: int = 0
+    allow_pickle: bool = False
+
+    def validate(self) -> FinetuneOptions:
+        if self.adapter not in adapters.ADAPTERS:
+            raise ValueError(f"--adapter {self.adapter!r}: choose one of {', '.join(adapters.ADAPTERS)}")
+        for name in ("resolution", "max_steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ValueError(f"--resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")
+        if self.offset_noise and self.pyramid_noise:
+            raise ValueError("--offset-noise and --pyramid-noise are alternatives; give one")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"--caption-dropout must lie in [0, 1), got {self.caption_dropout}")
+        return self
+
+
+def read_options(config_file: Path | None, overrides: dict) -> FinetuneOptions:
+    """Options from a TOML file (keys as the dataclass fields or the flags' names), then the overrides."""
+    values: dict = {}
+    if config_file is not None:
+        try:
+            raw = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"--config {config_file}: {err}") from None
+        known = {f.name for f in fields(FinetuneOptions)}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"--config {config_file}: unknown option {key!r}")
+            values[name] = value
+    values |= {k: v for k, v in overrides.items() if v is not None}
+    missing = [name for name in ("model", "data", "out") if name not in values]
+    if missing:
+        raise ValueError(f"missing --{', --'.join(missing)} (on the command line or in --config)")
+    return FinetuneOptions(**values).validate()
+
+
+def recipe_for(options: FinetuneOptions, model: StableDiffusion) -> Recipe:
+    """The training recipe: the checkpoint's schedule and target unless the options change them."""
+    config = model.scheduler_config
+    if config.get("beta_schedule") != "scaled_linear":
+        raise ValueError(f"--model {options.model}: only scaled_linear schedules (SD 1.x / 2.x) are supported")
+    zero_snr = options.zero_terminal_snr or bool(config.get("rescale_betas_zero_snr"))
+    prediction = options.prediction or ("v_prediction" if zero_snr else model.prediction)
+    noise = "offset" if options.offset_noise else "pyramid" if options.pyramid_noise else "gaussian"
+    return Recipe(
+        name="finetune",
+        schedule="scaled_linear",
+        zero_terminal_snr=zero_snr,
+        prediction=prediction,
+        noise=noise,
+        offset_strength=options.offset_noise,
+        pyramid_discount=options.pyramid_noise,
+        input_perturbation=options.input_perturbation,
+        weighting="min_snr" if options.min_snr_gamma else "none",
+        snr_gamma=options.min_snr_gamma or 5.0,
+        weight_floor=options.snr_weight_floor,
+        spacing="trailing" if zero_snr else "leading",
+    ).validate()
+
+
+def _model_id(model: StableDiffusion) -> str:
+    """Identifies the VAE and text encoder whose outputs are cached (their weights' file hashes)."""
+    digest = hashlib.sha256()
+    for component in ("vae", "text_encoder"):
+        for path in sorted((model.source / component).glob("*.safetensors")):
+            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_latents(
+    model: StableDiffusion, items: list[data.Item], resolution: int, cache: Path, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of the VAE latents of every image, from ``cache`` where already encoded."""
+    model_id = _model_id(model)
+    means, stds = [], []
+    for item in tqdm(items, desc="encode images", disable=not progress):
+        path = cache / f"latent_{data.cache_key(item.path, model_id, resolution)}.safetensors"
+        if path.exists():
+            stored = load_file(path)
+        else:
+            pixels = data.load_image(item.path, resolution).unsqueeze(0).to(model.vae.device, model.vae.dtype)
+            dist = model.vae.encode(pixels).latent_dist
+            stored = {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
+            cache.mkdir(parents=True, exist_ok=True)
+            save_file(stored, path)
+        means.append(stored["mean"])
+        stds.append(stored["std"])
+    return torch.stack(means), torch.stack(stds)
+
+
+def latent_batches(
+    model: StableDiffusion, means: torch.Tensor, stds: torch.Tensor, captions: list[str], dropout: float
+) -> Batches:
+    """Batches of VAE latents (a fresh posterior draw, times the VAE's scaling factor) with their caption
+    embeddings, each replaced by the empty caption's with probability ``dropout``."""
+    embeddings = model.encode_prompts(captions).cpu()
+    empty = model.encode_prompts([""]).cpu()
+    scale = model.vae.config.scaling_factor
+
+    def draw(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        index = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
+        z = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+        drop = (torch.rand(batch_size, generator=generator) < dropout).view(-1, 1, 1)
+        return z * scale, {"encoder_hidden_states": torch.where(drop, empty, embeddings[index])}
+
+    return draw
+
+
+def scheduler_for(model: StableDiffusion, recipe: Recipe):
+    """A DDIM scheduler config that samples the trained model correctly in plain diffusers."""
+    from diffusers import DDIMScheduler
+
+    # set_alpha_to_one: the last DDIM step returns x0, as fullrange's samplers do.
+    overrides = {
+        "prediction_type": recipe.prediction,
+        "rescale_betas_zero_snr": recipe.zero_terminal_snr,
+        "clip_sample": False,
+        "set_alpha_to_one": True,
+    }
+    if recipe.zero_terminal_snr:
+        overrides |= {"timestep_spacing": "trailing", "steps_offset": 0}
+    base = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    return DDIMScheduler.from_config({**base, **overrides})
+
+
+def save_pipeline(model: StableDiffusion, unet, recipe: Recipe, path: Path) -> Path:
+    """A diffusers pipeline folder (safetensors) with the fine-tuned UNet and a matching scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=unet,
+        scheduler=scheduler_for(model, recipe),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict[str, Path]:
+    """Run a fine-tune end to end; returns the written outputs by kind."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_stable_diffusion(options.model, allow_pickle=options.allow_pickle)
+    recipe = recipe_for(options, model)
+    items, problems = data.scan(options.data, min_size=options.resolution)
+    for problem in problems:
+        log(f"skipped {problem.path}: {problem.reason}")
+    log(
+        f"{len(items)} images; recipe: {recipe.prediction}, zero terminal SNR {recipe.zero_terminal_snr}, "
+        f"noise {recipe.noise}"
+    )
+    (out / "config.json").write_text(json.dumps({"options": asdict(options), "recipe": asdict(recipe)}, indent=2))
+    means, stds = encode_latents(model, items, options.resolution, out / "cache", progress)
+    batches = latent_batches(model, means, stds, [i.caption for i in items], options.caption_dropout)
+
+    unet = model.unet
+    if options.adapter == "lora":
+        count = adapters.add_lora(unet, rank=options.lora_rank)
+    elif options.adapter == "oft":
+        count = adapters.add_oft(unet, block_size=options.oft_block_size, coft=options.oft_coft)
+    else:
+        count = sum(p.numel() for p in unet.parameters())
+    log(f"{options.adapter}: {count:,} trainable parameters")
+    config = TrainConfig(
+        steps=options.max_steps,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        warmup=min(100, max(1, options.max_steps // 10)),
+        ema_decay=options.ema_decay,
+        checkpoint_every=options.checkpoint_every,
+        seed=options.seed,
+        mixed_precision=options.mixed_precision,
+    )
+    result = train(unet, batches, recipe, config, out / "train", progress=progress, description="fine-tune")
+    trained = result.ema_model() if options.ema_decay > 0 else result.model.eval()
+
+    outputs = {}
+    if options.adapter == "lora":
+        layers = convert_state_dict_to_diffusers(adapters.adapter_state_dict(trained))
+        StableDiffusionPipeline.save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
+        scheduler_for(model, recipe).save_config(out / "lora")
+        outputs["lora"] = out / "lora"
+    elif options.adapter == "oft":
+        oft_dir = out / "oft"
+        oft_dir.mkdir(exist_ok=True)
+        atomic_write(
+            oft_dir / "adapter.json",
+            json.dumps({"block_size": options.oft_block_size, "coft": options.oft_coft}).encode(),
+        )
+        save_file(adapters.adapter_state_dict(trained), oft_dir / "adapter_model.safetensors")
+        outputs["oft"] = oft_dir
+    if options.adapter in ("full", "oft"):
+        if options.adapter == "oft":
+            merged = load_stable_diffusion(options.model, allow_pickle=options.allow_pickle).unet
+            merged.load_state_dict(adapters.merged_state_dict(trained))
+            trained = merged
+        outputs["pipeline"] = save_pipeline(model, trained, recipe, out / "pipeline")
+    for kind, path in outputs.items():
+        log(f"wrote {kind}: {path}")
+    return outputs

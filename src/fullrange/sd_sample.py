@@ -1,0 +1,113 @@
+"""Sample Stable Diffusion with fullrange's samplers and guidance; PNGs carry their settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .samplers import sample
+from .sd import StableDiffusion, schedule_from_config
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    sampler: str = "ddim"
+    steps: int = 25
+    spacing: str | None = None
+    guidance: float = 7.5
+    guidance_rescale: float = 0.0
+    seed: int = 0
+    resolution: int | None = None
+    negative_prompt: str = ""
+
+    def validate(self) -> SampleSettings:
+        if self.steps <= 0:
+            raise ValueError(f"--steps must be positive, got {self.steps}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        return self
+
+
+def apply_adapter(model: StableDiffusion, adapter_dir: Path | str) -> None:
+    """Load a LoRA folder (diffusers' ``save_lora_weights`` format) into the UNet; its scheduler config, if
+    saved beside it, replaces the checkpoint's (prediction type, zero terminal SNR)."""
+    from diffusers import StableDiffusionPipeline
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "pytorch_lora_weights.safetensors").is_file():
+        raise ValueError(f"--adapter {adapter_dir}: no pytorch_lora_weights.safetensors there")
+    state = StableDiffusionPipeline.lora_state_dict(adapter_dir)[0]
+    model.unet.load_lora_adapter(state, prefix="unet", adapter_name="fullrange")
+    config_path = adapter_dir / "scheduler_config.json"
+    if config_path.is_file():
+        model.scheduler_config = json.loads(config_path.read_text())
+        model.schedule, model.prediction = schedule_from_config(model.scheduler_config)
+
+
+@torch.no_grad()
+def generate(model: StableDiffusion, prompts: list[str], settings: SampleSettings, callback=None) -> torch.Tensor:
+    """Images in [0, 1], shape (N, 3, H, W), one per prompt, seeds ``seed + i``."""
+    settings.validate()
+    config = model.scheduler_config
+    spacing = settings.spacing or config.get("timestep_spacing", "leading")
+    size = (settings.resolution or model.unet.config.sample_size * model.vae_scale_factor) // model.vae_scale_factor
+    noise = torch.stack(
+        [
+            torch.randn(
+                model.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(settings.seed + i)
+            )
+            for i in range(len(prompts))
+        ]
+    )
+    device = model.unet.device
+    cond = {"encoder_hidden_states": model.encode_prompts(prompts)}
+    uncond = {"encoder_hidden_states": model.encode_prompts([settings.negative_prompt] * len(prompts))}
+    steps = settings.steps
+    if spacing == "leading" and config.get("steps_offset", 0):
+        from .timesteps import spaced
+
+        steps = spaced(model.schedule.num_train_timesteps, settings.steps, "leading", config["steps_offset"])
+    latents = sample(
+        model.unet,
+        noise.to(device),
+        schedule=model.schedule,
+        prediction=model.prediction,
+        sampler=settings.sampler,
+        steps=steps,
+        spacing=spacing,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=settings.guidance,
+        guidance_rescale=settings.guidance_rescale,
+        callback=callback,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    images = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def save_images(images: torch.Tensor, prompts: list[str], settings: SampleSettings, out: Path) -> list[Path]:
+    """One PNG per image with its prompt and settings in a ``fullrange`` text chunk, and ``grid.png``."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (array, prompt) in enumerate(zip(arrays, prompts, strict=True)):
+        info = PngInfo()
+        info.add_text("fullrange", json.dumps({"prompt": prompt, **asdict(settings), "seed": settings.seed + i}))
+        path = out / f"{i:04d}.png"
+        Image.fromarray(array).save(path, pnginfo=info)
+        paths.append(path)
+    columns = min(len(arrays), 4)
+    rows = -(-len(arrays) // columns)
+    h, w = arrays.shape[1:3]
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, array in enumerate(arrays):
+        grid.paste(Image.fromarray(array), ((i % columns) * w, (i // columns) * h))
+    grid.save(out / "grid.png")
+    return paths

@@ -1,0 +1,217 @@
+"""Fine-tuning and sampling a tiny Stable Diffusion built from configs (no downloads)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fullrange import sd
+from fullrange.cli import app
+from fullrange.sd_finetune import FinetuneOptions, finetune, read_options
+from fullrange.sd_sample import SampleSettings, apply_adapter, generate
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    sd.save_tiny_stable_diffusion(root / "sd")
+    (root / "data").mkdir()
+    for i, (value, caption) in enumerate(
+        [(0, "solid black"), (255, "solid white"), (40, "a dark scene"), (215, "a bright scene")]
+    ):
+        Image.fromarray(np.full((20, 24, 3), value, dtype=np.uint8)).save(root / "data" / f"{i}.png")
+        (root / "data" / f"{i}.txt").write_text(caption)
+    return root
+
+
+def _options(workspace, out, **changes):
+    base = {
+        "model": str(workspace / "sd"),
+        "data": str(workspace / "data"),
+        "out": str(workspace / out),
+        "resolution": 16,
+        "max_steps": 3,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "checkpoint_every": 2,
+    }
+    return FinetuneOptions(**(base | changes)).validate()
+
+
+def _diffusers_images(pipe, noise, prompts, steps, guidance):
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=noise,
+        height=16,
+        width=16,
+        output_type="pt",
+    ).images
+
+
+def _noise(n):
+    return torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(n)])
+
+
+PROMPTS = ["solid black", "a bright scene"]
+
+
+def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
+    outputs = finetune(
+        _options(workspace, "lora", adapter="lora", zero_terminal_snr=True), progress=False, log=lambda _: None
+    )
+    config = json.loads((outputs["lora"] / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
+    assert config["timestep_spacing"] == "trailing"
+
+    pipe = StableDiffusionPipeline.from_pretrained(workspace / "sd", local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_pretrained(outputs["lora"])
+    pipe.load_lora_weights(outputs["lora"])
+    pipe.set_progress_bar_config(disable=True)
+    theirs = _diffusers_images(pipe, _noise(2), PROMPTS, steps=5, guidance=3.0)
+
+    model = sd.load_stable_diffusion(workspace / "sd")
+    apply_adapter(model, outputs["lora"])
+    assert model.prediction == "v_prediction" and model.schedule.zero_terminal_snr
+    ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0))
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+
+    # The adapter changed something: without it the same settings give other images.
+    plain = sd.load_stable_diffusion(workspace / "sd")
+    plain.scheduler_config, plain.prediction, plain.schedule = model.scheduler_config, model.prediction, model.schedule
+    assert (generate(plain, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0)) - ours).abs().max() > 1e-4
+
+
+def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace):
+    outputs = finetune(
+        _options(workspace, "full", adapter="full", offset_noise=0.1), progress=False, log=lambda _: None
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(outputs["pipeline"], local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.set_alpha_to_one
+    base = load_file(workspace / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(outputs["pipeline"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = _diffusers_images(pipe, _noise(2), PROMPTS, steps=5, guidance=3.0)
+    ours = generate(sd.load_stable_diffusion(outputs["pipeline"]), PROMPTS, SampleSettings(steps=5, guidance=3.0))
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+    saved = json.loads((workspace / "full" / "config.json").read_text())
+    assert saved["options"]["offset_noise"] == 0.1 and saved["recipe"]["noise"] == "offset"
+
+
+def test_oft_saves_the_adapter_and_a_merged_pipeline(workspace):
+    outputs = finetune(_options(workspace, "oft", adapter="oft", oft_block_size=4), progress=False, log=lambda _: None)
+    adapter = load_file(outputs["oft"] / "adapter_model.safetensors")
+    assert adapter and all("oft_" in k for k in adapter)
+    base = load_file(workspace / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
+    merged = load_file(outputs["pipeline"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert set(merged) == set(base)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert any(k.endswith("attn1.to_q.weight") for k in changed)
+    assert not any(".conv1." in k or ".conv2." in k for k in changed)  # 3×3 convolutions are left alone
+
+
+def test_train_cli_config_file_overrides_and_resume(workspace, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'model = "{workspace / "sd"}"\ndata = "{workspace / "data"}"\nresolution = 16\n'
+        'max-steps = 2\nbatch-size = 2\nadapter = "lora"\nlora-rank = 2\n'
+    )
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", "--config", str(toml), "--out", str(out), "--lora-rank", "3", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())["options"]
+    assert saved["lora_rank"] == 3 and saved["max_steps"] == 2 and saved["resolution"] == 16
+    again = runner.invoke(app, ["train", "--config", str(toml), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 2 and "pass --resume" in again.output
+    resumed = runner.invoke(
+        app, ["train", "--config", str(toml), "--out", str(out), "--lora-rank", "3", "--resume", "--no-progress"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--adapter", "dora"], "--adapter 'dora'"),
+        (["--resolution", "12"], "--resolution must be a multiple of 8"),
+        (["--max-steps", "0"], "--max-steps must be positive"),
+        (["--offset-noise", "0.1", "--pyramid-noise", "0.8"], "alternatives"),
+    ],
+)
+def test_train_cli_bad_options(workspace, tmp_path, args, message):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(workspace / "sd"),
+            "--data",
+            str(workspace / "data"),
+            "--out",
+            str(tmp_path / "o"),
+            *args,
+        ],
+    )
+    assert result.exit_code == 2 and message in result.output
+    assert result.output.strip().count("\n") == 0
+
+
+def test_read_options_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("colour = 'blue'\n")
+    with pytest.raises(ValueError, match="unknown option 'colour'"):
+        read_options(bad, {})
+    with pytest.raises(ValueError, match="missing --model, --data, --out"):
+        read_options(None, {})
+
+
+def test_zero_terminal_snr_with_epsilon_is_refused(workspace):
+    with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
+        finetune(
+            _options(workspace, "bad", zero_terminal_snr=True, prediction="epsilon"), progress=False, log=lambda _: None
+        )
+
+
+def test_sample_cli_writes_pngs_with_settings(workspace, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--model",
+            str(workspace / "sd"),
+            "--prompt",
+            "solid black",
+            "--prompt",
+            "a white background",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "3",
+            "--sampler",
+            "dpmpp_2m",
+            "--num-images",
+            "2",
+            "--resolution",
+            "16",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    pngs = sorted(tmp_path.glob("0*.png"))
+    assert len(pngs) == 4 and (tmp_path / "grid.png").exists()
+    info = json.loads(Image.open(pngs[3]).text["fullrange"])
+    assert info["prompt"] == "a white background" and info["sampler"] == "dpmpp_2m" and info["seed"] == 3
+    bad = runner.invoke(
+        app, ["sample", "--model", str(workspace / "sd"), "--prompt", "x", "--out", str(tmp_path), "--sampler", "plms"]
+    )
+    assert bad.exit_code == 2 and "--sampler 'plms' is unknown" in bad.output
