@@ -215,3 +215,35 @@ def test_sample_cli_writes_pngs_with_settings(workspace, tmp_path):
         app, ["sample", "--model", str(workspace / "sd"), "--prompt", "x", "--out", str(tmp_path), "--sampler", "plms"]
     )
     assert bad.exit_code == 2 and "--sampler 'plms' is unknown" in bad.output
+
+
+def test_eval_brightness_compares_two_models(workspace, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "brightness",
+            "--model",
+            str(workspace / "sd"),
+            "--against",
+            str(workspace / "sd"),
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--num-images",
+            "1",
+            "--resolution",
+            "16",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "brightness.json").read_text())
+    assert list(report) == ["sd", "sd (against)"]
+    prompts = report["sd"]["prompts"]
+    assert "Solid black background" in prompts and "A dark alley in the rain" in prompts
+    for stats in prompts.values():
+        assert 0 <= stats["mean_brightness"] <= 1 and 0 <= stats["near_black"] <= 1
+    # Same model, same seeds: the same numbers.
+    assert report["sd"]["prompts"] == report["sd (against)"]["prompts"]
+    assert (tmp_path / "brightness.png").read_bytes()[:4] == b"\x89PNG"

@@ -298,3 +298,58 @@ def sample_command(
     except (ValueError, OSError) as err:
         fail(str(err))
     typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}", err=True)
+
+
+eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("brightness")
+def eval_brightness_command(
+    model: Path = typer.Option(..., help="Local diffusers folder."),
+    out: Path = typer.Option(..., help="Output folder: brightness.json, brightness.png, images per prompt."),
+    adapter: Path | None = typer.Option(None, help="A LoRA folder written by fullrange train, applied to --model."),
+    against: Path | None = typer.Option(None, help="A second model to compare, side by side."),
+    sampler: str = typer.Option("ddim", help="Any of fullrange's samplers."),
+    steps: int = typer.Option(25, help="Sample steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    guidance_rescale: float = typer.Option(0.0, help="Guidance rescale φ."),
+    num_images: int = typer.Option(4, help="Images per prompt."),
+    resolution: int | None = typer.Option(None, help="Image side in pixels [default: the UNet's]."),
+    seed: int = typer.Option(0, help="Seed of the first image."),
+) -> None:
+    """Generate the seed documents' dark and bright prompts and report the brightness range reached."""
+    from .samplers import SAMPLERS
+    from .sd import load_stable_diffusion
+    from .sd_eval import evaluate, summarize, write
+    from .sd_sample import SampleSettings, apply_adapter
+
+    if sampler not in SAMPLERS:
+        fail(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    if num_images <= 0:
+        fail(f"--num-images must be positive, got {num_images}")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: is a file, not a directory")
+    try:
+        settings = SampleSettings(sampler, steps, None, guidance, guidance_rescale, seed, resolution).validate()
+        results = {}
+        for name, path, lora in (("model", model, adapter), ("against", against, None)):
+            if path is None:
+                continue
+            sd_model = load_stable_diffusion(path)
+            if lora is not None:
+                apply_adapter(sd_model, lora)
+            label = f"{path.name}{' + ' + lora.name if lora else ''}"
+            label = label if label not in results else f"{label} ({name})"
+            results[label] = evaluate(sd_model, settings, out / name, num_images)
+        out.mkdir(parents=True, exist_ok=True)
+        report = write(results, out)
+    except (ValueError, OSError) as err:
+        fail(str(err))
+    for label, res in results.items():
+        summary = summarize(res)
+        typer.echo(
+            f"{label}: darkest dark prompt {summary['darkest_dark_prompt']:.3f}, brightest bright prompt "
+            f"{summary['brightest_bright_prompt']:.3f}, range {summary['range']:.3f}"
+        )
+    typer.echo(f"wrote {report} and {out / 'brightness.png'}", err=True)
