@@ -187,6 +187,7 @@ def reproduce_command(
 ) -> None:
     """Reproduce the seed documents' findings on the built-in data set and write a report."""
     from . import reproduce
+    from .train import TrainingInterrupted
 
     if preset not in reproduce.PRESETS:
         fail(f"--preset {preset!r} is unknown; choose one of {', '.join(reproduce.PRESETS)}")
@@ -196,6 +197,9 @@ def reproduce_command(
     try:
         reproduce.check_out_dir(out)
         reproduce.run(out, preset, only, progress=progress, log=lambda line: typer.echo(line, err=True))
+    except TrainingInterrupted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(130) from None
     except ValueError as err:
         fail(str(err))
 
@@ -236,12 +240,16 @@ def train_command(
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "progress")}
     from .data import DataError
     from .sd_finetune import finetune, read_options
+    from .train import TrainingInterrupted
 
     try:
         options = read_options(config, overrides)
         if Path(options.out, "train", "checkpoint.safetensors").exists() and not resume:
             fail(f"--out {options.out} holds a checkpoint: pass --resume to continue it, or choose a new folder")
         finetune(options, progress=progress, log=lambda line: typer.echo(line, err=True))
+    except TrainingInterrupted as err:
+        typer.echo(str(err) + " with --resume", err=True)
+        raise typer.Exit(130) from None
     except (ValueError, DataError, OSError) as err:
         fail(str(err))
 

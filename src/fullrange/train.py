@@ -6,9 +6,12 @@ fast to train. The model is anything called like a diffusers UNet, ``model(x_t, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,6 +145,31 @@ def _lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint of the step reached was written first."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint written to {path}; run again to resume")
+        self.step, self.path = step, path
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Turn SIGINT / SIGTERM into a flag the loop checks between steps (main thread only)."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda number, frame: requested.append(number))
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 Batches = Callable[[int, torch.Generator], tuple[torch.Tensor, dict]]
 """``batches(batch_size, generator) -> (x0, cond)``: draws one batch (and its conditioning dropout) on the CPU."""
 
@@ -186,7 +214,8 @@ def train(
     every ``checkpoint_every`` steps and at the end, atomically, and the loss of every step so far to
     ``out_dir/loss.json``; with ``resume`` an existing checkpoint is continued exactly.
     ``on_checkpoint(step, ema_model)`` runs after each checkpoint (validation at intervals); it must not
-    touch the training generator.
+    touch the training generator. SIGINT / SIGTERM stop the run between steps with a checkpoint and raise
+    :class:`TrainingInterrupted`.
     """
     recipe.validate()
     config.validate()
@@ -194,6 +223,8 @@ def train(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output directory is a file")
     ckpt_path = out_dir / "checkpoint.safetensors"
+    for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # left by a process killed while writing
+        stale.unlink()
     schedule = recipe.build_schedule()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     generator = torch.Generator().manual_seed(config.seed)
@@ -239,30 +270,36 @@ def train(
     model.train()
     params, ema_params = list(trainable.values()), list(ema.values())
     bar = tqdm(total=config.steps, initial=start, desc=description or f"train {recipe.name}", disable=not progress)
-    for step in range(start, config.steps):
-        # Learning rate for this step.
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        # Checkpoint before the step, so a resumed run replays exactly what follows.
-        if step > start and step % config.checkpoint_every == 0:
-            checkpoint(step)
-        # One batch, drawn on the CPU from the run's generator.
-        x0, cond = batches(config.batch_size, generator)
-        x0 = x0.to(accelerator.device)
-        cond = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-        with accelerator.autocast():
-            loss = batch_loss(model, x0, cond, recipe, schedule, generator)
-        accelerator.backward(loss)
-        if config.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # EMA of the weights (decay warmed up so early averages are not dominated by the random init).
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
-        loss_log.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_log[-1]:.4f}")
+    with _stop_requests() as stop:
+        for step in range(start, config.steps):
+            # A stop request ends the run here, between steps, with a checkpoint.
+            if stop:
+                bar.close()
+                checkpoint(step)
+                raise TrainingInterrupted(step, ckpt_path)
+            # Learning rate for this step.
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, config)
+            # Checkpoint before the step, so a resumed run replays exactly what follows.
+            if step > start and step % config.checkpoint_every == 0:
+                checkpoint(step)
+            # One batch, drawn on the CPU from the run's generator.
+            x0, cond = batches(config.batch_size, generator)
+            x0 = x0.to(accelerator.device)
+            cond = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+            with accelerator.autocast():
+                loss = batch_loss(model, x0, cond, recipe, schedule, generator)
+            accelerator.backward(loss)
+            if config.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # EMA of the weights (decay warmed up so early averages are not dominated by the random init).
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+            loss_log.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_log[-1]:.4f}")
     bar.close()
     if start < config.steps or not ckpt_path.exists():
         checkpoint(config.steps)

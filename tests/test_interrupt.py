@@ -1,0 +1,76 @@
+"""A training process stopped by a signal writes a checkpoint; one killed outright keeps the last good one."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fullrange import checkpoint, models, toy, train
+
+SCRIPT = """
+import sys, torch
+from fullrange import models, toy, train
+images, labels = toy.synthetic_images(32, size=8, seed=0)
+torch.manual_seed(0)
+model = models.tiny_unet(8, 3, width=8)
+config = train.TrainConfig(steps=int(sys.argv[2]), batch_size=4, lr=1e-3, warmup=2, checkpoint_every=int(sys.argv[3]))
+try:
+    train.train(model, train.labelled_batches(images, labels, 5), train.get_recipe("baseline"), config, sys.argv[1],
+                progress=False)
+except train.TrainingInterrupted as err:
+    print(err, flush=True)
+    sys.exit(130)
+"""
+
+
+def _launch(tmp_path, steps, every):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(steps), str(every)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "loss.json").exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"training did not start: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc, out
+
+
+def _in_process(out, steps, every):
+    images, labels = toy.synthetic_images(32, size=8, seed=0)
+    torch.manual_seed(0)
+    model = models.tiny_unet(8, 3, width=8)
+    config = train.TrainConfig(steps=steps, batch_size=4, lr=1e-3, warmup=2, checkpoint_every=every)
+    return train.train(model, train.labelled_batches(images, labels, 5), train.get_recipe("baseline"), config, out,
+                       progress=False)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    proc, out = _launch(tmp_path, steps=3000, every=5)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step" in stdout
+    saved = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    assert 5 <= saved.step < 3000 and len(saved.log["loss"]) == saved.step
+    assert saved.optimizer is not None and saved.rng["generator"].dtype == torch.uint8
+
+
+def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
+    proc, out = _launch(tmp_path, steps=100_000, every=1)  # a checkpoint every step
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    saved = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    assert saved.step >= 1 and len(saved.log["loss"]) == saved.step
+    # A temporary file from the killed write may remain; the next run removes it and resumes.
+    (out / ".checkpoint.safetensors.stale.tmp").write_bytes(b"partial")
+    with pytest.raises(ValueError, match="another config"):
+        _in_process(out, steps=10, every=1)
+    assert not list(out.glob(".checkpoint.safetensors.*.tmp"))
