@@ -30,8 +30,12 @@ def _launch(tmp_path, steps, every):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(script), str(out), str(steps), str(every)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out), str(steps), str(every)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "loss.json").exists():
         if proc.poll() is not None or time.time() > deadline:
@@ -46,8 +50,9 @@ def _in_process(out, steps, every):
     torch.manual_seed(0)
     model = models.tiny_unet(8, 3, width=8)
     config = train.TrainConfig(steps=steps, batch_size=4, lr=1e-3, warmup=2, checkpoint_every=every)
-    return train.train(model, train.labelled_batches(images, labels, 5), train.get_recipe("baseline"), config, out,
-                       progress=False)
+    return train.train(
+        model, train.labelled_batches(images, labels, 5), train.get_recipe("baseline"), config, out, progress=False
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -247,3 +247,20 @@ def test_eval_brightness_compares_two_models(workspace, tmp_path):
     # Same model, same seeds: the same numbers.
     assert report["sd"]["prompts"] == report["sd (against)"]["prompts"]
     assert (tmp_path / "brightness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_validation_images_at_each_checkpoint_with_accumulation(workspace):
+    options = _options(
+        workspace,
+        "val",
+        max_steps=4,
+        checkpoint_every=2,
+        grad_accum=2,
+        gradient_checkpointing=True,
+        validation_prompts=("solid black", "a white background"),
+    )
+    finetune(options, progress=False, log=lambda _: None)
+    steps = sorted(p.name for p in (workspace / "val" / "validation").iterdir())
+    assert steps == ["step_000002", "step_000004"]
+    image = Image.open(workspace / "val" / "validation" / "step_000004" / "0001.png")
+    assert image.size == (16, 16) and json.loads(image.text["fullrange"])["prompt"] == "a white background"

@@ -203,3 +203,34 @@ def test_output_directory_that_is_a_file(tmp_path, data):
             target,
             progress=False,
         )
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data):
+    """Two accumulated batches of 4 take the same step as one batch of the same 8 samples."""
+    images, labels = data
+    recipe = train.get_recipe("ztsnr")
+    draws = []
+
+    def batches(batch_size, generator):
+        x0, cond = train.labelled_batches(images, labels, 5, dropout=0.0)(batch_size, generator)
+        draws.append(batch_size)
+        return x0, cond
+
+    config = replace(CONFIG, steps=1, batch_size=4, grad_accum=2, grad_clip=0.0)
+    accumulated = train.train(_model(), batches, recipe, config, tmp_path / "a", progress=False)
+    assert draws == [4, 4]
+
+    # The same 8 samples, noises and timesteps in one batch: replay the generator's draws.
+    generator = torch.Generator().manual_seed(config.seed)
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train._lr_at(0, config), weight_decay=0.0)
+    schedule = recipe.build_schedule()
+    total = 0.0
+    for _ in range(2):
+        x0, cond = train.labelled_batches(images, labels, 5, dropout=0.0)(4, generator)
+        total = total + train.batch_loss(model, x0, cond, recipe, schedule, generator) / 2
+    total.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(accumulated.model.get_parameter(name), p, atol=1e-6, rtol=1e-5)
+    assert accumulated.losses[0] == pytest.approx(total.item(), rel=1e-5)

@@ -214,6 +214,11 @@ def train_command(
     resolution: int | None = typer.Option(None, help="Training resolution in pixels [default: 512]."),
     max_steps: int | None = typer.Option(None, help="Training steps [default: 1000]."),
     batch_size: int | None = typer.Option(None, help="Batch size [default: 1]."),
+    grad_accum: int | None = typer.Option(None, help="Batches accumulated per optimizer step [default: 1]."),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing", help="Recompute activations in backward (less memory, slower)."
+    ),
+    validation_prompt: list[str] | None = typer.Option(None, help="Prompt sampled at each checkpoint (repeatable)."),
     lr: float | None = typer.Option(None, help="Peak learning rate [default: 1e-4]."),
     offset_noise: float | None = typer.Option(None, help="Offset-noise strength, e.g. 0.1 (seed 000)."),
     pyramid_noise: float | None = typer.Option(None, help="Pyramid-noise discount, e.g. 0.8."),
@@ -237,7 +242,8 @@ def train_command(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Fine-tune Stable Diffusion on a folder of images with offset noise, zero terminal SNR, LoRA or OFT."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "progress")}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "progress", "validation_prompt")}
+    overrides["validation_prompts"] = validation_prompt or None
     from .data import DataError
     from .sd_finetune import finetune, read_options
     from .train import TrainingInterrupted

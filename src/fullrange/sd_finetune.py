@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ class FinetuneOptions:
     resolution: int = 512
     max_steps: int = 1000
     batch_size: int = 1
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
     lr: float = 1e-4
     offset_noise: float = 0.0
     pyramid_noise: float = 0.0
@@ -49,6 +51,7 @@ class FinetuneOptions:
     oft_coft: bool = False
     ema_decay: float = 0.0
     checkpoint_every: int = 250
+    validation_prompts: tuple[str, ...] = ()
     mixed_precision: str = "no"
     seed: int = 0
     allow_pickle: bool = False
@@ -56,7 +59,7 @@ class FinetuneOptions:
     def validate(self) -> FinetuneOptions:
         if self.adapter not in adapters.ADAPTERS:
             raise ValueError(f"--adapter {self.adapter!r}: choose one of {', '.join(adapters.ADAPTERS)}")
-        for name in ("resolution", "max_steps", "batch_size", "checkpoint_every"):
+        for name in ("resolution", "max_steps", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.resolution % 8:
@@ -83,6 +86,7 @@ def read_options(config_file: Path | None, overrides: dict) -> FinetuneOptions:
                 raise ValueError(f"--config {config_file}: unknown option {key!r}")
             values[name] = value
     values |= {k: v for k, v in overrides.items() if v is not None}
+    values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
     missing = [name for name in ("model", "data", "out") if name not in values]
     if missing:
         raise ValueError(f"missing --{', --'.join(missing)} (on the command line or in --config)")
@@ -197,6 +201,27 @@ def save_pipeline(model: StableDiffusion, unet, recipe: Recipe, path: Path) -> P
     return path
 
 
+def _validator(model: StableDiffusion, recipe: Recipe, options: FinetuneOptions, out: Path):
+    """Validation images at each checkpoint, sampled as the trained model will be (its scheduler config)."""
+    from .sd_sample import SampleSettings, generate, save_images
+
+    scheduler_config = dict(scheduler_for(model, recipe).config)
+    settings = SampleSettings(steps=25, seed=options.seed, resolution=options.resolution)
+
+    def validate(step: int, unet: torch.nn.Module) -> None:
+        view = replace(
+            model,
+            unet=unet,
+            schedule=recipe.build_schedule(),
+            prediction=recipe.prediction,
+            scheduler_config=scheduler_config,
+        )
+        prompts = list(options.validation_prompts)
+        save_images(generate(view, prompts, settings), prompts, settings, out / f"step_{step:06d}")
+
+    return validate
+
+
 def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict[str, Path]:
     """Run a fine-tune end to end; returns the written outputs by kind."""
     from diffusers import StableDiffusionPipeline
@@ -220,6 +245,8 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     batches = latent_batches(model, means, stds, [i.caption for i in items], options.caption_dropout)
 
     unet = model.unet
+    if options.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     if options.adapter == "lora":
         count = adapters.add_lora(unet, rank=options.lora_rank)
     elif options.adapter == "oft":
@@ -230,6 +257,7 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     config = TrainConfig(
         steps=options.max_steps,
         batch_size=options.batch_size,
+        grad_accum=options.grad_accum,
         lr=options.lr,
         warmup=min(100, max(1, options.max_steps // 10)),
         ema_decay=options.ema_decay,
@@ -237,7 +265,10 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
         seed=options.seed,
         mixed_precision=options.mixed_precision,
     )
-    result = train(unet, batches, recipe, config, out / "train", progress=progress, description="fine-tune")
+    validate = _validator(model, recipe, options, out / "validation") if options.validation_prompts else None
+    result = train(
+        unet, batches, recipe, config, out / "train", progress=progress, description="fine-tune", on_checkpoint=validate
+    )
     trained = result.ema_model() if options.ema_decay > 0 else result.model.eval()
 
     outputs = {}

@@ -74,6 +74,7 @@ def get_recipe(name: str) -> Recipe:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32
+    grad_accum: int = 1
     lr: float = 1e-3
     warmup: int = 50
     grad_clip: float = 1.0
@@ -83,7 +84,7 @@ class TrainConfig:
     mixed_precision: str = "no"
 
     def validate(self) -> TrainConfig:
-        for name in ("steps", "batch_size", "checkpoint_every"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1 or self.lr <= 0:
@@ -283,13 +284,16 @@ def train(
             # Checkpoint before the step, so a resumed run replays exactly what follows.
             if step > start and step % config.checkpoint_every == 0:
                 checkpoint(step)
-            # One batch, drawn on the CPU from the run's generator.
-            x0, cond = batches(config.batch_size, generator)
-            x0 = x0.to(accelerator.device)
-            cond = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-            with accelerator.autocast():
-                loss = batch_loss(model, x0, cond, recipe, schedule, generator)
-            accelerator.backward(loss)
+            # grad_accum batches, drawn on the CPU from the run's generator; their mean loss is the step's.
+            loss = 0.0
+            for _ in range(config.grad_accum):
+                x0, cond = batches(config.batch_size, generator)
+                x0 = x0.to(accelerator.device)
+                cond = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+                with accelerator.autocast():
+                    micro = batch_loss(model, x0, cond, recipe, schedule, generator) / config.grad_accum
+                accelerator.backward(micro)
+                loss += micro.detach()
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
