@@ -33,6 +33,12 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def parse_resolution(text: str) -> tuple[int, ...]:
     """``64x64x4`` (H x W x C, or any number of sides) into positive ints."""
     try:
@@ -300,7 +306,7 @@ def sample_command(
         settings = SampleSettings(
             sampler, steps, spacing, guidance, guidance_rescale, seed, resolution, negative_prompt
         ).validate()
-        sd_model = load_stable_diffusion(model, allow_pickle=allow_pickle)
+        sd_model = load_stable_diffusion(model, allow_pickle=allow_pickle).to(_device())
         if adapter is not None:
             apply_adapter(sd_model, adapter)
         all_prompts = [p for p in prompts for _ in range(num_images)]
@@ -350,7 +356,7 @@ def eval_brightness_command(
         for name, path, lora in (("model", model, adapter), ("against", against, None)):
             if path is None:
                 continue
-            sd_model = load_stable_diffusion(path)
+            sd_model = load_stable_diffusion(path).to(_device())
             if lora is not None:
                 apply_adapter(sd_model, lora)
             label = f"{path.name}{' + ' + lora.name if lora else ''}"

@@ -33,6 +33,12 @@ class StableDiffusion:
     scheduler_config: dict
     source: Path
 
+    def to(self, device: torch.device | str) -> StableDiffusion:
+        """Move the networks (in place); returns self."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -232,6 +232,9 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
         raise ValueError(f"--out {out}: is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     model = load_stable_diffusion(options.model, allow_pickle=options.allow_pickle)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.vae.to(device)
+    model.text_encoder.to(device)
     recipe = recipe_for(options, model)
     items, problems = data.scan(options.data, min_size=options.resolution)
     for problem in problems:

@@ -63,8 +63,8 @@ def generate(model: StableDiffusion, prompts: list[str], settings: SampleSetting
         ]
     )
     device = model.unet.device
-    cond = {"encoder_hidden_states": model.encode_prompts(prompts)}
-    uncond = {"encoder_hidden_states": model.encode_prompts([settings.negative_prompt] * len(prompts))}
+    cond = {"encoder_hidden_states": model.encode_prompts(prompts).to(device)}
+    uncond = {"encoder_hidden_states": model.encode_prompts([settings.negative_prompt] * len(prompts)).to(device)}
     steps = settings.steps
     if spacing == "leading" and config.get("steps_offset", 0):
         from .timesteps import spaced
@@ -85,7 +85,8 @@ def generate(model: StableDiffusion, prompts: list[str], settings: SampleSetting
         callback=callback,
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    images = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+    latents = latents.to(model.vae.device, model.vae.dtype) / model.vae.config.scaling_factor
+    images = model.vae.decode(latents).sample
     return ((images.float().cpu() + 1) / 2).clamp(0, 1)
 
 
