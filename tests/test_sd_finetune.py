@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fullrange import sd
+from fullrange import data, sd
 from fullrange.cli import app
-from fullrange.sd_finetune import FinetuneOptions, finetune, read_options
+from fullrange.sd_finetune import FinetuneOptions, encode_captions, encode_latents, finetune, read_options
 from fullrange.sd_sample import SampleSettings, apply_adapter, generate
 
 runner = CliRunner()
@@ -264,3 +264,21 @@ def test_validation_images_at_each_checkpoint_with_accumulation(workspace):
     assert steps == ["step_000002", "step_000004"]
     image = Image.open(workspace / "val" / "validation" / "step_000004" / "0001.png")
     assert image.size == (16, 16) and json.loads(image.text["fullrange"])["prompt"] == "a white background"
+
+
+def test_latents_and_caption_states_are_cached(workspace, tmp_path):
+    cache = workspace / "lora" / "cache"
+    latents = sorted(cache.glob("latent_*.safetensors"))
+    texts = sorted(cache.glob("text_*.safetensors"))
+    assert len(latents) == 4 and len(texts) == 1
+    states = load_file(texts[0])["states"]
+    model = sd.load_stable_diffusion(workspace / "sd")
+    torch.testing.assert_close(states[-1:], model.encode_prompts([""]))
+    # Encoding again reads the cache: the same values, files untouched.
+    before = {p: p.stat().st_mtime_ns for p in latents + texts}
+    items, _ = data.scan(workspace / "data", 16)
+    means, _ = encode_latents(model, items, 16, cache, progress=False)
+    fresh, _ = encode_latents(model, items, 16, tmp_path / "fresh", progress=False)
+    torch.testing.assert_close(means, fresh)
+    torch.testing.assert_close(encode_captions(model, [i.caption for i in items], cache), states)
+    assert {p: p.stat().st_mtime_ns for p in latents + texts} == before

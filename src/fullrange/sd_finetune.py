@@ -96,8 +96,9 @@ def read_options(config_file: Path | None, overrides: dict) -> FinetuneOptions:
 def recipe_for(options: FinetuneOptions, model: StableDiffusion) -> Recipe:
     """The training recipe: the checkpoint's schedule and target unless the options change them."""
     config = model.scheduler_config
-    if config.get("beta_schedule") != "scaled_linear":
-        raise ValueError(f"--model {options.model}: only scaled_linear schedules (SD 1.x / 2.x) are supported")
+    betas = (config.get("beta_start", 0.00085), config.get("beta_end", 0.012))
+    if config.get("beta_schedule") != "scaled_linear" or betas != (0.00085, 0.012):
+        raise ValueError(f"--model {options.model}: only SD's scaled_linear schedule (0.00085 to 0.012) is supported")
     zero_snr = options.zero_terminal_snr or bool(config.get("rescale_betas_zero_snr"))
     prediction = options.prediction or ("v_prediction" if zero_snr else model.prediction)
     noise = "offset" if options.offset_noise else "pyramid" if options.pyramid_noise else "gaussian"
@@ -118,7 +119,7 @@ def recipe_for(options: FinetuneOptions, model: StableDiffusion) -> Recipe:
 
 
 def _model_id(model: StableDiffusion) -> str:
-    """Identifies the VAE and text encoder whose outputs are cached (their weights' file hashes)."""
+    """Identifies the VAE and text encoder whose outputs are cached (their weight files' names, sizes, times)."""
     digest = hashlib.sha256()
     for component in ("vae", "text_encoder"):
         for path in sorted((model.source / component).glob("*.safetensors")):
@@ -148,13 +149,27 @@ def encode_latents(
     return torch.stack(means), torch.stack(stds)
 
 
+@torch.no_grad()
+def encode_captions(model: StableDiffusion, captions: list[str], cache: Path) -> torch.Tensor:
+    """Text-encoder states of ``captions`` followed by the empty caption's, from ``cache`` when seen before."""
+    texts = [*captions, ""]
+    key = hashlib.sha256(json.dumps([_model_id(model), texts]).encode()).hexdigest()[:32]
+    path = cache / f"text_{key}.safetensors"
+    if path.exists():
+        return load_file(path)["states"]
+    states = model.encode_prompts(texts).float().cpu()
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({"states": states}, path)
+    return states
+
+
 def latent_batches(
-    model: StableDiffusion, means: torch.Tensor, stds: torch.Tensor, captions: list[str], dropout: float
+    model: StableDiffusion, means: torch.Tensor, stds: torch.Tensor, captions: list[str], dropout: float, cache: Path
 ) -> Batches:
     """Batches of VAE latents (a fresh posterior draw, times the VAE's scaling factor) with their caption
     embeddings, each replaced by the empty caption's with probability ``dropout``."""
-    embeddings = model.encode_prompts(captions).cpu()
-    empty = model.encode_prompts([""]).cpu()
+    states = encode_captions(model, captions, cache)
+    embeddings, empty = states[:-1], states[-1:]
     scale = model.vae.config.scaling_factor
 
     def draw(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -245,7 +260,8 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     )
     (out / "config.json").write_text(json.dumps({"options": asdict(options), "recipe": asdict(recipe)}, indent=2))
     means, stds = encode_latents(model, items, options.resolution, out / "cache", progress)
-    batches = latent_batches(model, means, stds, [i.caption for i in items], options.caption_dropout)
+    captions = [i.caption for i in items]
+    batches = latent_batches(model, means, stds, captions, options.caption_dropout, out / "cache")
 
     unet = model.unet
     if options.gradient_checkpointing:
