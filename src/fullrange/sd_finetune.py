@@ -239,6 +239,7 @@ def _validator(model: StableDiffusion, recipe: Recipe, options: FinetuneOptions,
 
 def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict[str, Path]:
     """Run a fine-tune end to end; returns the written outputs by kind."""
+    from accelerate import PartialState
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -288,6 +289,8 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     result = train(
         unet, batches, recipe, config, out / "train", progress=progress, description="fine-tune", on_checkpoint=validate
     )
+    if not PartialState().is_main_process:  # under accelerate launch / torchrun, one process writes
+        return {}
     trained = result.ema_model() if options.ema_decay > 0 else result.model.eval()
 
     outputs = {}

@@ -120,14 +120,22 @@ def batch_loss(
     recipe: Recipe,
     schedule: schedules.Schedule,
     generator: torch.Generator,
+    shard: slice = slice(None),
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Mean over the batch of the (weighted) per-sample loss for one draw of t and noise (DDPM Alg. 1)."""
-    device = x0.device
+    """Mean over the batch of the (weighted) per-sample loss for one draw of t and noise (DDPM Alg. 1).
+
+    t and noise are drawn for the whole (global) batch ``x0`` on the CPU, then this process's ``shard`` of
+    everything goes to ``device``: every process draws the same numbers, as one process would.
+    """
     t = losses.sample_timesteps(x0.shape[0], schedule.num_train_timesteps, generator)
-    ac = schedule.alphas_cumprod[t]
     eps = draw_noise(recipe, tuple(x0.shape), generator)
     eps_in = noise.perturb(eps, recipe.input_perturbation, generator) if recipe.input_perturbation else eps
-    eps, eps_in, ac_dev = eps.to(device), eps_in.to(device), ac.to(device)
+    device = device if device is not None else x0.device
+    t, x0, eps, eps_in = t[shard], x0[shard].to(device), eps[shard].to(device), eps_in[shard].to(device)
+    cond = {k: v[shard].to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+    ac = schedule.alphas_cumprod[t]
+    ac_dev = ac.to(device)
     x_t = prediction.add_noise(x0, eps_in, ac_dev)
     target = prediction.training_target(recipe.prediction, x0, eps, ac_dev)
     output = model(x_t, t.to(device), **cond)
@@ -250,31 +258,44 @@ def train(
         loss_log = ckpt.log["loss"].tolist()
         start = ckpt.step
     model, optimizer = accelerator.prepare(model, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    shard = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
     ema = {name: value.to(accelerator.device) for name, value in ema.items()}
     meta = {"recipe": asdict(recipe), "config": asdict(config)}
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(
-            ckpt_path,
-            step=step,
-            model={name: p for name, p in trainable.items()},
-            ema=ema,
-            optimizer=optimizer.state_dict(),
-            rng={"generator": generator.get_state()},
-            log={"loss": torch.tensor(loss_log, dtype=torch.float64)},
-            meta=meta,
-        )
-        (out_dir / "loss.json").write_text(json.dumps(loss_log))
-        if on_checkpoint is not None:
-            on_checkpoint(step, with_weights(accelerator.unwrap_model(model), ema))
+        # Every process holds the same state (same draws, averaged gradients); the main one writes it.
+        if accelerator.is_main_process:
+            save_checkpoint(
+                ckpt_path,
+                step=step,
+                model={name: p for name, p in trainable.items()},
+                ema=ema,
+                optimizer=optimizer.state_dict(),
+                rng={"generator": generator.get_state()},
+                log={"loss": torch.tensor(loss_log, dtype=torch.float64)},
+                meta=meta,
+            )
+            (out_dir / "loss.json").write_text(json.dumps(loss_log))
+            if on_checkpoint is not None:
+                on_checkpoint(step, with_weights(accelerator.unwrap_model(model), ema))
+        accelerator.wait_for_everyone()
 
     model.train()
     params, ema_params = list(trainable.values()), list(ema.values())
-    bar = tqdm(total=config.steps, initial=start, desc=description or f"train {recipe.name}", disable=not progress)
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc=description or f"train {recipe.name}",
+        disable=not progress or not accelerator.is_local_main_process,
+    )
     with _stop_requests() as stop:
         for step in range(start, config.steps):
-            # A stop request ends the run here, between steps, with a checkpoint.
-            if stop:
+            # A stop request (to any process) ends the run here, between steps, with a checkpoint.
+            stopping = bool(stop)
+            if world > 1:
+                stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device)))
+            if stopping:
                 bar.close()
                 checkpoint(step)
                 raise TrainingInterrupted(step, ckpt_path)
@@ -284,16 +305,16 @@ def train(
             # Checkpoint before the step, so a resumed run replays exactly what follows.
             if step > start and step % config.checkpoint_every == 0:
                 checkpoint(step)
-            # grad_accum batches, drawn on the CPU from the run's generator; their mean loss is the step's.
+            # grad_accum global batches (batch_size per process), drawn on the CPU from the run's generator
+            # in every process alike; each process trains on its shard and DDP averages the gradients.
             loss = 0.0
-            for _ in range(config.grad_accum):
-                x0, cond = batches(config.batch_size, generator)
-                x0 = x0.to(accelerator.device)
-                cond = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-                with accelerator.autocast():
-                    micro = batch_loss(model, x0, cond, recipe, schedule, generator) / config.grad_accum
-                accelerator.backward(micro)
-                loss += micro.detach()
+            for micro_step in range(config.grad_accum):
+                x0, cond = batches(config.batch_size * world, generator)
+                sync = micro_step == config.grad_accum - 1
+                with accelerator.autocast(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    micro = batch_loss(model, x0, cond, recipe, schedule, generator, shard, accelerator.device)
+                    accelerator.backward(micro / config.grad_accum)
+                loss += accelerator.reduce(micro.detach(), "mean") / config.grad_accum
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()

@@ -1,0 +1,5 @@
+"""``python -m fullrange`` (and ``accelerate launch -m fullrange train ...``)."""
+
+from .cli import app
+
+app()
