@@ -54,7 +54,7 @@ def build(cuda: bool) -> tuple[UNet2DConditionModel, torch.Tensor, torch.Tensor]
 def fullrange_run(unet, latents, text, steps, mixed) -> float:
     def batches(batch_size, generator):
         index = torch.randint(0, latents.shape[0], (batch_size,), generator=generator)
-        return latents[index], {"encoder_hidden_states": text[index]}
+        return train.Batch(latents[index], {"encoder_hidden_states": text[index]})
 
     config = train.TrainConfig(
         steps=steps, batch_size=1, lr=1e-4, warmup=1, checkpoint_every=10**9, mixed_precision=mixed

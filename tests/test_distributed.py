@@ -27,8 +27,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     script.write_text(SCRIPT)
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8"], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29531", str(script),
-                          str(tmp_path / "two"), "4"], capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", "29531", str(script), str(tmp_path / "two"), "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     a = checkpoint.load_checkpoint(tmp_path / "one" / "checkpoint.safetensors")
     b = checkpoint.load_checkpoint(tmp_path / "two" / "checkpoint.safetensors")

@@ -282,3 +282,41 @@ def test_latents_and_caption_states_are_cached(workspace, tmp_path):
     torch.testing.assert_close(means, fresh)
     torch.testing.assert_close(encode_captions(model, [i.caption for i in items], cache), states)
     assert {p: p.stat().st_mtime_ns for p in latents + texts} == before
+
+
+def test_dreambooth_prior_preservation_generates_and_uses_class_images(workspace):
+    lines = []
+    options = _options(
+        workspace,
+        "dreambooth",
+        adapter="lora",
+        class_prompt="a photo of a scene",
+        num_class_images=3,
+        prior_loss_weight=0.5,
+        max_steps=2,
+    )
+    finetune(options, progress=False, log=lines.append)
+    class_dir = workspace / "dreambooth" / "class_images"
+    assert sorted(p.name for p in class_dir.glob("*.png")) == ["class_00000.png", "class_00001.png", "class_00002.png"]
+    assert (class_dir / "class_00001.txt").read_text() == "a photo of a scene"
+    assert any("prior preservation: 3 class images" in line for line in lines)
+    # Given class images are used as they are, captioned with the class prompt.
+    given = FinetuneOptions(
+        **{
+            **options.__dict__,
+            "out": str(workspace / "dreambooth2"),
+            "num_class_images": 0,
+            "class_data": str(workspace / "data"),
+        }
+    )
+    lines.clear()
+    finetune(given, progress=False, log=lines.append)
+    assert any("prior preservation: 4 class images" in line for line in lines)
+    assert not (workspace / "dreambooth2" / "class_images").exists()
+
+
+def test_class_prompt_needs_class_images(workspace):
+    with pytest.raises(ValueError, match="--class-prompt needs --class-data"):
+        _options(workspace, "x", class_prompt="a dog")
+    with pytest.raises(ValueError, match="prior preservation needs --class-prompt"):
+        _options(workspace, "x", num_class_images=4)

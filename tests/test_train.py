@@ -212,9 +212,8 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data):
     draws = []
 
     def batches(batch_size, generator):
-        x0, cond = train.labelled_batches(images, labels, 5, dropout=0.0)(batch_size, generator)
         draws.append(batch_size)
-        return x0, cond
+        return train.labelled_batches(images, labels, 5, dropout=0.0)(batch_size, generator)
 
     config = replace(CONFIG, steps=1, batch_size=4, grad_accum=2, grad_clip=0.0)
     accumulated = train.train(_model(), batches, recipe, config, tmp_path / "a", progress=False)
@@ -227,10 +226,38 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data):
     schedule = recipe.build_schedule()
     total = 0.0
     for _ in range(2):
-        x0, cond = train.labelled_batches(images, labels, 5, dropout=0.0)(4, generator)
-        total = total + train.batch_loss(model, x0, cond, recipe, schedule, generator) / 2
+        batch = train.labelled_batches(images, labels, 5, dropout=0.0)(4, generator)
+        total = total + train.batch_loss(model, batch.x0, batch.cond, recipe, schedule, generator) / 2
     total.backward()
     optimizer.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(accumulated.model.get_parameter(name), p, atol=1e-6, rtol=1e-5)
     assert accumulated.losses[0] == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_prior_preservation_interleaves_and_weighs():
+    instance = lambda n, g: train.Batch(torch.zeros(n, 1), {"c": torch.zeros(n)})  # noqa: E731
+    prior = lambda n, g: train.Batch(torch.ones(n, 1), {"c": torch.ones(n)})  # noqa: E731
+    batch = train.with_prior(instance, prior, prior_weight=0.25)(4, None)
+    assert batch.x0.flatten().tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert batch.cond["c"].tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert batch.weight.tolist() == [1, 0.25, 1, 0.25, 1, 0.25, 1, 0.25]
+
+
+def test_batch_loss_weights_each_sample_and_shards_add_up(data):
+    """Each process's share (rank of world) is its slice of the same draws; weights scale per-sample losses."""
+    images, labels = data
+    recipe = train.get_recipe("baseline")
+    model = _model()
+    cond = {"class_labels": labels[:4]}
+
+    def loss(**kwargs):
+        with torch.no_grad():
+            return train.batch_loss(
+                model, images[:4], cond, recipe, recipe.build_schedule(), torch.Generator().manual_seed(3), **kwargs
+            ).item()
+
+    per_sample = [loss(rank=r, world=4) for r in range(4)]
+    assert loss() == pytest.approx(sum(per_sample) / 4, rel=1e-5)
+    weighted = loss(weight=torch.tensor([1.0, 0.0, 2.0, 0.0]))
+    assert weighted == pytest.approx((per_sample[0] + 2 * per_sample[2]) / 4, rel=1e-5)

@@ -65,8 +65,9 @@ def open_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def scan(folder: Path | str, min_size: int) -> tuple[list[Item], list[Problem]]:
-    """Check every image in ``folder``; returns the usable items and the problems, each with its reason."""
+def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[list[Item], list[Problem]]:
+    """Check every image in ``folder``; returns the usable items and the problems, each with its reason.
+    ``default_caption`` serves images that have none (class images for prior preservation)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--data {folder}: not a directory")
@@ -75,6 +76,7 @@ def scan(folder: Path | str, min_size: int) -> tuple[list[Item], list[Problem]]:
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         sidecar = path.with_suffix(".txt")
         caption = sidecar.read_text().strip() if sidecar.is_file() else captions.get(path.name, "").strip()
+        caption = caption or default_caption
         try:
             with Image.open(path) as img:
                 img.verify()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import adapters, data
 from .checkpoint import atomic_write
 from .sd import StableDiffusion, load_stable_diffusion
-from .train import Batches, Recipe, TrainConfig, train
+from .train import Batch, Batches, Recipe, TrainConfig, train, with_prior
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class FinetuneOptions:
     min_snr_gamma: float = 0.0
     snr_weight_floor: float = 0.0
     caption_dropout: float = 0.1
+    class_prompt: str | None = None
+    class_data: str | None = None
+    num_class_images: int = 0
+    prior_loss_weight: float = 1.0
     lora_rank: int = 4
     oft_block_size: int = 4
     oft_coft: bool = False
@@ -66,6 +70,10 @@ class FinetuneOptions:
             raise ValueError(f"--resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")
         if self.offset_noise and self.pyramid_noise:
             raise ValueError("--offset-noise and --pyramid-noise are alternatives; give one")
+        if (self.class_data or self.num_class_images) and not self.class_prompt:
+            raise ValueError("prior preservation needs --class-prompt (with --class-data or --num-class-images)")
+        if self.class_prompt and not self.class_data and self.num_class_images <= 0:
+            raise ValueError("--class-prompt needs --class-data DIR or --num-class-images N to generate")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"--caption-dropout must lie in [0, 1), got {self.caption_dropout}")
         return self
@@ -172,11 +180,11 @@ def latent_batches(
     embeddings, empty = states[:-1], states[-1:]
     scale = model.vae.config.scaling_factor
 
-    def draw(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def draw(batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
         z = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         drop = (torch.rand(batch_size, generator=generator) < dropout).view(-1, 1, 1)
-        return z * scale, {"encoder_hidden_states": torch.where(drop, empty, embeddings[index])}
+        return Batch(z * scale, {"encoder_hidden_states": torch.where(drop, empty, embeddings[index])})
 
     return draw
 
@@ -214,6 +222,26 @@ def save_pipeline(model: StableDiffusion, unet, recipe: Recipe, path: Path) -> P
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_class_images(model: StableDiffusion, options: FinetuneOptions, folder: Path, progress: bool) -> None:
+    """Generate class images with the base model until ``folder`` holds ``num_class_images`` (Dreambooth)."""
+    from PIL import Image
+
+    from .sd_sample import SampleSettings, generate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sum(1 for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
+    missing = max(0, options.num_class_images - have)
+    for start in tqdm(range(0, missing, 4), desc="class images", disable=not progress):
+        count = min(4, missing - start)
+        settings = SampleSettings(steps=25, seed=options.seed + have + start, resolution=options.resolution)
+        images = generate(model, [options.class_prompt] * count, settings)
+        for k, image in enumerate(images):
+            name = folder / f"class_{have + start + k:05d}"
+            array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(array).save(name.with_suffix(".png"))
+            name.with_suffix(".txt").write_text(options.class_prompt)
 
 
 def _validator(model: StableDiffusion, recipe: Recipe, options: FinetuneOptions, out: Path):
@@ -263,6 +291,19 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     means, stds = encode_latents(model, items, options.resolution, out / "cache", progress)
     captions = [i.caption for i in items]
     batches = latent_batches(model, means, stds, captions, options.caption_dropout, out / "cache")
+    if options.class_prompt:
+        class_dir = Path(options.class_data) if options.class_data else out / "class_images"
+        make_class_images(model, options, class_dir, progress)
+        class_items, _ = data.scan(class_dir, min_size=options.resolution, default_caption=options.class_prompt)
+        class_means, class_stds = encode_latents(model, class_items, options.resolution, out / "cache", progress)
+        prior = latent_batches(
+            model, class_means, class_stds, [i.caption for i in class_items], options.caption_dropout, out / "cache"
+        )
+        batches = with_prior(batches, prior, options.prior_loss_weight)
+        log(
+            f"prior preservation: {len(class_items)} class images of '{options.class_prompt}', "
+            f"weight {options.prior_loss_weight}"
+        )
 
     unet = model.unet
     if options.gradient_checkpointing:

@@ -120,18 +120,24 @@ def batch_loss(
     recipe: Recipe,
     schedule: schedules.Schedule,
     generator: torch.Generator,
-    shard: slice = slice(None),
+    *,
+    weight: torch.Tensor | None = None,
+    rank: int = 0,
+    world: int = 1,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Mean over the batch of the (weighted) per-sample loss for one draw of t and noise (DDPM Alg. 1).
 
-    t and noise are drawn for the whole (global) batch ``x0`` on the CPU, then this process's ``shard`` of
-    everything goes to ``device``: every process draws the same numbers, as one process would.
+    t and noise are drawn for the whole (global) batch ``x0`` on the CPU, then process ``rank`` of ``world``
+    takes its contiguous share of everything to ``device``: every process draws the same numbers, as one
+    process would. ``weight`` scales each sample's loss (prior preservation).
     """
     t = losses.sample_timesteps(x0.shape[0], schedule.num_train_timesteps, generator)
     eps = draw_noise(recipe, tuple(x0.shape), generator)
     eps_in = noise.perturb(eps, recipe.input_perturbation, generator) if recipe.input_perturbation else eps
     device = device if device is not None else x0.device
+    share = x0.shape[0] // world
+    shard = slice(rank * share, (rank + 1) * share)
     t, x0, eps, eps_in = t[shard], x0[shard].to(device), eps[shard].to(device), eps_in[shard].to(device)
     cond = {k: v[shard].to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
     ac = schedule.alphas_cumprod[t]
@@ -141,8 +147,10 @@ def batch_loss(
     output = model(x_t, t.to(device), **cond)
     per_sample = losses.per_sample_mse(getattr(output, "sample", output), target)
     if recipe.weighting == "min_snr":
-        weight = losses.min_snr_weight(schedule.snr[t], recipe.prediction, recipe.snr_gamma, recipe.weight_floor)
-        per_sample = per_sample * weight.to(device=device, dtype=per_sample.dtype)
+        snr_weight = losses.min_snr_weight(schedule.snr[t], recipe.prediction, recipe.snr_gamma, recipe.weight_floor)
+        per_sample = per_sample * snr_weight.to(device=device, dtype=per_sample.dtype)
+    if weight is not None:
+        per_sample = per_sample * weight[shard].to(device=device, dtype=per_sample.dtype)
     return per_sample.mean()
 
 
@@ -179,18 +187,43 @@ def _stop_requests():
             signal.signal(sig, handler)
 
 
-Batches = Callable[[int, torch.Generator], tuple[torch.Tensor, dict]]
-"""``batches(batch_size, generator) -> (x0, cond)``: draws one batch (and its conditioning dropout) on the CPU."""
+@dataclass
+class Batch:
+    """Clean samples, the model's keyword conditioning (batch-first tensors), optional per-sample loss weights."""
+
+    x0: torch.Tensor
+    cond: dict
+    weight: torch.Tensor | None = None
+
+
+Batches = Callable[[int, torch.Generator], Batch]
+"""``batches(batch_size, generator) -> Batch``: draws one batch (and its conditioning dropout) on the CPU."""
+
+
+def with_prior(instance: Batches, prior: Batches, prior_weight: float = 1.0) -> Batches:
+    """Dreambooth's prior preservation (Ruiz et al. 2023): each batch pairs instance samples with as many
+    class samples, interleaved so every process's share holds both; class samples weigh ``prior_weight``."""
+
+    def draw(batch_size: int, generator: torch.Generator) -> Batch:
+        a, b = instance(batch_size, generator), prior(batch_size, generator)
+        mix = lambda u, v: torch.stack([u, v], dim=1).flatten(0, 1)  # noqa: E731
+        weight_a = a.weight if a.weight is not None else torch.ones(batch_size)
+        weight_b = (b.weight if b.weight is not None else torch.ones(batch_size)) * prior_weight
+        if set(a.cond) != set(b.cond):
+            raise ValueError("instance and class batches need the same conditioning keys")
+        return Batch(mix(a.x0, b.x0), {k: mix(a.cond[k], b.cond[k]) for k in a.cond}, mix(weight_a, weight_b))
+
+    return draw
 
 
 def labelled_batches(images: torch.Tensor, labels: torch.Tensor, null_label: int, dropout: float = 0.1) -> Batches:
     """Batches of ``images`` with ``class_labels``, each replaced by ``null_label`` with probability ``dropout``
     (classifier-free guidance training)."""
 
-    def draw(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def draw(batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         drop = torch.rand(batch_size, generator=generator) < dropout
-        return images[index], {"class_labels": torch.where(drop, null_label, labels[index])}
+        return Batch(images[index], {"class_labels": torch.where(drop, null_label, labels[index])})
 
     return draw
 
@@ -259,7 +292,6 @@ def train(
         start = ckpt.step
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
-    shard = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
     ema = {name: value.to(accelerator.device) for name, value in ema.items()}
     meta = {"recipe": asdict(recipe), "config": asdict(config)}
 
@@ -309,10 +341,21 @@ def train(
             # in every process alike; each process trains on its shard and DDP averages the gradients.
             loss = 0.0
             for micro_step in range(config.grad_accum):
-                x0, cond = batches(config.batch_size * world, generator)
+                batch = batches(config.batch_size * world, generator)
                 sync = micro_step == config.grad_accum - 1
                 with accelerator.autocast(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    micro = batch_loss(model, x0, cond, recipe, schedule, generator, shard, accelerator.device)
+                    micro = batch_loss(
+                        model,
+                        batch.x0,
+                        batch.cond,
+                        recipe,
+                        schedule,
+                        generator,
+                        weight=batch.weight,
+                        rank=rank,
+                        world=world,
+                        device=accelerator.device,
+                    )
                     accelerator.backward(micro / config.grad_accum)
                 loss += accelerator.reduce(micro.detach(), "mean") / config.grad_accum
             if config.grad_clip > 0:
