@@ -320,3 +320,34 @@ def test_class_prompt_needs_class_images(workspace):
         _options(workspace, "x", class_prompt="a dog")
     with pytest.raises(ValueError, match="prior preservation needs --class-prompt"):
         _options(workspace, "x", num_class_images=4)
+
+
+def test_oft_adapter_in_sample_matches_the_merged_pipeline_and_scales(workspace):
+    oft_dir, merged_dir = workspace / "oft" / "oft", workspace / "oft" / "pipeline"
+    if not oft_dir.exists():
+        finetune(_options(workspace, "oft", adapter="oft", oft_block_size=4), progress=False, log=lambda _: None)
+    settings = SampleSettings(steps=4, guidance=3.0)
+    merged = generate(sd.load_stable_diffusion(merged_dir), PROMPTS, settings)
+    adapted = sd.load_stable_diffusion(workspace / "sd")
+    apply_adapter(adapted, oft_dir)
+    torch.testing.assert_close(generate(adapted, PROMPTS, settings), merged, atol=2e-4, rtol=0)
+    off = sd.load_stable_diffusion(workspace / "sd")
+    apply_adapter(off, oft_dir, strength=0.0)
+    base = generate(sd.load_stable_diffusion(workspace / "sd"), PROMPTS, settings)
+    torch.testing.assert_close(generate(off, PROMPTS, settings), base, atol=1e-6, rtol=0)
+
+
+def test_lora_strength_zero_is_the_base_model(workspace):
+    lora_dir = workspace / "lora" / "lora"
+    if not lora_dir.exists():
+        finetune(
+            _options(workspace, "lora", adapter="lora", zero_terminal_snr=True), progress=False, log=lambda _: None
+        )
+    settings = SampleSettings(steps=3, guidance=3.0)
+    off = sd.load_stable_diffusion(workspace / "sd")
+    apply_adapter(off, lora_dir, strength=0.0)
+    base = sd.load_stable_diffusion(workspace / "sd")
+    base.scheduler_config, base.prediction, base.schedule = off.scheduler_config, off.prediction, off.schedule
+    torch.testing.assert_close(generate(off, PROMPTS, settings), generate(base, PROMPTS, settings), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="neither a LoRA"):
+        apply_adapter(base, workspace / "data")

@@ -106,3 +106,14 @@ def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
         for key, value in merged_model.state_dict().items()
         if not any(tag in key for tag in ("lora_", "oft_"))
     }
+
+
+def load_oft(
+    unet: torch.nn.Module, weights: dict[str, torch.Tensor], block_size: int, coft: bool = False, strength: float = 1.0
+) -> None:
+    """Add an OFT adapter saved by :func:`adapter_state_dict` to ``unet``. ``strength`` scales the skew-symmetric
+    generator Q: 0 is the identity (no change), 1 the trained rotation, in between a rotation along the way."""
+    from peft import set_peft_model_state_dict
+
+    add_oft(unet, block_size=block_size, coft=coft)
+    set_peft_model_state_dict(unet, {k: v * strength for k, v in weights.items()})

@@ -276,7 +276,8 @@ def sample_command(
     prompt: list[str] | None = typer.Option(None, help="Prompt (repeatable)."),
     prompts_file: Path | None = typer.Option(None, help="A text file with one prompt per line."),
     out: Path = typer.Option(..., help="Output folder for the PNGs and grid.png."),
-    adapter: Path | None = typer.Option(None, help="A LoRA folder written by fullrange train."),
+    adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train."),
+    adapter_strength: float = typer.Option(1.0, help="Strength of the adapter (LoRA scale; OFT rotation fraction)."),
     negative_prompt: str = typer.Option("", help="Negative prompt (the unconditional branch of guidance)."),
     sampler: str = typer.Option("ddim", help="Any of fullrange's samplers."),
     steps: int = typer.Option(25, help="Sample steps."),
@@ -312,7 +313,7 @@ def sample_command(
         ).validate()
         sd_model = load_stable_diffusion(model, allow_pickle=allow_pickle).to(_device())
         if adapter is not None:
-            apply_adapter(sd_model, adapter)
+            apply_adapter(sd_model, adapter, adapter_strength)
         all_prompts = [p for p in prompts for _ in range(num_images)]
         from tqdm.auto import tqdm
 
@@ -332,7 +333,7 @@ app.add_typer(eval_app, name="eval")
 def eval_brightness_command(
     model: Path = typer.Option(..., help="Local diffusers folder."),
     out: Path = typer.Option(..., help="Output folder: brightness.json, brightness.png, images per prompt."),
-    adapter: Path | None = typer.Option(None, help="A LoRA folder written by fullrange train, applied to --model."),
+    adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train, on --model."),
     against: Path | None = typer.Option(None, help="A second model to compare, side by side."),
     sampler: str = typer.Option("ddim", help="Any of fullrange's samplers."),
     steps: int = typer.Option(25, help="Sample steps."),

@@ -348,6 +348,7 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
             json.dumps({"block_size": options.oft_block_size, "coft": options.oft_coft}).encode(),
         )
         save_file(adapters.adapter_state_dict(trained), oft_dir / "adapter_model.safetensors")
+        scheduler_for(model, recipe).save_config(oft_dir)
         outputs["oft"] = oft_dir
     if options.adapter in ("full", "oft"):
         if options.adapter == "oft":

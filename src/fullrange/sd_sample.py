@@ -31,16 +31,29 @@ class SampleSettings:
         return self
 
 
-def apply_adapter(model: StableDiffusion, adapter_dir: Path | str) -> None:
-    """Load a LoRA folder (diffusers' ``save_lora_weights`` format) into the UNet; its scheduler config, if
-    saved beside it, replaces the checkpoint's (prediction type, zero terminal SNR)."""
+def apply_adapter(model: StableDiffusion, adapter_dir: Path | str, strength: float = 1.0) -> None:
+    """Load a LoRA folder (diffusers' ``save_lora_weights`` format) or an OFT folder written by ``fullrange train``
+    into the UNet, at ``strength``; a scheduler config saved beside it replaces the checkpoint's (prediction
+    type, zero terminal SNR)."""
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from . import adapters
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "pytorch_lora_weights.safetensors").is_file():
-        raise ValueError(f"--adapter {adapter_dir}: no pytorch_lora_weights.safetensors there")
-    state = StableDiffusionPipeline.lora_state_dict(adapter_dir)[0]
-    model.unet.load_lora_adapter(state, prefix="unet", adapter_name="fullrange")
+    if (adapter_dir / "pytorch_lora_weights.safetensors").is_file():
+        state = StableDiffusionPipeline.lora_state_dict(adapter_dir)[0]
+        model.unet.load_lora_adapter(state, prefix="unet", adapter_name="fullrange")
+        model.unet.set_adapters(["fullrange"], weights=[strength])
+    elif (adapter_dir / "adapter.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file():
+        spec = json.loads((adapter_dir / "adapter.json").read_text())
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+        adapters.load_oft(model.unet, weights, spec["block_size"], spec["coft"], strength)
+    else:
+        raise ValueError(
+            f"--adapter {adapter_dir}: neither a LoRA (pytorch_lora_weights.safetensors) nor an OFT "
+            "folder (adapter.json, adapter_model.safetensors)"
+        )
     config_path = adapter_dir / "scheduler_config.json"
     if config_path.is_file():
         model.scheduler_config = json.loads(config_path.read_text())
