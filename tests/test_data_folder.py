@@ -89,3 +89,20 @@ def test_cache_key_follows_content_and_model(messy):
     assert a != data.cache_key(messy / "good.png", "model-b", 16)
     assert a != data.cache_key(messy / "good.png", "model-a", 32)
     assert a != data.cache_key(messy / "gray.png", "model-a", 16)
+
+
+@pytest.mark.parametrize("resolution,step", [(512, 64), (1024, 64), (16, 4)])
+def test_buckets(resolution, step):
+    sizes = data.buckets(resolution, step=step)
+    assert (resolution, resolution) in sizes
+    for w, h in sizes:
+        assert w % step == 0 and h % step == 0 and w * h <= resolution**2
+        assert max(w / h, h / w) <= 2.0
+        assert (h, w) in sizes
+    assert data.nearest_bucket(1920, 1080, data.buckets(512)) == (640, 384)
+    assert data.nearest_bucket(700, 700, data.buckets(512)) == (512, 512)
+
+
+def test_load_image_at_a_bucket_size(messy):
+    x = data.load_image(messy / "good.png", (24, 16))  # 60x40 covers 24x16 at scale 0.4
+    assert x.shape == (3, 16, 24)

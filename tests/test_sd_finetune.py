@@ -351,3 +351,25 @@ def test_lora_strength_zero_is_the_base_model(workspace):
     torch.testing.assert_close(generate(off, PROMPTS, settings), generate(base, PROMPTS, settings), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="neither a LoRA"):
         apply_adapter(base, workspace / "data")
+
+
+def test_buckets_keep_aspect_ratios(workspace, tmp_path):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(40, 20), (42, 22), (20, 40), (30, 30)]):
+        Image.fromarray(np.full((h, w, 3), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"image {i}")
+    options = FinetuneOptions(
+        model=str(workspace / "sd"),
+        data=str(folder),
+        out=str(tmp_path / "out"),
+        resolution=16,
+        max_steps=4,
+        batch_size=2,
+        buckets=True,
+        checkpoint_every=10,
+    ).validate()
+    finetune(options, progress=False, log=lambda _: None)
+    shapes = sorted({tuple(load_file(p)["mean"].shape) for p in (tmp_path / "out" / "cache").glob("latent_*")})
+    # (20, 12), (16, 16) and (12, 20) pixel buckets, as latents at half size.
+    assert shapes == [(4, 6, 10), (4, 8, 8), (4, 10, 6)]

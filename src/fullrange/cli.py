@@ -244,6 +244,7 @@ def train_command(
     ema_decay: float | None = typer.Option(None, help="EMA decay of the trained weights (0: off)."),
     snr_weight_floor: float | None = typer.Option(None, help="Floor on the min-SNR weight (keeps SNR = 0 steps)."),
     oft_coft: bool | None = typer.Option(None, "--oft-coft", help="Constrained OFT: ||R - I|| <= eps."),
+    buckets: bool | None = typer.Option(None, "--buckets", help="Aspect-ratio buckets instead of square crops."),
     checkpoint_every: int | None = typer.Option(None, help="Steps between checkpoints [default: 250]."),
     mixed_precision: str | None = typer.Option(None, help="no, fp16 or bf16 (accelerate)."),
     seed: int | None = typer.Option(None, help="Seed of every random draw."),

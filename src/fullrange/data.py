@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,19 +97,42 @@ def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[
     return items, problems
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution`` (Lanczos), centre-crop, and scale to [-1, 1]; shape (3, R, R)."""
+def load_image(path: Path, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize to cover ``size`` (a side, or ``(width, height)``; Lanczos), centre-crop, scale to [-1, 1];
+    shape (3, height, width)."""
+    width, height = (size, size) if isinstance(size, int) else size
     img = open_rgb(path)
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-    img = img.resize(size, Image.LANCZOS)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    scale = max(width / img.width, height / img.height)
+    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.LANCZOS)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    img = img.crop((left, top, left + width, top + height))
     array = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
     return array.permute(2, 0, 1) / 127.5 - 1
 
 
-def cache_key(path: Path, model_id: str, resolution: int) -> str:
+def buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (NovelAI / kohya): ``(width, height)``, multiples of ``step``, with at most
+    ``resolution²`` pixels and aspect ratios up to ``max_ratio``, the square one included."""
+    if resolution % step:
+        raise ValueError(f"--resolution {resolution} must be a multiple of the bucket step {step}")
+    sizes = {(resolution, resolution)}
+    width = resolution + step
+    while True:
+        height = resolution * resolution // width // step * step
+        if height <= 0 or width / height > max_ratio:
+            break
+        sizes |= {(width, height), (height, width)}
+        width += step
+    return sorted(sizes, key=lambda wh: wh[0] / wh[1])
+
+
+def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's, in log ratio."""
+    ratio = math.log(width / height)
+    return min(sizes, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
+
+
+def cache_key(path: Path, model_id: str, resolution: int | tuple[int, int]) -> str:
     """Content hash of the file plus what the latent depends on: the same bytes give the same key anywhere."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashlib.sha256(f"{digest}:{model_id}:{resolution}".encode()).hexdigest()[:32]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import adapters, data
 from .checkpoint import atomic_write
 from .sd import StableDiffusion, load_stable_diffusion
-from .train import Batch, Batches, Recipe, TrainConfig, train, with_prior
+from .train import Batch, Batches, Recipe, TrainConfig, one_of, train, with_prior
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class FinetuneOptions:
     lora_rank: int = 4
     oft_block_size: int = 4
     oft_coft: bool = False
+    buckets: bool = False
     ema_decay: float = 0.0
     checkpoint_every: int = 250
     validation_prompts: tuple[str, ...] = ()
@@ -72,6 +73,10 @@ class FinetuneOptions:
             raise ValueError("--offset-noise and --pyramid-noise are alternatives; give one")
         if (self.class_data or self.num_class_images) and not self.class_prompt:
             raise ValueError("prior preservation needs --class-prompt (with --class-data or --num-class-images)")
+        if self.buckets and self.class_prompt:
+            raise ValueError(
+                "--buckets with prior preservation is not supported: class and instance batches must share a size"
+            )
         if self.class_prompt and not self.class_data and self.num_class_images <= 0:
             raise ValueError("--class-prompt needs --class-data DIR or --num-class-images N to generate")
         if not 0 <= self.caption_dropout < 1:
@@ -137,17 +142,18 @@ def _model_id(model: StableDiffusion) -> str:
 
 @torch.no_grad()
 def encode_latents(
-    model: StableDiffusion, items: list[data.Item], resolution: int, cache: Path, progress: bool = True
+    model: StableDiffusion, items: list[data.Item], size: int | tuple[int, int], cache: Path, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of the VAE latents of every image, from ``cache`` where already encoded."""
+    """Posterior mean and std of the VAE latents of every image at ``size`` (side or (width, height)), from
+    ``cache`` where already encoded."""
     model_id = _model_id(model)
     means, stds = [], []
     for item in tqdm(items, desc="encode images", disable=not progress):
-        path = cache / f"latent_{data.cache_key(item.path, model_id, resolution)}.safetensors"
+        path = cache / f"latent_{data.cache_key(item.path, model_id, size)}.safetensors"
         if path.exists():
             stored = load_file(path)
         else:
-            pixels = data.load_image(item.path, resolution).unsqueeze(0).to(model.vae.device, model.vae.dtype)
+            pixels = data.load_image(item.path, size).unsqueeze(0).to(model.vae.device, model.vae.dtype)
             dist = model.vae.encode(pixels).latent_dist
             stored = {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
             cache.mkdir(parents=True, exist_ok=True)
@@ -187,6 +193,30 @@ def latent_batches(
         return Batch(z * scale, {"encoder_hidden_states": torch.where(drop, empty, embeddings[index])})
 
     return draw
+
+
+def _bucket_step(model: StableDiffusion) -> int:
+    """Bucket sides are multiples of this: the VAE's factor times the UNet's total downsampling (64 for SD)."""
+    return model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+
+
+def image_batches(
+    model: StableDiffusion, items: list[data.Item], options: FinetuneOptions, cache: Path, progress: bool
+) -> Batches:
+    """Batches of an image folder: square at ``--resolution``, or with ``--buckets`` one aspect-ratio bucket per
+    batch, buckets drawn in proportion to their images."""
+    if not options.buckets:
+        sizes = [options.resolution] * len(items)
+    else:
+        choices = data.buckets(options.resolution, step=_bucket_step(model))
+        sizes = [data.nearest_bucket(*data.open_rgb(item.path).size, choices) for item in items]
+    sources = []
+    for size in dict.fromkeys(sizes):
+        group = [item for item, s in zip(items, sizes, strict=True) if s == size]
+        means, stds = encode_latents(model, group, size, cache, progress)
+        batches = latent_batches(model, means, stds, [i.caption for i in group], options.caption_dropout, cache)
+        sources.append((batches, len(group)))
+    return sources[0][0] if len(sources) == 1 else one_of(sources)
 
 
 def scheduler_for(model: StableDiffusion, recipe: Recipe):
@@ -280,7 +310,12 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     model.vae.to(device)
     model.text_encoder.to(device)
     recipe = recipe_for(options, model)
-    items, problems = data.scan(options.data, min_size=options.resolution)
+    min_size = (
+        min(min(wh) for wh in data.buckets(options.resolution, step=_bucket_step(model)))
+        if options.buckets
+        else options.resolution
+    )
+    items, problems = data.scan(options.data, min_size=min_size)
     for problem in problems:
         log(f"skipped {problem.path}: {problem.reason}")
     log(
@@ -288,18 +323,14 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
         f"noise {recipe.noise}"
     )
     (out / "config.json").write_text(json.dumps({"options": asdict(options), "recipe": asdict(recipe)}, indent=2))
-    means, stds = encode_latents(model, items, options.resolution, out / "cache", progress)
-    captions = [i.caption for i in items]
-    batches = latent_batches(model, means, stds, captions, options.caption_dropout, out / "cache")
+    batches = image_batches(model, items, options, out / "cache", progress)
     if options.class_prompt:
         class_dir = Path(options.class_data) if options.class_data else out / "class_images"
         make_class_images(model, options, class_dir, progress)
         class_items, _ = data.scan(class_dir, min_size=options.resolution, default_caption=options.class_prompt)
-        class_means, class_stds = encode_latents(model, class_items, options.resolution, out / "cache", progress)
-        prior = latent_batches(
-            model, class_means, class_stds, [i.caption for i in class_items], options.caption_dropout, out / "cache"
+        batches = with_prior(
+            batches, image_batches(model, class_items, options, out / "cache", progress), options.prior_loss_weight
         )
-        batches = with_prior(batches, prior, options.prior_loss_weight)
         log(
             f"prior preservation: {len(class_items)} class images of '{options.class_prompt}', "
             f"weight {options.prior_loss_weight}"

@@ -200,6 +200,17 @@ Batches = Callable[[int, torch.Generator], Batch]
 """``batches(batch_size, generator) -> Batch``: draws one batch (and its conditioning dropout) on the CPU."""
 
 
+def one_of(sources: list[tuple[Batches, float]]) -> Batches:
+    """Each batch comes whole from one source, chosen with probability proportional to its weight (buckets)."""
+    weights = torch.tensor([float(w) for _, w in sources])
+
+    def draw(batch_size: int, generator: torch.Generator) -> Batch:
+        choice = int(torch.multinomial(weights, 1, generator=generator))
+        return sources[choice][0](batch_size, generator)
+
+    return draw
+
+
 def with_prior(instance: Batches, prior: Batches, prior_weight: float = 1.0) -> Batches:
     """Dreambooth's prior preservation (Ruiz et al. 2023): each batch pairs instance samples with as many
     class samples, interleaved so every process's share holds both; class samples weigh ``prior_weight``."""
