@@ -23,8 +23,6 @@ from tqdm.auto import tqdm
 from . import losses, noise, prediction, schedules
 from .checkpoint import load_checkpoint, save_checkpoint
 
-NOISES = ("gaussian", "offset", "pyramid")
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -47,8 +45,10 @@ class Recipe:
         return schedules.by_name(self.schedule, zero_terminal_snr=self.zero_terminal_snr)
 
     def validate(self) -> Recipe:
-        if self.noise not in NOISES:
-            raise ValueError(f"recipe {self.name!r}: unknown noise {self.noise!r}; choose one of {', '.join(NOISES)}")
+        if self.noise not in noise.NOISES:
+            raise ValueError(
+                f"recipe {self.name!r}: unknown noise {self.noise!r}; choose one of {', '.join(noise.NOISES)}"
+            )
         if self.weighting not in losses.WEIGHTINGS:
             raise ValueError(f"recipe {self.name!r}: unknown weighting {self.weighting!r}")
         losses.validate_recipe(self.build_schedule(), self.prediction)
