@@ -84,10 +84,14 @@ class Context:
 
     out: Path
     preset: Preset
-    recipes: dict[str, Recipe] = field(default_factory=lambda: dict(RECIPES))
+    recipes: dict[str, Recipe] | None = None
     progress: bool = True
     _data: tuple[torch.Tensor, torch.Tensor] | None = None
     _models: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.recipes is None:
+            self.recipes = default_recipes(self.preset.size)
 
     @property
     def data(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +131,13 @@ class Context:
             )
             self._models[recipe_name] = result.ema_model()
         return self._models[recipe_name]
+
+
+def default_recipes(size: int) -> dict[str, Recipe]:
+    """The four recipes, plus offset noise scaled to this image size: seed 000's 0.1 on 64×64 latents is 6.4× the
+    std of a channel's noise mean (1/64); ``0.1 · 64 / size`` keeps that ratio at ``size``."""
+    scaled = Recipe("offset_scaled", noise="offset", offset_strength=round(0.1 * 64 / size, 4))
+    return dict(RECIPES) | {"offset_scaled": scaled}
 
 
 def plan(recipe: Recipe, steps: int, spacing: str | None = None) -> torch.Tensor:
