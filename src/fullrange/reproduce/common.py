@@ -27,10 +27,10 @@ class Preset:
     train_steps: int = 400
     batch_size: int = 32
     lr: float = 2e-3
-    finetune_steps: int = 150
+    finetune_steps: int = 120
     finetune_lr: float = 5e-4
     finetune_evals: int = 4
-    num_samples: int = 200
+    num_samples: int = 150
     sample_steps: int = 25
     sampler: str = "ddim"
     sweep_sides: tuple[int, ...] = (8, 16, 32, 64)
