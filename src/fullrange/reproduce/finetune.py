@@ -28,7 +28,7 @@ def finetune(ctx: Context) -> dict:
         label = toy.LABELS.index(target)
         labels = torch.full((n,), label)
         image = torch.full((1, p.channels, p.size, p.size), value)
-        before = float(metrics.brightness(generate(ctx, base, base_recipe, labels)).mean())
+        before = float(metrics.brightness(generate(ctx, base, base_recipe, labels).clamp(-1, 1)).mean())
         curves[target] = {}
         for name, recipe in ctx.recipes.items():
             log_path = out / f"{name}_{target.replace(' ', '_')}.json"
@@ -36,7 +36,7 @@ def finetune(ctx: Context) -> dict:
             curve["0"] = before
 
             def evaluate(step, model, recipe=recipe, curve=curve, log_path=log_path, labels=labels):
-                curve[str(step)] = float(metrics.brightness(generate(ctx, model, recipe, labels)).mean())
+                curve[str(step)] = float(metrics.brightness(generate(ctx, model, recipe, labels).clamp(-1, 1)).mean())
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 log_path.write_text(json.dumps(curve))
 
