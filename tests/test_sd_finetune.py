@@ -373,3 +373,14 @@ def test_buckets_keep_aspect_ratios(workspace, tmp_path):
     shapes = sorted({tuple(load_file(p)["mean"].shape) for p in (tmp_path / "out" / "cache").glob("latent_*")})
     # (20, 12), (16, 16) and (12, 20) pixel buckets, as latents at half size.
     assert shapes == [(4, 6, 10), (4, 8, 8), (4, 10, 6)]
+
+
+def test_config_file_values_are_type_checked(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "m"\ndata = "d"\nout = "o"\nresolution = "big"\n')
+    with pytest.raises(ValueError, match="option resolution must be int, got 'big'"):
+        read_options(bad, {})
+    ok = tmp_path / "ok.toml"
+    ok.write_text('model = "m"\ndata = "d"\nout = "o"\nlr = 1\noffset-noise = 0.1\n')
+    options = read_options(ok, {})
+    assert options.lr == 1.0 and isinstance(options.lr, float) and options.offset_noise == 0.1

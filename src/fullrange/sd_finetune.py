@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -100,6 +100,16 @@ def read_options(config_file: Path | None, overrides: dict) -> FinetuneOptions:
             values[name] = value
     values |= {k: v for k, v in overrides.items() if v is not None}
     values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
+    for f in fields(FinetuneOptions):
+        value, default = values.get(f.name), f.default
+        expected = float if isinstance(default, float) else type(default)
+        if value is None or default is None or default is MISSING or isinstance(default, tuple):
+            continue
+        accepted = (int, float) if expected is float else (expected,)
+        if not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool)):
+            raise ValueError(f"option {f.name.replace('_', '-')} must be {expected.__name__}, got {value!r}")
+        if expected is float:
+            values[f.name] = float(value)
     missing = [name for name in ("model", "data", "out") if name not in values]
     if missing:
         raise ValueError(f"missing --{', --'.join(missing)} (on the command line or in --config)")
