@@ -96,3 +96,11 @@ def test_bad_ladder_arguments():
         timesteps.ladder(schedules.scaled_linear(), 10, "polyexponential")
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         timesteps.karras_sigmas(1.0, 0.5, 10)
+
+
+def test_plan_dispatches_and_offsets_leading_only():
+    sd = schedules.scaled_linear()
+    assert timesteps.plan(sd, 10, "leading", steps_offset=1).tolist() == TABLE_2["leading"]
+    assert timesteps.plan(sd, 10, "trailing", steps_offset=1).tolist() == TABLE_2["trailing"]
+    assert timesteps.plan(sd, 10, "linspace", steps_offset=1).tolist() == TABLE_2["linspace"]
+    torch.testing.assert_close(timesteps.plan(sd, 12, "karras"), timesteps.ladder(sd, 12, "karras"))

@@ -50,12 +50,6 @@ def parse_resolution(text: str) -> tuple[int, ...]:
     return sides
 
 
-def _plan(schedule: schedules.Schedule, steps: int, spacing: str, steps_offset: int):
-    if spacing in timesteps.LADDERS:
-        return timesteps.ladder(schedule, steps, spacing)
-    return timesteps.spaced(schedule.num_train_timesteps, steps, spacing, steps_offset).double()
-
-
 @app.command("schedule")
 def schedule_command(
     name: str = typer.Option("scaled_linear", "--schedule", help="linear, scaled_linear or cosine."),
@@ -78,7 +72,7 @@ def schedule_command(
         fail(f"--plot {plot} must name a .png file")
     try:
         schedule = schedules.by_name(name, num_train_timesteps, zero_terminal_snr=zero_terminal_snr)
-        t = _plan(schedule, steps, spacing, steps_offset)
+        t = timesteps.plan(schedule, steps, spacing, steps_offset).double()
     except ValueError as err:
         fail(str(err))
     ac = schedule.alphas_cumprod_at(t)

@@ -24,6 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 class Item:
     path: Path
     caption: str
+    size: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[
         elif not caption:
             problems.append(Problem(path, "no caption (NAME.txt or a metadata.jsonl row)"))
         else:
-            items.append(Item(path, caption))
+            items.append(Item(path, caption, (width, height)))
     if not items:
         listed = "; ".join(f"{p.path.name}: {p.reason}" for p in problems[:5]) or "no image files"
         raise DataError(f"--data {folder}: no usable image ({listed})")

@@ -219,7 +219,7 @@ def image_batches(
         sizes = [options.resolution] * len(items)
     else:
         choices = data.buckets(options.resolution, step=_bucket_step(model))
-        sizes = [data.nearest_bucket(*data.open_rgb(item.path).size, choices) for item in items]
+        sizes = [data.nearest_bucket(*item.size, choices) for item in items]
     sources = []
     for size in dict.fromkeys(sizes):
         group = [item for item, s in zip(items, sizes, strict=True) if s == size]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .images import tile
 from .samplers import sample
 from .sd import StableDiffusion, schedule_from_config
 
@@ -78,19 +79,15 @@ def generate(model: StableDiffusion, prompts: list[str], settings: SampleSetting
     device = model.unet.device
     cond = {"encoder_hidden_states": model.encode_prompts(prompts).to(device)}
     uncond = {"encoder_hidden_states": model.encode_prompts([settings.negative_prompt] * len(prompts)).to(device)}
-    steps = settings.steps
-    if spacing == "leading" and config.get("steps_offset", 0):
-        from .timesteps import spaced
-
-        steps = spaced(model.schedule.num_train_timesteps, settings.steps, "leading", config["steps_offset"])
     latents = sample(
         model.unet,
         noise.to(device),
         schedule=model.schedule,
         prediction=model.prediction,
         sampler=settings.sampler,
-        steps=steps,
+        steps=settings.steps,
         spacing=spacing,
+        steps_offset=config.get("steps_offset", 0),
         cond=cond,
         uncond=uncond,
         guidance_scale=settings.guidance,
@@ -117,11 +114,5 @@ def save_images(images: torch.Tensor, prompts: list[str], settings: SampleSettin
         path = out / f"{i:04d}.png"
         Image.fromarray(array).save(path, pnginfo=info)
         paths.append(path)
-    columns = min(len(arrays), 4)
-    rows = -(-len(arrays) // columns)
-    h, w = arrays.shape[1:3]
-    grid = Image.new("RGB", (columns * w, rows * h))
-    for i, array in enumerate(arrays):
-        grid.paste(Image.fromarray(array), ((i % columns) * w, (i // columns) * h))
-    grid.save(out / "grid.png")
+    Image.fromarray(tile(torch.from_numpy(arrays).permute(0, 3, 1, 2), columns=4).numpy()).save(out / "grid.png")
     return paths

@@ -105,6 +105,15 @@ def ladder(
     return t
 
 
+def plan(schedule: Schedule, num_steps: int, spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:
+    """The steps a sampler visits: ``spaced`` for leading / linspace / trailing (``steps_offset`` applies to
+    leading only, as in diffusers), ``ladder`` for karras / exponential."""
+    if spacing in LADDERS:
+        return ladder(schedule, num_steps, spacing)
+    offset = steps_offset if spacing == "leading" else 0
+    return spaced(schedule.num_train_timesteps, num_steps, spacing, offset)
+
+
 def _check_range(sigma_min: float, sigma_max: float, num_steps: int) -> None:
     if num_steps < 1:
         raise ValueError(f"steps must be positive, got {num_steps}")

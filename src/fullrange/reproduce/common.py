@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import metrics, timesteps, toy
+from ..images import tile
 from ..models import tiny_unet
 from ..samplers import sample
 from ..train import RECIPES, Recipe, TrainConfig, labelled_batches, train
@@ -142,8 +143,7 @@ def default_recipes(size: int) -> dict[str, Recipe]:
 
 def plan(recipe: Recipe, steps: int, spacing: str | None = None) -> torch.Tensor:
     """Sample steps for a recipe: its own spacing unless given; leading gets SD's ``steps_offset = 1``."""
-    spacing = spacing or recipe.spacing
-    return timesteps.spaced(1000, steps, spacing, steps_offset=int(spacing == "leading"))
+    return timesteps.plan(recipe.build_schedule(), steps, spacing or recipe.spacing, steps_offset=1)
 
 
 def generate(
@@ -253,14 +253,8 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 
     """Images in [-1, 1] (first 3 channels shown) as one PNG grid, ``scale``× nearest-neighbour."""
     from PIL import Image
 
-    n = images.shape[0]
-    rows = math.ceil(n / columns)
     x = ((images[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    pad = torch.zeros(rows * columns - n, *x.shape[1:], dtype=torch.uint8)
-    h, w = x.shape[-2:]
-    grid = torch.cat([x, pad]).view(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3)
+    grid = tile(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, columns)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.numpy()).resize((columns * w * scale, rows * h * scale), Image.NEAREST).save(path)
+    Image.fromarray(grid.numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
     return path.name

@@ -104,7 +104,7 @@ def exact_sweep(ctx: Context) -> dict:
         for sched_name, sched, spacing in cases:
             for sampler in samplers:
                 for steps in p.sweep_steps:
-                    plan = timesteps.spaced(1000, steps, spacing, steps_offset=int(spacing == "leading"))
+                    plan = timesteps.plan(sched, steps, spacing, steps_offset=1)
                     out = SAMPLERS[sampler](data.denoise, noise, sched, plan)
                     results.append(
                         {

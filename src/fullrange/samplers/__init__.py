@@ -16,7 +16,7 @@ from ..denoiser import from_model
 from ..guidance import cfg
 from ..losses import validate_recipe
 from ..schedules import Schedule
-from ..timesteps import LADDERS, ladder, spaced
+from ..timesteps import plan
 from ._common import Callback, StepInfo
 from .ddim import ddim, ddpm
 from .dpmpp import dpmpp_2m, dpmpp_2m_sde
@@ -65,12 +65,14 @@ def sample(
     guidance_rescale: float = 0.0,
     rescale_space: str = "v",
     callback: Callback | None = None,
+    steps_offset: int = 0,
     **options,
 ) -> torch.Tensor:
     """Sample x0 from ``noise`` (the x_t at the first step) with a network called like a diffusers UNet.
 
     ``steps``: a count, spaced by ``spacing`` ("leading" / "linspace" / "trailing", or a σ ladder
-    "karras" / "exponential"), or an explicit descending tensor of timesteps.
+    "karras" / "exponential"; ``steps_offset`` is added to leading steps, SD uses 1), or an explicit
+    descending tensor of timesteps.
     ``cond`` / ``uncond``: keyword tensors for the model (e.g. ``encoder_hidden_states``); with
     ``guidance_scale != 1`` the model also runs on ``uncond`` (classifier-free guidance) and
     ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``.
@@ -83,10 +85,7 @@ def sample(
         raise ValueError(f"sampler {sampler!r} has no option {', '.join(sorted(unknown))}; it takes {knobs(sampler)}")
     validate_recipe(schedule, prediction, spacing if isinstance(steps, int) else None)
     if isinstance(steps, int):
-        if spacing in LADDERS:
-            steps = ladder(schedule, steps, spacing)
-        else:
-            steps = spaced(schedule.num_train_timesteps, steps, spacing)
+        steps = plan(schedule, steps, spacing, steps_offset)
     denoiser = from_model(model, prediction)
     if guidance_scale != 1.0:
         denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space)
