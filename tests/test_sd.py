@@ -1,6 +1,4 @@
-import json
 import shutil
-import struct
 
 import pytest
 import torch
@@ -53,7 +51,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_sd, tmp_path):
 @pytest.mark.parametrize(
     "setup,match",
     [
-        (lambda p: p.write_text("x"), "not a directory"),
+        (lambda p: p.write_text("x"), "not a checkpoint"),
         (lambda p: p.mkdir(), "no model_index.json"),
     ],
 )
@@ -62,43 +60,3 @@ def test_bad_model_paths(tmp_path, setup, match):
     setup(target)
     with pytest.raises(ValueError, match=match):
         sd.load_stable_diffusion(target)
-
-
-def _write_safetensors(path, header_extra, metadata):
-    header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, **header_extra}
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * 4)
-
-
-@pytest.mark.parametrize(
-    "extra,metadata,expected",
-    [
-        ({}, {}, {"v_prediction": False, "zero_terminal_snr": False}),
-        (
-            {
-                "v_pred": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
-                "ztsnr": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
-            },
-            {},
-            {"v_prediction": True, "zero_terminal_snr": True},
-        ),
-        (
-            {},
-            {"ss_v_parameterization": "True", "ss_zero_terminal_snr": "False"},
-            {"v_prediction": True, "zero_terminal_snr": False},
-        ),
-    ],
-)
-def test_single_file_markers(tmp_path, extra, metadata, expected):
-    path = tmp_path / "model.safetensors"
-    _write_safetensors(path, extra, metadata)
-    assert sd.single_file_markers(path) == expected
-
-
-def test_single_file_markers_on_garbage(tmp_path):
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(b"\xff" * 64)
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        sd.single_file_markers(path)

@@ -97,6 +97,8 @@ def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights of ``unet`` with its adapters merged in, under the plain (adapter-free) names."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if not any(isinstance(module, BaseTunerLayer) for module in unet.modules()):
+        return unet.state_dict()
     merged_model = copy.deepcopy(unet)
     for module in merged_model.modules():
         if isinstance(module, BaseTunerLayer):

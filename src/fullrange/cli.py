@@ -204,9 +204,15 @@ def reproduce_command(
         fail(str(err))
 
 
+MODEL_CONFIG_HELP = "Diffusers folder with the configs of a single-file --model [default: bundled SD 1.x / 2.x]."
+SHA256_HELP = "Expected SHA-256 of a single-file --model, checked before loading."
+
+
 @app.command("train")
 def train_command(
-    model: str | None = typer.Option(None, help="Local diffusers folder of a Stable Diffusion 1.x / 2.x checkpoint."),
+    model: str | None = typer.Option(
+        None, help="Stable Diffusion 1.x / 2.x: a local diffusers folder or a single .safetensors file."
+    ),
     data: str | None = typer.Option(None, help="Folder of images with NAME.txt captions or a metadata.jsonl."),
     out: str | None = typer.Option(None, help="Output folder: checkpoints, cache, config.json, results."),
     config: Path | None = typer.Option(None, help="TOML file with any of these options (flags override it)."),
@@ -244,6 +250,8 @@ def train_command(
     seed: int | None = typer.Option(None, help="Seed of every random draw."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's checkpoint."),
     allow_pickle: bool | None = typer.Option(None, "--allow-pickle", help="Allow pickle weights (can run code)."),
+    sha256: str | None = typer.Option(None, help=SHA256_HELP),
+    model_config: str | None = typer.Option(None, help=MODEL_CONFIG_HELP),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Fine-tune Stable Diffusion on a folder of images with offset noise, zero terminal SNR, LoRA or OFT."""
@@ -267,7 +275,7 @@ def train_command(
 
 @app.command("sample")
 def sample_command(
-    model: Path = typer.Option(..., help="Local diffusers folder (a checkpoint or a fullrange output pipeline)."),
+    model: Path = typer.Option(..., help="Diffusers folder (a checkpoint or fullrange's output) or .safetensors."),
     prompt: list[str] | None = typer.Option(None, help="Prompt (repeatable)."),
     prompts_file: Path | None = typer.Option(None, help="A text file with one prompt per line."),
     out: Path = typer.Option(..., help="Output folder for the PNGs and grid.png."),
@@ -285,6 +293,8 @@ def sample_command(
     num_images: int = typer.Option(1, help="Images per prompt."),
     resolution: int | None = typer.Option(None, help="Image side in pixels [default: the UNet's]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (can run code)."),
+    sha256: str | None = typer.Option(None, help=SHA256_HELP),
+    model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
 ) -> None:
     """Sample Stable Diffusion with fullrange's samplers; PNGs carry their settings."""
     from .samplers import SAMPLERS
@@ -306,7 +316,8 @@ def sample_command(
         settings = SampleSettings(
             sampler, steps, spacing, guidance, guidance_rescale, seed, resolution, negative_prompt
         ).validate()
-        sd_model = load_stable_diffusion(model, allow_pickle=allow_pickle).to(_device())
+        sd_model = load_stable_diffusion(model, allow_pickle=allow_pickle, sha256=sha256, config=model_config)
+        sd_model.to(_device())
         if adapter is not None:
             apply_adapter(sd_model, adapter, adapter_strength)
         all_prompts = [p for p in prompts for _ in range(num_images)]
@@ -326,7 +337,7 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("brightness")
 def eval_brightness_command(
-    model: Path = typer.Option(..., help="Local diffusers folder."),
+    model: Path = typer.Option(..., help="Local diffusers folder or single .safetensors file."),
     out: Path = typer.Option(..., help="Output folder: brightness.json, brightness.png, images per prompt."),
     adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train, on --model."),
     against: Path | None = typer.Option(None, help="A second model to compare, side by side."),
@@ -337,6 +348,8 @@ def eval_brightness_command(
     num_images: int = typer.Option(4, help="Images per prompt."),
     resolution: int | None = typer.Option(None, help="Image side in pixels [default: the UNet's]."),
     seed: int = typer.Option(0, help="Seed of the first image."),
+    sha256: str | None = typer.Option(None, help=SHA256_HELP),
+    model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP + " Also used for --against."),
 ) -> None:
     """Generate the seed documents' dark and bright prompts and report the brightness range reached."""
     from .samplers import SAMPLERS
@@ -353,10 +366,10 @@ def eval_brightness_command(
     try:
         settings = SampleSettings(sampler, steps, None, guidance, guidance_rescale, seed, resolution).validate()
         results = {}
-        for name, path, lora in (("model", model, adapter), ("against", against, None)):
+        for name, path, lora, checksum in (("model", model, adapter, sha256), ("against", against, None, None)):
             if path is None:
                 continue
-            sd_model = load_stable_diffusion(path).to(_device())
+            sd_model = load_stable_diffusion(path, sha256=checksum, config=model_config).to(_device())
             if lora is not None:
                 apply_adapter(sd_model, lora)
             label = f"{path.name}{' + ' + lora.name if lora else ''}"
@@ -373,3 +386,42 @@ def eval_brightness_command(
             f"{summary['brightest_bright_prompt']:.3f}, range {summary['range']:.3f}"
         )
     typer.echo(f"wrote {report} and {out / 'brightness.png'}", err=True)
+
+
+@app.command("export")
+def export_command(
+    model: Path = typer.Option(..., help="Diffusers folder (e.g. OUT/pipeline of fullrange train) or .safetensors."),
+    out: Path = typer.Option(..., help="The single .safetensors file to write."),
+    adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train, merged in."),
+    adapter_strength: float = typer.Option(1.0, help="Strength of the adapter."),
+    family: str | None = typer.Option(None, help="Layout: sd1 or sd2 [default: from the UNet's text width]."),
+    precision: str = typer.Option("fp16", help="fp16, bf16 or fp32 weights in the file."),
+    model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
+) -> None:
+    """Write one single-file checkpoint (LDM layout, as A1111 / ComfyUI load) with v_pred / ztsnr markers."""
+    import torch
+
+    from .sd import load_stable_diffusion
+    from .sd_sample import apply_adapter
+    from .single_file import export
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if precision not in dtypes:
+        fail(f"--precision {precision!r}: choose one of {', '.join(dtypes)}")
+    if out.suffix != ".safetensors":
+        fail(f"--out {out}: the file name must end in .safetensors")
+    if out.is_dir():
+        fail(f"--out {out}: is a directory, not a file name")
+    try:
+        sd_model = load_stable_diffusion(model, config=model_config)
+        if adapter is not None:
+            apply_adapter(sd_model, adapter, adapter_strength)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export(out, sd_model, name=family, dtype=dtypes[precision])
+    except (ValueError, OSError) as err:
+        fail(str(err))
+    typer.echo(
+        f"wrote {out}: prediction {sd_model.prediction}, zero terminal SNR "
+        f"{bool(sd_model.scheduler_config.get('rescale_betas_zero_snr'))}",
+        err=True,
+    )

@@ -1,20 +1,21 @@
-"""Stable Diffusion checkpoints: load from a local diffusers folder, read the schedule they need, build tiny ones.
+"""Stable Diffusion checkpoints: load from a local diffusers folder or single file, read the schedule they need,
+build tiny ones.
 
-Nothing is fetched from a hub: every ``from_pretrained`` call is ``local_files_only``. Only safetensors
-weights are read unless the caller opts in to pickle files (``allow_pickle``).
+Nothing is fetched from a hub: every load is ``local_files_only``. Only safetensors weights are read unless the
+caller opts in to pickle files (``allow_pickle``).
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import schedules
+from . import schedules, single_file
+from .single_file import bytes_to_unicode
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -75,16 +76,56 @@ def schedule_from_config(config: dict) -> tuple[schedules.Schedule, str]:
     return sched, prediction
 
 
-def load_stable_diffusion(path: Path | str, *, allow_pickle: bool = False, dtype=torch.float32) -> StableDiffusion:
-    """Load SD 1.x / 2.x from a local diffusers folder; pickle weights are refused unless ``allow_pickle``."""
+def load_stable_diffusion(
+    path: Path | str,
+    *,
+    allow_pickle: bool = False,
+    sha256: str | None = None,
+    config: Path | str | None = None,
+    dtype=torch.float32,
+) -> StableDiffusion:
+    """Load SD 1.x / 2.x from a local diffusers folder or a single checkpoint file.
+
+    Pickle weights are refused unless ``allow_pickle``; ``sha256`` checks a single file before anything is read
+    from it; ``config`` is a diffusers folder describing a single file's architecture (default: bundled SD 1.x /
+    2.x configs, see ``single_file.load``).
+    """
+    path = Path(path)
+    if path.is_file():
+        return _load_single_file(path, allow_pickle=allow_pickle, sha256=sha256, config=config, dtype=dtype)
+    if sha256 is not None:
+        raise ValueError(f"--sha256: {path} is a folder; a checksum applies to a single checkpoint file")
+    if not path.is_dir():
+        raise ValueError(f"--model {path}: no such file or directory")
+    return _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
+
+
+def _load_single_file(path: Path, *, allow_pickle: bool, sha256: str | None, config, dtype) -> StableDiffusion:
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ValueError(
+            f"--model {path}: a pickle checkpoint, which can run code when loaded; convert it to safetensors or "
+            "pass --allow-pickle if you trust the source"
+        )
+    if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise ValueError(f"--model {path}: not a checkpoint (.safetensors, or a pickle file with --allow-pickle)")
+    if sha256 is not None:
+        single_file.verify_sha256(path, sha256)
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise ValueError(f"--model-config {config}: no model_index.json, so not a diffusers folder")
+    unet, vae, text_encoder, tokenizer, scheduler_config = single_file.load(path, config=config, dtype=dtype)
+    schedule, prediction = schedule_from_config(scheduler_config)
+    return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, prediction, scheduler_config, path)
+
+
+def _load_folder(path: Path, *, allow_pickle: bool, dtype) -> StableDiffusion:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"--model {path}: not a directory (a diffusers folder with model_index.json is needed)")
     if not (path / "model_index.json").is_file():
         raise ValueError(f"--model {path}: no model_index.json, so not a diffusers pipeline folder")
+    pipeline_class = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    if "XL" in pipeline_class:
+        raise ValueError(f"--model {path}: a {pipeline_class} (SDXL); fullrange supports SD 1.x and 2.x only")
     missing = [c for c in (*COMPONENTS, "scheduler") if not (path / c).is_dir()]
     if missing:
         raise ValueError(f"--model {path}: missing component folder(s) {', '.join(missing)}")
@@ -114,44 +155,6 @@ def load_stable_diffusion(path: Path | str, *, allow_pickle: bool = False, dtype
     )
 
 
-def single_file_markers(path: Path | str) -> dict[str, bool]:
-    """What a single-file checkpoint says about itself, from its safetensors header alone (no weights read).
-
-    ``v_pred`` / ``ztsnr`` keys (ComfyUI-style) and kohya's ``ss_v_parameterization`` /
-    ``ss_zero_terminal_snr`` metadata; diffusers' own single-file loader ignores them.
-    """
-    path = Path(path)
-    with path.open("rb") as f:
-        try:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > min(path.stat().st_size, 100 * 2**20):
-                raise ValueError
-            header = json.loads(f.read(length))
-        except (struct.error, ValueError, UnicodeDecodeError):
-            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
-    meta = header.get("__metadata__", {}) or {}
-
-    def truthy(value) -> bool:
-        return str(value).strip().lower() in ("true", "1", "yes")
-
-    return {
-        "v_prediction": "v_pred" in header or truthy(meta.get("ss_v_parameterization")),
-        "zero_terminal_snr": "ztsnr" in header or truthy(meta.get("ss_zero_terminal_snr")),
-    }
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible byte → printable character map."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
 def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: int = 8) -> Path:
     """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer), built from
     configs with random weights, as a diffusers folder: for tests and benchmarks, no download."""
@@ -160,7 +163,7 @@ def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: 
 
     path = Path(path)
     torch.manual_seed(seed)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
     vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,6 +60,8 @@ class FinetuneOptions:
     mixed_precision: str = "no"
     seed: int = 0
     allow_pickle: bool = False
+    sha256: str | None = None
+    model_config: str | None = None
 
     def validate(self) -> FinetuneOptions:
         if self.adapter not in adapters.ADAPTERS:
@@ -142,11 +144,15 @@ def recipe_for(options: FinetuneOptions, model: StableDiffusion) -> Recipe:
 
 
 def _model_id(model: StableDiffusion) -> str:
-    """Identifies the VAE and text encoder whose outputs are cached (their weight files' names, sizes, times)."""
+    """Identifies the VAE and text encoder whose outputs are cached (their weight files' names, sizes, times; the
+    single file's for a single-file checkpoint)."""
     digest = hashlib.sha256()
-    for component in ("vae", "text_encoder"):
-        for path in sorted((model.source / component).glob("*.safetensors")):
-            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    if model.source.is_file():
+        files = [model.source]
+    else:
+        files = [p for c in ("vae", "text_encoder") for p in sorted((model.source / c).glob("*.safetensors"))]
+    for path in files:
+        digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -315,7 +321,9 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    model = load_stable_diffusion(options.model, allow_pickle=options.allow_pickle)
+    model = load_stable_diffusion(
+        options.model, allow_pickle=options.allow_pickle, sha256=options.sha256, config=options.model_config
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.vae.to(device)
     model.text_encoder.to(device)
@@ -393,7 +401,9 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
         outputs["oft"] = oft_dir
     if options.adapter in ("full", "oft"):
         if options.adapter == "oft":
-            merged = load_stable_diffusion(options.model, allow_pickle=options.allow_pickle).unet
+            merged = load_stable_diffusion(
+                options.model, allow_pickle=options.allow_pickle, config=options.model_config
+            ).unet
             merged.load_state_dict(adapters.merged_state_dict(trained))
             trained = merged
         outputs["pipeline"] = save_pipeline(model, trained, recipe, out / "pipeline")
