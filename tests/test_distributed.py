@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) train like one process with the same global batch."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -44,3 +45,55 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     diff = torch.cat([(a.model[k] - b.model[k]).abs().flatten() for k in a.model])
     assert diff.quantile(0.9).item() < 1e-6
     assert diff.max().item() < 3 * 1e-3 * 3
+
+
+def test_accelerate_launch_two_cpu_processes_fine_tune_like_one(tmp_path):
+    """`fullrange train` (LoRA, zero terminal SNR) under `accelerate launch` with two CPU processes and batch 2
+    each equals one process with batch 4. accelerate's `--cpu` launcher starts a single process unless it is
+    given an MPI host file, so the processes come from its torchrun launcher with the CPU forced."""
+    import numpy as np
+    from PIL import Image
+
+    from fullrange import sd
+
+    sd.save_tiny_stable_diffusion(tmp_path / "sd")
+    (tmp_path / "data").mkdir()
+    for i, value in enumerate((0, 255, 40, 215)):
+        Image.fromarray(np.full((20, 24, 3), value, dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
+        (tmp_path / "data" / f"{i}.txt").write_text(f"flat grey {value}")
+    args = ["train", "--model", str(tmp_path / "sd"), "--data", str(tmp_path / "data"), "--resolution", "16"]
+    args += ["--max-steps", "3", "--lr", "1e-3", "--adapter", "lora", "--zero-terminal-snr", "--caption-dropout", "0"]
+    args += ["--no-progress"]
+    one = subprocess.run(
+        [sys.executable, "-m", "fullrange", *args, "--out", str(tmp_path / "one"), "--batch-size", "4"],
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29532",
+    ]
+    two = subprocess.run(
+        [*launch, "-m", "fullrange", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stderr.count("trainable parameters") == 2  # two processes ran
+    a = checkpoint.load_checkpoint(tmp_path / "one" / "train" / "checkpoint.safetensors")
+    b = checkpoint.load_checkpoint(tmp_path / "two" / "train" / "checkpoint.safetensors")
+    assert a.step == b.step == 3
+    assert b.log["loss"].tolist() == pytest.approx(a.log["loss"].tolist(), rel=1e-5)
+    diff = torch.cat([(a.model[k] - b.model[k]).abs().flatten() for k in a.model])
+    assert diff.quantile(0.9).item() < 1e-6 and diff.max().item() < 3 * 1e-3 * 3
+    assert (tmp_path / "two" / "lora" / "pytorch_lora_weights.safetensors").is_file()

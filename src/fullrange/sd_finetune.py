@@ -357,6 +357,7 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     unet = model.unet
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    torch.manual_seed(options.seed)  # the adapter's random init: the same in every process and run
     if options.adapter == "lora":
         count = adapters.add_lora(unet, rank=options.lora_rank)
     elif options.adapter == "oft":
