@@ -16,7 +16,7 @@ def test_tiny_sd_loads_offline_with_its_schedule(tiny_sd):
     model = sd.load_stable_diffusion(tiny_sd)
     assert model.prediction == "epsilon"
     torch.testing.assert_close(model.schedule.alphas_cumprod, schedules.scaled_linear().alphas_cumprod)
-    emb = model.encode_prompts(["a dark alley", "solid black background"])
+    emb = model.encode_prompts(["a dark alley", "solid black background"])["encoder_hidden_states"]
     assert emb.shape == (2, 16, 32) and not torch.equal(emb[0], emb[1])
     x = torch.randn(2, 4, 8, 8)
     assert model.unet(x, torch.tensor([10, 900]), encoder_hidden_states=emb).sample.shape == x.shape

@@ -271,9 +271,11 @@ def test_latents_and_caption_states_are_cached(workspace, tmp_path):
     latents = sorted(cache.glob("latent_*.safetensors"))
     texts = sorted(cache.glob("text_*.safetensors"))
     assert len(latents) == 4 and len(texts) == 1
-    states = load_file(texts[0])["states"]
+    states = load_file(texts[0])
     model = sd.load_stable_diffusion(workspace / "sd")
-    torch.testing.assert_close(states[-1:], model.encode_prompts([""]))
+    torch.testing.assert_close(
+        states["encoder_hidden_states"][-1:], model.encode_prompts([""])["encoder_hidden_states"]
+    )
     # Encoding again reads the cache: the same values, files untouched.
     before = {p: p.stat().st_mtime_ns for p in latents + texts}
     items, _ = data.scan(workspace / "data", 16)

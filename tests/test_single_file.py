@@ -3,12 +3,13 @@ against diffusers' own LDM → diffusers conversion, checksums, markers and refu
 
 import json
 import struct
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as dsf
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from typer.testing import CliRunner
 
 from fullrange import sd, single_file
@@ -21,19 +22,28 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    return sd.save_tiny_stable_diffusion(tmp_path_factory.mktemp("sdxl") / "tiny", xl=True)
+
+
+@pytest.fixture(scope="module")
 def configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("configs")
     return {name: single_file.write_config_folder(name, root / name) for name in single_file.FAMILIES}
 
 
 def _meta_models(folder):
-    """The bundled architecture on the meta device: shapes and names, no memory."""
-    text_config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    """The bundled architecture on the meta device (shapes and names, no memory), as ``StableDiffusion`` names
+    its parts."""
+    parts = {}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        text_encoder = CLIPTextModel(text_config)
-    return unet, vae, text_encoder
+        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        if (folder / "text_encoder_2").is_dir():
+            config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(config)
+    return SimpleNamespace(**parts, is_xl="text_encoder_2" in parts)
 
 
 def _count(module):
@@ -41,19 +51,27 @@ def _count(module):
 
 
 @pytest.mark.parametrize(
-    "name,unet_params,text_params",
-    # Published sizes: SD 1.5 UNet 859.52 M, SD 2.x UNet 865.91 M, KL-f8 VAE 83.65 M; CLIP ViT-L/14 text
-    # 123.06 M; OpenCLIP ViT-H/14 text less its last layer (diffusers keeps 23 of 24) 340.39 M.
-    [("sd1", 859_520_964, 123_060_480), ("sd2", 865_910_724, 340_387_840)],
+    "name,counts",
+    # Published sizes: SD 1.5 UNet 859.52 M, SD 2.x UNet 865.91 M, SDXL UNet 2567.46 M, KL-f8 VAE 83.65 M;
+    # CLIP ViT-L/14 text 123.06 M; OpenCLIP ViT-H/14 text less its last layer (diffusers keeps 23 of 24)
+    # 340.39 M; OpenCLIP ViT-bigG/14 text with projection 694.66 M.
+    [
+        ("sd1", (859_520_964, 83_653_863, 123_060_480)),
+        ("sd2", (865_910_724, 83_653_863, 340_387_840)),
+        ("sdxl", (2_567_463_684, 83_653_863, 123_060_480, 694_659_840)),
+    ],
 )
-def test_bundled_configs_build_the_published_architectures(configs, name, unet_params, text_params):
-    unet, vae, text_encoder = _meta_models(configs[name])
-    assert (_count(unet), _count(vae), _count(text_encoder)) == (unet_params, 83_653_863, text_params)
+def test_bundled_configs_build_the_published_architectures(configs, name, counts):
+    model = _meta_models(configs[name])
+    networks = ("unet", "vae", "text_encoder", "text_encoder_2")[: len(counts)]
+    assert tuple(_count(getattr(model, n)) for n in networks) == counts
 
 
-@pytest.mark.parametrize("name,pad_id", [("sd1", 49407), ("sd2", 0)])
-def test_bundled_tokenizer_gives_clips_token_ids(configs, name, pad_id):
-    tokenizer = CLIPTokenizer.from_pretrained(configs[name] / "tokenizer")
+@pytest.mark.parametrize(
+    "name,tokenizer,pad_id", [("sd1", "tokenizer", 49407), ("sd2", "tokenizer", 0), ("sdxl", "tokenizer_2", 0)]
+)
+def test_bundled_tokenizer_gives_clips_token_ids(configs, name, tokenizer, pad_id):
+    tokenizer = CLIPTokenizer.from_pretrained(configs[name] / tokenizer)
     assert len(tokenizer) == 49408
     # OpenAI CLIP's ids: <|startoftext|> a photo of a cat <|endoftext|>
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -61,20 +79,19 @@ def test_bundled_tokenizer_gives_clips_token_ids(configs, name, pad_id):
     assert len(padded) == 77 and padded[-1] == pad_id
 
 
-@pytest.mark.parametrize("name,model_type", [("sd1", "v1"), ("sd2", "v2")])
-def test_export_names_invert_diffusers_conversion_on_the_real_architectures(configs, name, model_type):
-    """Export the full-size SD 1.x / 2.x networks' names (meta tensors) to LDM; diffusers recognises the family
-    and its own LDM → diffusers conversion gives back every tensor name and shape."""
-    unet, vae, text_encoder = _meta_models(configs[name])
-    ldm = {
-        **single_file.unet_to_ldm(unet.state_dict(), unet.config),
-        **single_file.vae_to_ldm(vae.state_dict(), vae.config),
-        **single_file.text_encoder_to_ldm(text_encoder.state_dict(), name),
-    }
-    assert dsf.infer_diffusers_model_type(ldm) == model_type
-    # Names as the original LDM checkpoints (and A1111 / ComfyUI) have them; diffusers' reverse conversion
-    # also accepts some misplaced ones (an upsampler at .1 after an attention block), so they are pinned here.
-    unet_names = [
+# Names as the original checkpoints (and A1111 / ComfyUI) have them; diffusers' reverse conversion also accepts
+# some misplaced ones (an upsampler at .1 after an attention block), so they are pinned here.
+VAE_NAMES = [
+    "decoder.up.3.upsample.conv",
+    "decoder.up.0.block.0.nin_shortcut",
+    "encoder.down.1.block.0.nin_shortcut",
+    "encoder.down.2.downsample.conv",
+    "encoder.mid.attn_1.proj_out",
+    "decoder.mid.block_2.conv1",
+    "quant_conv",
+]
+UNET_NAMES = {
+    "sd1": [
         "time_embed.0",
         "input_blocks.3.0.op",
         "input_blocks.9.0.op",
@@ -86,44 +103,71 @@ def test_export_names_invert_diffusers_conversion_on_the_real_architectures(conf
         "output_blocks.8.2.conv",
         "output_blocks.11.1.proj_out",
         "out.2",
-    ]
-    vae_names = [
-        "decoder.up.3.upsample.conv",
-        "decoder.up.0.block.0.nin_shortcut",
-        "encoder.down.1.block.0.nin_shortcut",
-        "encoder.down.2.downsample.conv",
-        "encoder.mid.attn_1.proj_out",
-        "decoder.mid.block_2.conv1",
-        "quant_conv",
-    ]
-    text_names = {
-        "sd1": ["cond_stage_model.transformer.text_model.final_layer_norm.weight"],
-        "sd2": [
-            "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight",
-            "cond_stage_model.model.ln_final.weight",
-        ],
+    ],
+    "sdxl": [
+        "label_emb.0.0",
+        "label_emb.0.2",
+        "input_blocks.3.0.op",
+        "input_blocks.6.0.op",
+        "input_blocks.7.1.transformer_blocks.9.attn1.to_q",
+        "middle_block.1.transformer_blocks.9.ff.net.2",
+        "output_blocks.2.2.conv",
+        "output_blocks.5.2.conv",
+        "output_blocks.8.0.skip_connection",
+    ],
+}
+TEXT_NAMES = {
+    "sd1": ["cond_stage_model.transformer.text_model.final_layer_norm.weight"],
+    "sd2": [
+        "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight",
+        "cond_stage_model.model.ln_final.weight",
+    ],
+    "sdxl": [
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight",
+        "conditioner.embedders.1.model.text_projection",
+    ],
+}
+
+
+@pytest.mark.parametrize("name,model_type", [("sd1", "v1"), ("sd2", "v2"), ("sdxl", "xl_base")])
+def test_export_names_invert_diffusers_conversion_on_the_real_architectures(configs, name, model_type):
+    """Export the full-size networks' names (meta tensors) to LDM; diffusers recognises the family and its own
+    LDM → diffusers conversion gives back every tensor name and shape."""
+    model = _meta_models(configs[name])
+    ldm = {
+        **single_file.unet_to_ldm(model.unet.state_dict(), model.unet.config),
+        **single_file.vae_to_ldm(model.vae.state_dict(), model.vae.config),
+        **single_file.text_encoders_to_ldm(model, name),
     }
-    expected = [f"model.diffusion_model.{n}.weight" for n in unet_names]
-    expected += [f"first_stage_model.{n}.weight" for n in vae_names]
-    assert not {*expected, *text_names[name]} - ldm.keys()
+    assert dsf.infer_diffusers_model_type(ldm) == model_type
+    expected = [f"model.diffusion_model.{n}.weight" for n in UNET_NAMES.get(name, UNET_NAMES["sd1"])]
+    expected += [f"first_stage_model.{n}.weight" for n in VAE_NAMES]
+    assert not {*expected, *TEXT_NAMES[name]} - ldm.keys()
     assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
-    for model, back in (
-        (unet, dsf.convert_ldm_unet_checkpoint(ldm, dict(unet.config))),
-        (vae, dsf.convert_ldm_vae_checkpoint(ldm, dict(vae.config))),
-        (
-            text_encoder,
-            dsf.convert_ldm_clip_checkpoint(ldm)
-            if name == "sd1"
-            else dsf.convert_open_clip_checkpoint(text_encoder, ldm),
-        ),
-    ):
-        back = {k.removeprefix("text_model."): v.shape for k, v in back.items()}
-        assert back == {k: v.shape for k, v in model.state_dict().items()}
+    text = {
+        "sd1": lambda: dsf.convert_ldm_clip_checkpoint(ldm),
+        "sd2": lambda: dsf.convert_open_clip_checkpoint(model.text_encoder, ldm),
+        "sdxl": lambda: dsf.convert_ldm_clip_checkpoint(ldm),
+    }[name]()
+    pairs = [
+        (model.unet, dsf.convert_ldm_unet_checkpoint(ldm, dict(model.unet.config))),
+        (model.vae, dsf.convert_ldm_vae_checkpoint(ldm, dict(model.vae.config))),
+        (model.text_encoder, text),
+    ]
+    if model.is_xl:
+        prefix = single_file.XL_OPENCLIP_PREFIX
+        pairs.append((model.text_encoder_2, dsf.convert_open_clip_checkpoint(model.text_encoder_2, ldm, prefix)))
+    for network, back in pairs:  # transformers' CLIPTextModel has no text_model. prefix, ...WithProjection has
+        assert {k.removeprefix("text_model."): v.shape for k, v in back.items()} == {
+            k.removeprefix("text_model."): v.shape for k, v in network.state_dict().items()
+        }
 
 
 @pytest.mark.parametrize("name", single_file.FAMILIES)
-def test_tiny_export_reloads_with_the_same_weights_and_markers(tiny_sd, tmp_path, name):
-    model = sd.load_stable_diffusion(tiny_sd)
+def test_tiny_export_reloads_with_the_same_weights_and_markers(tiny_sd, tiny_sdxl, tmp_path, name):
+    folder = tiny_sdxl if name == "sdxl" else tiny_sd
+    model = sd.load_stable_diffusion(folder)
     model.scheduler_config |= {"prediction_type": "v_prediction", "rescale_betas_zero_snr": name == "sd2"}
     model.prediction = "v_prediction"
     path = single_file.export(tmp_path / "model.safetensors", model, name=name, dtype=torch.float32)
@@ -131,8 +175,9 @@ def test_tiny_export_reloads_with_the_same_weights_and_markers(tiny_sd, tmp_path
     assert single_file.family(header, path) == name
     assert single_file.markers(header) == {"v_prediction": True, "zero_terminal_snr": name == "sd2"}
 
-    loaded = sd.load_stable_diffusion(path, config=tiny_sd, sha256=single_file.sha256(path))
-    for component in ("unet", "vae", "text_encoder"):
+    loaded = sd.load_stable_diffusion(path, config=folder, sha256=single_file.sha256(path))
+    assert loaded.is_xl == (name == "sdxl")
+    for component in ("unet", "vae", "text_encoder", *(("text_encoder_2",) if name == "sdxl" else ())):
         ours, theirs = getattr(model, component).state_dict(), getattr(loaded, component).state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), component

@@ -204,14 +204,14 @@ def reproduce_command(
         fail(str(err))
 
 
-MODEL_CONFIG_HELP = "Diffusers folder with the configs of a single-file --model [default: bundled SD 1.x / 2.x]."
+MODEL_CONFIG_HELP = "Diffusers folder with the configs of a single-file --model [default: bundled SD 1.x / 2.x / XL]."
 SHA256_HELP = "Expected SHA-256 of a single-file --model, checked before loading."
 
 
 @app.command("train")
 def train_command(
     model: str | None = typer.Option(
-        None, help="Stable Diffusion 1.x / 2.x: a local diffusers folder or a single .safetensors file."
+        None, help="Stable Diffusion 1.x / 2.x / XL: a local diffusers folder or a single .safetensors file."
     ),
     data: str | None = typer.Option(None, help="Folder of images with NAME.txt captions or a metadata.jsonl."),
     out: str | None = typer.Option(None, help="Output folder: checkpoints, cache, config.json, results."),
@@ -394,7 +394,7 @@ def export_command(
     out: Path = typer.Option(..., help="The single .safetensors file to write."),
     adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train, merged in."),
     adapter_strength: float = typer.Option(1.0, help="Strength of the adapter."),
-    family: str | None = typer.Option(None, help="Layout: sd1 or sd2 [default: from the UNet's text width]."),
+    family: str | None = typer.Option(None, help="Layout: sd1, sd2 or sdxl [default: from the model]."),
     precision: str = typer.Option("fp16", help="fp16, bf16 or fp32 weights in the file."),
     model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
 ) -> None:

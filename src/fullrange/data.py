@@ -98,15 +98,22 @@ def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[
     return items, problems
 
 
+def cover_crop(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How :func:`load_image` fits an image of ``image_size`` (width, height) to ``size``: the resized (width,
+    height) that covers it, and the (left, top) corner of the centred crop."""
+    (w, h), (width, height) = image_size, size
+    scale = max(width / w, height / h)
+    resized = (max(width, round(w * scale)), max(height, round(h * scale)))
+    return resized, ((resized[0] - width) // 2, (resized[1] - height) // 2)
+
+
 def load_image(path: Path, size: int | tuple[int, int]) -> torch.Tensor:
     """Resize to cover ``size`` (a side, or ``(width, height)``; Lanczos), centre-crop, scale to [-1, 1];
     shape (3, height, width)."""
     width, height = (size, size) if isinstance(size, int) else size
     img = open_rgb(path)
-    scale = max(width / img.width, height / img.height)
-    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.LANCZOS)
-    left, top = (img.width - width) // 2, (img.height - height) // 2
-    img = img.crop((left, top, left + width, top + height))
+    resized, (left, top) = cover_crop(img.size, (width, height))
+    img = img.resize(resized, Image.LANCZOS).crop((left, top, left + width, top + height))
     array = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
     return array.permute(2, 0, 1) / 127.5 - 1
 

@@ -18,12 +18,12 @@ from . import schedules, single_file
 from .single_file import bytes_to_unicode
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
 @dataclass
 class StableDiffusion:
-    """The parts of an SD checkpoint fullrange uses, and the noise schedule its scheduler config describes."""
+    """The parts of an SD checkpoint fullrange uses, and the noise schedule its scheduler config describes.
+    SDXL adds a second text encoder and tokenizer (``text_encoder_2``, ``tokenizer_2``)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -33,28 +33,66 @@ class StableDiffusion:
     prediction: str
     scheduler_config: dict
     source: Path
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
 
     def to(self, device: torch.device | str) -> StableDiffusion:
         """Move the networks (in place); returns self."""
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device)
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(device)
         return self
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP hidden states for ``prompts`` (padded to the tokenizer's max length), as SD conditions on them."""
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The UNet's text conditions for ``prompts`` (padded to the tokenizers' max length): CLIP's last hidden
+        states (SD 1.x / 2.x); for SDXL both encoders' penultimate states side by side and the second's pooled
+        projection (``text_embeds``), as diffusers' SDXL pipeline builds them."""
+
+        def ids(tokenizer, encoder):
+            kwargs = {"padding": "max_length", "max_length": tokenizer.model_max_length, "truncation": True}
+            return tokenizer(prompts, return_tensors="pt", **kwargs).input_ids.to(encoder.device)
+
+        if not self.is_xl:
+            return {"encoder_hidden_states": self.text_encoder(ids(self.tokenizer, self.text_encoder))[0]}
+        first = self.text_encoder(ids(self.tokenizer, self.text_encoder), output_hidden_states=True)
+        second = self.text_encoder_2(ids(self.tokenizer_2, self.text_encoder_2), output_hidden_states=True)
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2].to(first.hidden_states[-2])], dim=-1)
+        return {"encoder_hidden_states": states, "text_embeds": second.text_embeds}
+
+    def size_cond(
+        self, original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """SDXL's size and crop conditioning (``time_ids``: original (h, w), crop top-left, target (h, w), in
+        pixels); nothing for SD 1.x / 2.x."""
+        if not self.is_xl:
+            return {}
+        return {"time_ids": torch.tensor([*original, *crop_top_left, *target], dtype=torch.float32)}
+
+
+def _flat_added_cond(module, args, kwargs):
+    """SDXL's UNet takes ``text_embeds`` and ``time_ids`` inside ``added_cond_kwargs``; this forward pre-hook
+    lets it take them as plain keywords like ``encoder_hidden_states``, so guidance, sharding and prior mixing
+    handle one flat dict of tensors for every model."""
+    added = {k: kwargs.pop(k) for k in ("text_embeds", "time_ids") if k in kwargs}
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    return args, kwargs
+
+
+def flat_conditioning(unet: torch.nn.Module) -> torch.nn.Module:
+    """Let an SDXL UNet (``addition_embed_type = "text_time"``) take its added conditions as keywords."""
+    if unet.config.get("addition_embed_type") == "text_time":
+        unet.register_forward_pre_hook(_flat_added_cond, with_kwargs=True)
+    return unet
 
 
 def schedule_from_config(config: dict) -> tuple[schedules.Schedule, str]:
@@ -84,11 +122,11 @@ def load_stable_diffusion(
     config: Path | str | None = None,
     dtype=torch.float32,
 ) -> StableDiffusion:
-    """Load SD 1.x / 2.x from a local diffusers folder or a single checkpoint file.
+    """Load SD 1.x / 2.x / XL (base) from a local diffusers folder or a single checkpoint file.
 
     Pickle weights are refused unless ``allow_pickle``; ``sha256`` checks a single file before anything is read
     from it; ``config`` is a diffusers folder describing a single file's architecture (default: bundled SD 1.x /
-    2.x configs, see ``single_file.load``).
+    2.x / XL configs, see ``single_file.load``).
     """
     path = Path(path)
     if path.is_file():
@@ -112,24 +150,33 @@ def _load_single_file(path: Path, *, allow_pickle: bool, sha256: str | None, con
         single_file.verify_sha256(path, sha256)
     if config is not None and not (Path(config) / "model_index.json").is_file():
         raise ValueError(f"--model-config {config}: no model_index.json, so not a diffusers folder")
-    unet, vae, text_encoder, tokenizer, scheduler_config = single_file.load(path, config=config, dtype=dtype)
+    parts, scheduler_config = single_file.load(path, config=config, dtype=dtype)
     schedule, prediction = schedule_from_config(scheduler_config)
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, prediction, scheduler_config, path)
+    flat_conditioning(parts["unet"])
+    return StableDiffusion(
+        schedule=schedule, prediction=prediction, scheduler_config=scheduler_config, source=path, **parts
+    )
 
 
 def _load_folder(path: Path, *, allow_pickle: bool, dtype) -> StableDiffusion:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if not (path / "model_index.json").is_file():
         raise ValueError(f"--model {path}: no model_index.json, so not a diffusers pipeline folder")
     pipeline_class = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-    if "XL" in pipeline_class:
-        raise ValueError(f"--model {path}: a {pipeline_class} (SDXL); fullrange supports SD 1.x and 2.x only")
-    missing = [c for c in (*COMPONENTS, "scheduler") if not (path / c).is_dir()]
+    xl = pipeline_class == "StableDiffusionXLPipeline"
+    if not xl and pipeline_class != "StableDiffusionPipeline":
+        raise ValueError(
+            f"--model {path}: a {pipeline_class or 'pipeline of unknown class'}; fullrange loads "
+            "StableDiffusionPipeline (SD 1.x / 2.x) and StableDiffusionXLPipeline (SDXL base)"
+        )
+    networks = ("unet", "vae", "text_encoder", *(("text_encoder_2",) if xl else ()))
+    tokenizers = ("tokenizer", *(("tokenizer_2",) if xl else ()))
+    missing = [c for c in (*networks, *tokenizers, "scheduler") if not (path / c).is_dir()]
     if missing:
         raise ValueError(f"--model {path}: missing component folder(s) {', '.join(missing)}")
-    for component in ("unet", "vae", "text_encoder"):
+    for component in networks:
         files = [p for p in (path / component).iterdir() if p.is_file()]
         has_safetensors = any(p.suffix == ".safetensors" for p in files)
         pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
@@ -143,8 +190,14 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype) -> StableDiffusion:
     config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     schedule, prediction = schedule_from_config(config)
     kwargs = {"local_files_only": True, "use_safetensors": not allow_pickle, "torch_dtype": dtype}
+    second = {}
+    if xl:
+        second = {
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kwargs),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True),
+        }
     return StableDiffusion(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
+        unet=flat_conditioning(UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
@@ -152,14 +205,22 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype) -> StableDiffusion:
         prediction=prediction,
         scheduler_config=config,
         source=path,
+        **second,
     )
 
 
-def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: int = 8) -> Path:
-    """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer), built from
+def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: int = 8, xl: bool = False) -> Path:
+    """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer; with ``xl`` an
+    SDXL-shaped one: two text encoders, size conditioning, several transformer layers per block), built from
     configs with random weights, as a diffusers folder: for tests and benchmarks, no download."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -169,33 +230,52 @@ def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=16)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            projection_dim=32,
-            bos_token_id=len(vocab) - 2,
-            eos_token_id=len(vocab) - 1,
-            pad_token_id=len(vocab) - 1,
+        tokenizers = [
+            CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=16, **extra)
+            for extra in ({}, {"pad_token": "!"})
+        ]
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=32,
+        bos_token_id=len(vocab) - 2,
+        eos_token_id=len(vocab) - 1,
+        pad_token_id=len(vocab) - 1,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    # SDXL's second encoder is wider than the first (1280 vs 768), which is how loaders tell them apart.
+    text_config_2 = CLIPTextConfig(**{**text_config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
+    if xl:
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=32 + 48,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            norm_num_groups=8,
         )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    )
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            norm_num_groups=8,
+            attention_head_dim=8,
+        )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -214,15 +294,13 @@ def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: 
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizers[0], "unet": unet, "scheduler": scheduler}
+    if xl:
+        second = CLIPTextModelWithProjection(text_config_2)
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=second, tokenizer_2=tokenizers[1])
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.save_pretrained(path, safe_serialization=True)
     return path

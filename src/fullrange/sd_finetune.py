@@ -150,7 +150,8 @@ def _model_id(model: StableDiffusion) -> str:
     if model.source.is_file():
         files = [model.source]
     else:
-        files = [p for c in ("vae", "text_encoder") for p in sorted((model.source / c).glob("*.safetensors"))]
+        parts = ("vae", "text_encoder", "text_encoder_2")
+        files = [p for c in parts for p in sorted((model.source / c).glob("*.safetensors"))]
     for path in files:
         digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
@@ -180,33 +181,40 @@ def encode_latents(
 
 
 @torch.no_grad()
-def encode_captions(model: StableDiffusion, captions: list[str], cache: Path) -> torch.Tensor:
-    """Text-encoder states of ``captions`` followed by the empty caption's, from ``cache`` when seen before."""
+def encode_captions(model: StableDiffusion, captions: list[str], cache: Path) -> dict[str, torch.Tensor]:
+    """Text conditions of ``captions`` followed by the empty caption's, from ``cache`` when seen before."""
     texts = [*captions, ""]
     key = hashlib.sha256(json.dumps([_model_id(model), texts]).encode()).hexdigest()[:32]
     path = cache / f"text_{key}.safetensors"
     if path.exists():
-        return load_file(path)["states"]
-    states = model.encode_prompts(texts).float().cpu()
+        return load_file(path)
+    states = {k: v.float().cpu().contiguous() for k, v in model.encode_prompts(texts).items()}
     cache.mkdir(parents=True, exist_ok=True)
-    save_file({"states": states}, path)
+    save_file(states, path)
     return states
 
 
 def latent_batches(
-    model: StableDiffusion, means: torch.Tensor, stds: torch.Tensor, captions: list[str], dropout: float, cache: Path
+    model: StableDiffusion,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    captions: list[str],
+    dropout: float,
+    cache: Path,
+    sizes: dict[str, torch.Tensor] | None = None,
 ) -> Batches:
     """Batches of VAE latents (a fresh posterior draw, times the VAE's scaling factor) with their caption
-    embeddings, each replaced by the empty caption's with probability ``dropout``."""
+    conditions, each replaced by the empty caption's with probability ``dropout``; ``sizes``: per-image size
+    conditions (SDXL's ``time_ids``)."""
     states = encode_captions(model, captions, cache)
-    embeddings, empty = states[:-1], states[-1:]
     scale = model.vae.config.scaling_factor
 
     def draw(batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
         z = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
-        drop = (torch.rand(batch_size, generator=generator) < dropout).view(-1, 1, 1)
-        return Batch(z * scale, {"encoder_hidden_states": torch.where(drop, empty, embeddings[index])})
+        drop = torch.rand(batch_size, generator=generator) < dropout
+        cond = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), v[-1:], v[:-1][index]) for k, v in states.items()}
+        return Batch(z * scale, cond | {k: v[index] for k, v in (sizes or {}).items()})
 
     return draw
 
@@ -230,7 +238,11 @@ def image_batches(
     for size in dict.fromkeys(sizes):
         group = [item for item, s in zip(items, sizes, strict=True) if s == size]
         means, stds = encode_latents(model, group, size, cache, progress)
-        batches = latent_batches(model, means, stds, [i.caption for i in group], options.caption_dropout, cache)
+        target = (size, size) if isinstance(size, int) else size
+        conds = [model.size_cond(i.size[::-1], data.cover_crop(i.size, target)[1][::-1], target[::-1]) for i in group]
+        size_conds = {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
+        captions = [i.caption for i in group]
+        batches = latent_batches(model, means, stds, captions, options.caption_dropout, cache, size_conds)
         sources.append((batches, len(group)))
     return sources[0][0] if len(sources) == 1 else one_of(sources)
 
@@ -252,21 +264,22 @@ def scheduler_for(model: StableDiffusion, recipe: Recipe):
     return DDIMScheduler.from_config({**base, **overrides})
 
 
+def pipeline_class(model: StableDiffusion):
+    """diffusers' pipeline class for ``model``: ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if model.is_xl else StableDiffusionPipeline
+
+
 def save_pipeline(model: StableDiffusion, unet, recipe: Recipe, path: Path) -> Path:
     """A diffusers pipeline folder (safetensors) with the fine-tuned UNet and a matching scheduler."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        unet=unet,
-        scheduler=scheduler_for(model, recipe),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
+    parts = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": unet}
+    parts["scheduler"] = scheduler_for(model, recipe)
+    if model.is_xl:
+        parts |= {"text_encoder_2": model.text_encoder_2, "tokenizer_2": model.tokenizer_2}
+    else:
+        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline_class(model)(**parts).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -314,7 +327,6 @@ def _validator(model: StableDiffusion, recipe: Recipe, options: FinetuneOptions,
 def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict[str, Path]:
     """Run a fine-tune end to end; returns the written outputs by kind."""
     from accelerate import PartialState
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     out = Path(options.out)
@@ -387,7 +399,7 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
     outputs = {}
     if options.adapter == "lora":
         layers = convert_state_dict_to_diffusers(adapters.adapter_state_dict(trained))
-        StableDiffusionPipeline.save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
+        pipeline_class(model).save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
         scheduler_for(model, recipe).save_config(out / "lora")
         outputs["lora"] = out / "lora"
     elif options.adapter == "oft":

@@ -77,8 +77,14 @@ def generate(model: StableDiffusion, prompts: list[str], settings: SampleSetting
         ]
     )
     device = model.unet.device
-    cond = {"encoder_hidden_states": model.encode_prompts(prompts).to(device)}
-    uncond = {"encoder_hidden_states": model.encode_prompts([settings.negative_prompt] * len(prompts)).to(device)}
+    pixels = (size * model.vae_scale_factor,) * 2
+    sizes = {k: v.expand(len(prompts), -1) for k, v in model.size_cond(pixels, (0, 0), pixels).items()}
+    cond = {k: v.to(device) for k, v in (model.encode_prompts(prompts) | sizes).items()}
+    if model.is_xl and not settings.negative_prompt:  # SDXL's empty negative prompt is zeros (diffusers' default)
+        uncond = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
+    else:
+        negative = model.encode_prompts([settings.negative_prompt] * len(prompts)) | sizes
+        uncond = {k: v.to(device) for k, v in negative.items()}
     latents = sample(
         model.unet,
         noise.to(device),

@@ -1,6 +1,6 @@
 """Single-file Stable Diffusion checkpoints, the original LDM layout that A1111, ComfyUI and kohya read and write.
 
-Verify (SHA-256), recognise the family from the header, load offline with bundled SD 1.x / 2.x configs and CLIP
+Verify (SHA-256), recognise the family from the header, load offline with bundled SD 1.x / 2.x / XL configs and CLIP
 tokenizer (diffusers' loader would fetch them from a hub), read the ``v_pred`` / ``ztsnr`` markers diffusers
 ignores, and export a diffusers model back to one file that carries those markers.
 """
@@ -21,11 +21,13 @@ import torch
 if TYPE_CHECKING:
     from .sd import StableDiffusion
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+XL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 
 
 def sha256(path: Path | str) -> str:
@@ -75,22 +77,27 @@ def markers(header: dict) -> dict[str, bool]:
 
 
 def family(header: dict, path: Path | str = "checkpoint") -> str:
-    """``sd1`` (CLIP ViT-L text encoder) or ``sd2`` (OpenCLIP ViT-H), from tensor names and shapes."""
+    """``sd1`` (CLIP ViT-L text encoder), ``sd2`` (OpenCLIP ViT-H) or ``sdxl`` (both, CLIP ViT-L and OpenCLIP
+    ViT-bigG), from tensor names and shapes."""
     keys = header.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ValueError(f"--model {path}: an SDXL checkpoint; fullrange supports SD 1.x and 2.x only")
+    xl = any(k.startswith(XL_OPENCLIP_PREFIX) for k in keys)
+    if not xl and any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ValueError(f"--model {path}: an SDXL refiner checkpoint; fullrange supports SDXL base, SD 1.x and 2.x")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ValueError(f"--model {path}: no UNet weights ({UNET_PREFIX}*), not a Stable Diffusion checkpoint")
     conv_in = header.get(UNET_PREFIX + "input_blocks.0.0.weight", {}).get("shape", [0, 4])
     if conv_in[1] != 4:
         raise ValueError(f"--model {path}: UNet takes {conv_in[1]} input channels (inpainting?); 4 are supported")
+    text_prefix = "conditioner." if xl else "cond_stage_model."
     missing = [
         name
-        for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", "cond_stage_model."))
+        for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", text_prefix))
         if not any(k.startswith(prefix) for k in keys)
     ]
     if missing:
         raise ValueError(f"--model {path}: no {' and no '.join(missing)} weights in the file (a UNet-only file?)")
+    if xl:
+        return "sdxl"
     return "sd2" if any(k.startswith(OPENCLIP_PREFIX) for k in keys) else "sd1"
 
 
@@ -125,74 +132,80 @@ def clip_tokenizer_files(folder: Path, config: dict) -> None:
 
 
 def write_config_folder(name: str, folder: Path) -> Path:
-    """A diffusers folder holding only the configs (and tokenizer) of family ``name``: what diffusers'
+    """A diffusers folder holding only the configs (and tokenizers) of family ``name``: what diffusers'
     ``from_single_file`` needs besides the weights."""
     configs = json.loads(resources.files("fullrange").joinpath(f"configs/{name}.json").read_text())
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline",
         "scheduler": ["diffusers", "DDIMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
     }
+    if name == "sdxl":
+        index |= {
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
+    else:
+        index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(index))
-    for component, file in (
-        ("unet", "config.json"),
-        ("vae", "config.json"),
-        ("text_encoder", "config.json"),
-        ("scheduler", "scheduler_config.json"),
-    ):
+    for component, config in configs.items():
         (folder / component).mkdir(parents=True, exist_ok=True)
-        (folder / component / file).write_text(json.dumps(configs[component]))
-    clip_tokenizer_files(folder / "tokenizer", configs["tokenizer"])
+        if component.startswith("tokenizer"):
+            clip_tokenizer_files(folder / component, config)
+        else:
+            file = "scheduler_config.json" if component == "scheduler" else "config.json"
+            (folder / component / file).write_text(json.dumps(config))
     return folder
 
 
-def load(path: Path | str, *, config: Path | str | None = None, dtype=torch.float32):
-    """UNet, VAE, text encoder, tokenizer and scheduler config of a single ``.safetensors`` file, offline.
+def load(path: Path | str, *, config: Path | str | None = None, dtype=torch.float32) -> tuple[dict, dict]:
+    """The networks and tokenizers (as ``StableDiffusion`` names them) and the scheduler config of a single
+    ``.safetensors`` file, offline.
 
-    ``config`` is a diffusers folder describing the architecture; by default the bundled SD 1.x or 2.x configs,
-    picked from the weights (SD 2.x files are taken as 768-v, v-prediction, as diffusers does). The file's
-    ``v_pred`` / ``ztsnr`` markers then set the prediction type and zero terminal SNR (trailing steps).
+    ``config`` is a diffusers folder describing the architecture; by default the bundled SD 1.x, 2.x or SDXL
+    configs, picked from the weights (SD 2.x files are taken as 768-v, v-prediction, as diffusers does). The
+    file's ``v_pred`` / ``ztsnr`` markers then set the prediction type and zero terminal SNR (trailing steps).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(path)
     header = read_header(path)
     name = family(header, path)
+    pipeline_class = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(config) if config is not None else write_config_folder(name, Path(tmp))
         cast = None if dtype == torch.float32 else dtype  # None: float32 without diffusers' warning about casting
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
+            pipe = pipeline_class.from_single_file(
                 str(path), config=str(folder), local_files_only=True, torch_dtype=cast
             )
-        except (ValueError, RuntimeError, KeyError) as err:
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:
             first = str(err).split(". ")[0].strip()
             raise ValueError(
                 f"--model {path}: the weights do not fit the {'given' if config else 'bundled ' + name} config "
                 f"({first}); give the architecture's diffusers folder with --model-config"
             ) from None
+    networks = ("unet", "vae", "text_encoder", *(("text_encoder_2",) if name == "sdxl" else ()))
     empty = [
         f"{component}.{key}"
-        for component in ("unet", "vae", "text_encoder")
+        for component in networks
         for key, tensor in getattr(pipe, component).state_dict().items()
         if tensor.is_meta
     ]
     if empty:
         raise ValueError(f"--model {path}: {len(empty)} tensors missing from the file, e.g. {empty[0]}")
+    parts = {k: getattr(pipe, k) for k in (*networks, "tokenizer", *(("tokenizer_2",) if name == "sdxl" else ()))}
     scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     found = markers(header)
     if found["v_prediction"]:
         scheduler_config["prediction_type"] = "v_prediction"
     if found["zero_terminal_snr"]:
         scheduler_config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "steps_offset": 0}
-    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler_config
+    return parts, scheduler_config
 
 
 # diffusers → LDM names. Resnets: the layer names inside; UNet / VAE blocks: computed from the config.
@@ -226,6 +239,8 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
     blocks = {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
@@ -274,12 +289,16 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor
     return out
 
 
-def text_encoder_to_ldm(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` state dict as SD 1.x stores it (``sd1``: the same names under
-    ``cond_stage_model.transformer``) or as SD 2.x does (``sd2``: OpenCLIP names, q/k/v stacked in ``in_proj``)."""
+def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's state dict as LDM files keep CLIP ViT-L: its own names under ``prefix``."""
     state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-    if name == "sd1":
-        return {CLIP_PREFIX + k: v for k, v in state.items()}
+    return {prefix + k: v for k, v in state.items() if not k.startswith("text_projection")}
+
+
+def openclip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's state dict in OpenCLIP's names under ``prefix`` (q/k/v stacked in
+    ``in_proj``, ``text_projection`` transposed), as SD 2.x and SDXL files keep their OpenCLIP encoder."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
     renames = {
         "embeddings.token_embedding.weight": "token_embedding.weight",
         "embeddings.position_embedding.weight": "positional_embedding",
@@ -296,11 +315,14 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor], name: str) -> dict[str, 
     out = {}
     for key, value in state.items():
         if key in renames:
-            out[OPENCLIP_PREFIX + renames[key]] = value
+            out[prefix + renames[key]] = value
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
             continue
         _, _, index, *rest = key.split(".")  # encoder.layers.{i}.{module...}.{param}
         module, param = ".".join(rest[:-1]), rest[-1]
-        base = f"{OPENCLIP_PREFIX}transformer.resblocks.{index}."
+        base = f"{prefix}transformer.resblocks.{index}."
         if module == "self_attn.q_proj":
             stacked = [state[f"encoder.layers.{index}.self_attn.{p}_proj.{param}"] for p in "qkv"]
             out[f"{base}attn.in_proj_{param}"] = torch.cat(stacked)
@@ -309,8 +331,26 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor], name: str) -> dict[str, 
     return out
 
 
-def default_family(unet_config) -> str:
-    """``sd1`` or ``sd2`` from the UNet's cross-attention width (768: CLIP ViT-L, 1024: OpenCLIP ViT-H)."""
+def text_encoders_to_ldm(model: StableDiffusion, name: str) -> dict[str, torch.Tensor]:
+    """The text encoder(s) in the layout of family ``name``: CLIP under ``cond_stage_model.transformer`` (SD 1.x),
+    OpenCLIP under ``cond_stage_model.model`` (SD 2.x), both under ``conditioner.embedders`` (SDXL)."""
+    state = model.text_encoder.state_dict()
+    if name == "sd1":
+        return clip_to_ldm(state, CLIP_PREFIX)
+    if name == "sd2":
+        return openclip_to_ldm(state, OPENCLIP_PREFIX)
+    return {
+        **clip_to_ldm(state, XL_CLIP_PREFIX),
+        **openclip_to_ldm(model.text_encoder_2.state_dict(), XL_OPENCLIP_PREFIX),
+    }
+
+
+def default_family(model: StableDiffusion) -> str:
+    """``sdxl`` for SDXL, else ``sd1`` or ``sd2`` from the UNet's cross-attention width (768: CLIP ViT-L, 1024:
+    OpenCLIP ViT-H)."""
+    if model.is_xl:
+        return "sdxl"
+    unet_config = model.unet.config
     names = {768: "sd1", 1024: "sd2"}
     if unet_config.cross_attention_dim not in names:
         raise ValueError(
@@ -321,21 +361,24 @@ def default_family(unet_config) -> str:
 
 
 def export(path: Path | str, model: StableDiffusion, *, name: str | None = None, dtype=torch.float16) -> Path:
-    """Write ``model`` (UNet with any adapter merged, VAE, text encoder) as one LDM-layout ``.safetensors`` file,
-    atomically, that A1111 / ComfyUI load; ``v_pred`` / ``ztsnr`` marker keys and kohya's metadata say what its
-    scheduler config says about prediction type and zero terminal SNR. ``name``: ``sd1`` / ``sd2`` layout."""
+    """Write ``model`` (UNet with any adapter merged, VAE, text encoders) as one LDM-layout ``.safetensors``
+    file, atomically, that A1111 / ComfyUI load; ``v_pred`` / ``ztsnr`` marker keys and kohya's metadata say what
+    its scheduler config says about prediction type and zero terminal SNR. ``name``: ``sd1`` / ``sd2`` / ``sdxl``
+    layout (default: :func:`default_family`)."""
     from safetensors.torch import save
 
     from .adapters import merged_state_dict
     from .checkpoint import atomic_write
 
-    name = name or default_family(model.unet.config)
+    name = name or default_family(model)
     if name not in FAMILIES:
         raise ValueError(f"--family {name!r}: choose one of {', '.join(FAMILIES)}")
+    if (name == "sdxl") != model.is_xl:
+        raise ValueError(f"--family {name}: the model is {'' if model.is_xl else 'not '}SDXL")
     ldm = {
         **unet_to_ldm(merged_state_dict(model.unet), model.unet.config),
         **vae_to_ldm(model.vae.state_dict(), model.vae.config),
-        **text_encoder_to_ldm(model.text_encoder.state_dict(), name),
+        **text_encoders_to_ldm(model, name),
     }
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in ldm.items()}
     metadata = {"format": "pt"}

@@ -1,0 +1,97 @@
+"""SDXL: a tiny SDXL built from configs (two text encoders, size conditioning) fine-tuned and sampled by
+fullrange, checked against diffusers' StableDiffusionXLPipeline."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from PIL import Image
+
+from fullrange import sd
+from fullrange.sd_finetune import FinetuneOptions, finetune
+from fullrange.sd_sample import SampleSettings, apply_adapter, generate
+
+PROMPTS = ["solid black", "a bright scene"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xl")
+    sd.save_tiny_stable_diffusion(root / "sdxl", xl=True)
+    (root / "data").mkdir()
+    for i, (value, caption) in enumerate([(0, "solid black"), (255, "solid white"), (40, "dark"), (215, "bright")]):
+        Image.fromarray(np.full((20, 24 + 8 * i, 3), value, dtype=np.uint8)).save(root / "data" / f"{i}.png")
+        (root / "data" / f"{i}.txt").write_text(caption)
+    return root
+
+
+def _diffusers_images(pipe, steps, guidance, negative_prompt=None):
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        PROMPTS,
+        negative_prompt=negative_prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=noise,
+        height=16,
+        width=16,
+        output_type="pt",
+    ).images
+
+
+@pytest.mark.parametrize("negative_prompt", ["", "blurry"])
+def test_sampling_matches_diffusers_sdxl_pipeline(workspace, negative_prompt):
+    model = sd.load_stable_diffusion(workspace / "sdxl")
+    assert model.is_xl
+    ours = generate(
+        model,
+        PROMPTS,
+        SampleSettings(sampler="ddim", steps=4, guidance=4.0, resolution=16, negative_prompt=negative_prompt),
+    )
+    pipe = StableDiffusionXLPipeline.from_pretrained(workspace / "sdxl", local_files_only=True)
+    # fullrange's last DDIM step returns x0; diffusers' does with set_alpha_to_one (else it stops at ᾱ_0 < 1).
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    theirs = _diffusers_images(pipe, 4, 4.0, negative_prompt or None)
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+
+
+def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
+    options = FinetuneOptions(
+        model=str(workspace / "sdxl"),
+        data=str(workspace / "data"),
+        out=str(workspace / "lora_run"),
+        adapter="lora",
+        zero_terminal_snr=True,
+        resolution=16,
+        max_steps=3,
+        batch_size=2,
+        lr=1e-3,
+        checkpoint_every=2,
+    ).validate()
+    outputs = finetune(options, progress=False, log=lambda _: None)
+    pipe = StableDiffusionXLPipeline.from_pretrained(workspace / "sdxl", local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_pretrained(outputs["lora"])
+    pipe.load_lora_weights(outputs["lora"])
+    theirs = _diffusers_images(pipe, 5, 3.0)
+
+    model = sd.load_stable_diffusion(workspace / "sdxl")
+    apply_adapter(model, outputs["lora"])
+    assert model.prediction == "v_prediction" and model.schedule.zero_terminal_snr
+    ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0, resolution=16))
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+
+
+def test_size_conditioning_records_original_size_and_crop(workspace, tmp_path):
+    """Each training image carries SDXL's time_ids: its original (h, w), the centred crop's top-left in the
+    resized image, and the target size."""
+    from fullrange import data
+    from fullrange.sd_finetune import image_batches
+
+    model = sd.load_stable_diffusion(workspace / "sdxl")
+    items, _ = data.scan(workspace / "data", min_size=16)
+    options = FinetuneOptions(model="m", data="d", out="o", resolution=16, caption_dropout=0.0)
+    batch = image_batches(model, items, options, tmp_path, progress=False)(64, torch.Generator().manual_seed(0))
+    rows = {tuple(r) for r in batch.cond["time_ids"].int().tolist()}
+    # 20 x 24, 32, 40, 48 images resized to cover 16 x 16: height 16, width 19, 26, 32, 38; crop left = excess // 2
+    assert rows == {(20, 24, 0, 1, 16, 16), (20, 32, 0, 5, 16, 16), (20, 40, 0, 8, 16, 16), (20, 48, 0, 11, 16, 16)}
