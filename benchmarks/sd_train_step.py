@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
+from importlib import resources
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -21,16 +23,10 @@ from diffusers import UNet2DConditionModel
 from fullrange import adapters, prediction, schedules, train
 
 SD15 = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "attention_head_dim": 8,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-}
+    k: v
+    for k, v in json.loads(resources.files("fullrange").joinpath("configs/sd1.json").read_text())["unet"].items()
+    if not k.startswith("_")
+}  # the SD 1.5 UNet config fullrange loads single files with
 SMALL = SD15 | {
     "sample_size": 32,
     "block_out_channels": (64, 128, 128, 128),

@@ -95,3 +95,28 @@ def test_size_conditioning_records_original_size_and_crop(workspace, tmp_path):
     rows = {tuple(r) for r in batch.cond["time_ids"].int().tolist()}
     # 20 x 24, 32, 40, 48 images resized to cover 16 x 16: height 16, width 19, 26, 32, 38; crop left = excess // 2
     assert rows == {(20, 24, 0, 1, 16, 16), (20, 32, 0, 5, 16, 16), (20, 40, 0, 8, 16, 16), (20, 48, 0, 11, 16, 16)}
+
+
+def test_full_fine_tune_saves_an_sdxl_pipeline_diffusers_samples_alike(workspace):
+    options = FinetuneOptions(
+        model=str(workspace / "sdxl"),
+        data=str(workspace / "data"),
+        out=str(workspace / "full_run"),
+        adapter="full",
+        offset_noise=0.1,
+        buckets=True,
+        resolution=16,
+        max_steps=2,
+        batch_size=2,
+        lr=1e-3,
+    ).validate()
+    outputs = finetune(options, progress=False, log=lambda _: None)
+    pipe = StableDiffusionXLPipeline.from_pretrained(outputs["pipeline"], local_files_only=True)
+    theirs = _diffusers_images(pipe, 4, 3.0)
+    model = sd.load_stable_diffusion(outputs["pipeline"])
+    assert model.is_xl and model.prediction == "epsilon"
+    ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=4, guidance=3.0, resolution=16))
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+    base = sd.load_stable_diffusion(workspace / "sdxl")
+    changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, model.unet.state_dict()[k])]
+    assert changed  # the UNet was trained
