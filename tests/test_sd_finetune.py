@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from peft import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -76,6 +77,11 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
     pipe.scheduler = DDIMScheduler.from_pretrained(outputs["lora"])
     pipe.load_lora_weights(outputs["lora"])
     pipe.set_progress_bar_config(disable=True)
+    # Every trained LoRA weight, attention and ResNet layers alike, arrives in diffusers' UNet.
+    saved = load_file(outputs["lora"] / "pytorch_lora_weights.safetensors")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
+    assert {f"unet.{k}" for k in loaded} == set(saved) and any(".attn2.to_k." in k for k in saved)
+    assert all(torch.equal(loaded[k.removeprefix("unet.")], v) for k, v in saved.items())
     theirs = _diffusers_images(pipe, _noise(2), PROMPTS, steps=5, guidance=3.0)
 
     model = sd.load_stable_diffusion(workspace / "sd")

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from peft import get_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import load_file
 
 from fullrange import sd
 from fullrange.sd_finetune import FinetuneOptions, finetune
@@ -73,6 +75,11 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
     pipe = StableDiffusionXLPipeline.from_pretrained(workspace / "sdxl", local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_pretrained(outputs["lora"])
     pipe.load_lora_weights(outputs["lora"])
+    # Every trained LoRA weight, attention and ResNet layers alike, arrives in diffusers' UNet.
+    saved = load_file(outputs["lora"] / "pytorch_lora_weights.safetensors")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
+    assert {f"unet.{k}" for k in loaded} == set(saved) and any(".attn2.to_k." in k for k in saved)
+    assert all(torch.equal(loaded[k.removeprefix("unet.")], v) for k, v in saved.items())
     theirs = _diffusers_images(pipe, 5, 3.0)
 
     model = sd.load_stable_diffusion(workspace / "sdxl")

@@ -327,7 +327,6 @@ def _validator(model: StableDiffusion, recipe: Recipe, options: FinetuneOptions,
 def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict[str, Path]:
     """Run a fine-tune end to end; returns the written outputs by kind."""
     from accelerate import PartialState
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     out = Path(options.out)
     if out.exists() and not out.is_dir():
@@ -398,7 +397,10 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
 
     outputs = {}
     if options.adapter == "lora":
-        layers = convert_state_dict_to_diffusers(adapters.adapter_state_dict(trained))
+        # peft's names (lora_A / lora_B), which diffusers loads as they are. Not its older "lora.down" names:
+        # converted, attention layers get them and ResNet layers keep lora_A, and diffusers' loader, which
+        # tells the format from the first key, then skips the attention ones.
+        layers = adapters.adapter_state_dict(trained)
         pipeline_class(model).save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
         scheduler_for(model, recipe).save_config(out / "lora")
         outputs["lora"] = out / "lora"
