@@ -392,3 +392,22 @@ def test_config_file_values_are_type_checked(tmp_path):
     ok.write_text('model = "m"\ndata = "d"\nout = "o"\nlr = 1\noffset-noise = 0.1\n')
     options = read_options(ok, {})
     assert options.lr == 1.0 and isinstance(options.lr, float) and options.offset_noise == 0.1
+
+
+def test_export_merges_a_lora_and_marks_its_sampling(workspace, tmp_path):
+    """`fullrange export --adapter` writes one file whose UNet is the LoRA merged in, with v_pred / ztsnr keys
+    from the adapter's scheduler config; it reloads as a v-prediction, zero-terminal-SNR model."""
+    from fullrange import single_file
+
+    path = tmp_path / "merged.safetensors"
+    args = ["export", "--model", str(workspace / "sd"), "--adapter", str(workspace / "lora" / "lora")]
+    result = runner.invoke(app, [*args, "--out", str(path), "--family", "sd1", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert single_file.markers(single_file.read_header(path)) == {"v_prediction": True, "zero_terminal_snr": True}
+    merged = sd.load_stable_diffusion(path, config=workspace / "sd")
+    assert merged.prediction == "v_prediction" and merged.schedule.zero_terminal_snr
+    adapted = sd.load_stable_diffusion(workspace / "sd")
+    apply_adapter(adapted, workspace / "lora" / "lora")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 500.0])
+    cond = adapted.encode_prompts(PROMPTS)
+    torch.testing.assert_close(merged.unet(x, t, **cond).sample, adapted.unet(x, t, **cond).sample, atol=1e-5, rtol=0)
