@@ -411,3 +411,36 @@ def test_export_merges_a_lora_and_marks_its_sampling(workspace, tmp_path):
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 500.0])
     cond = adapted.encode_prompts(PROMPTS)
     torch.testing.assert_close(merged.unet(x, t, **cond).sample, adapted.unet(x, t, **cond).sample, atol=1e-5, rtol=0)
+
+
+def test_bf16_mixed_precision_trains_with_fp32_master_weights(workspace, tmp_path):
+    """bf16 autocast (accelerate, here on the CPU) changes the losses by rounding only and keeps the trained
+    weights in float32. Each precision runs in its own process: accelerate keeps one per process, and a second
+    in the same process is refused with a one-line reason."""
+    import subprocess
+    import sys
+
+    from fullrange import checkpoint, models, train
+
+    args = [sys.executable, "-m", "fullrange", "train", "--model", str(workspace / "sd")]
+    args += ["--data", str(workspace / "data"), "--resolution", "16", "--max-steps", "3", "--batch-size", "4"]
+    args += ["--lr", "1e-3", "--caption-dropout", "0", "--no-progress"]
+    logs = {}
+    for precision in ("no", "bf16"):
+        run = subprocess.run(
+            [*args, "--mixed-precision", precision, "--out", str(tmp_path / precision)], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        saved = checkpoint.load_checkpoint(tmp_path / precision / "train" / "checkpoint.safetensors")
+        assert {v.dtype for v in saved.model.values()} == {torch.float32}
+        logs[precision] = saved.log["loss"]
+    assert torch.allclose(logs["bf16"], logs["no"], rtol=0.05) and not torch.equal(logs["bf16"], logs["no"])
+
+    config = train.TrainConfig(steps=1, batch_size=2, warmup=1)
+    images = torch.zeros(4, 3, 8, 8)
+    batches = train.labelled_batches(images, torch.zeros(4, dtype=torch.long), 1)
+    model = models.tiny_unet(8, 3, width=8)
+    train.train(model, batches, train.get_recipe("baseline"), config, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="one precision per process"):
+        bf16 = train.TrainConfig(steps=1, batch_size=2, warmup=1, mixed_precision="bf16")
+        train.train(model, batches, train.get_recipe("baseline"), bf16, tmp_path / "b", progress=False)

@@ -279,7 +279,15 @@ def train(
     for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # left by a process killed while writing
         stale.unlink()
     schedule = recipe.build_schedule()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    try:
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        raise ValueError(
+            f"mixed_precision={config.mixed_precision!r}: accelerate keeps one precision per process and this "
+            "process already trained with another; train in a new process"
+        ) from None
     generator = torch.Generator().manual_seed(config.seed)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
