@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as dsf
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from typer.testing import CliRunner
 
@@ -201,11 +202,16 @@ def test_weights_that_do_not_fit_the_bundled_config_say_so(tiny_sd, tmp_path):
         sd.load_stable_diffusion(path)
 
 
-def test_pickle_single_file_is_refused(tmp_path):
+def test_pickle_single_file_is_refused_unless_allowed(tiny_sd, tmp_path):
+    model = sd.load_stable_diffusion(tiny_sd)
+    exported = single_file.export(tmp_path / "m.safetensors", model, name="sd1", dtype=torch.float32)
     path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": {}}, path)
+    torch.save({"state_dict": load_file(exported)}, path)
     with pytest.raises(ValueError, match=r"pickle checkpoint.*--allow-pickle"):
         sd.load_stable_diffusion(path)
+    loaded = sd.load_stable_diffusion(path, allow_pickle=True, config=tiny_sd)
+    ours, theirs = model.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _write_safetensors(path, header_extra, metadata=None):

@@ -62,6 +62,18 @@ def read_header(path: Path | str) -> dict:
             raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
 
 
+def _pickle_header(path: Path) -> dict:
+    """Tensor names and shapes of a pickle checkpoint (``.ckpt``; the caller has allowed pickle), read with
+    ``torch.load(weights_only=True)`` through diffusers, as a safetensors header would give them."""
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    try:
+        state = load_single_file_checkpoint(str(path), local_files_only=True)
+    except Exception as err:  # torch.load raises many kinds for a bad file
+        raise ValueError(f"--model {path}: not a readable checkpoint ({type(err).__name__})") from None
+    return {k: {"shape": list(v.shape)} for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def markers(header: dict) -> dict[str, bool]:
     """What a single file says about its sampling: ``v_pred`` / ``ztsnr`` keys (ComfyUI) and kohya's
     ``ss_v_parameterization`` / ``ss_zero_terminal_snr`` metadata; diffusers' own loader ignores both."""
@@ -173,7 +185,7 @@ def load(path: Path | str, *, config: Path | str | None = None, dtype=torch.floa
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(path)
-    header = read_header(path)
+    header = read_header(path) if path.suffix == ".safetensors" else _pickle_header(path)
     name = family(header, path)
     pipeline_class = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
     with tempfile.TemporaryDirectory() as tmp:
