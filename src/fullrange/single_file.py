@@ -176,7 +176,7 @@ def write_config_folder(name: str, folder: Path) -> Path:
 
 def load(path: Path | str, *, config: Path | str | None = None, dtype=torch.float32) -> tuple[dict, dict]:
     """The networks and tokenizers (as ``StableDiffusion`` names them) and the scheduler config of a single
-    ``.safetensors`` file, offline.
+    checkpoint file (``.safetensors``, or a pickle file the caller has allowed), offline.
 
     ``config`` is a diffusers folder describing the architecture; by default the bundled SD 1.x, 2.x or SDXL
     configs, picked from the weights (SD 2.x files are taken as 768-v, v-prediction, as diffusers does). The
