@@ -336,8 +336,9 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
         options.model, allow_pickle=options.allow_pickle, sha256=options.sha256, config=options.model_config
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.vae.to(device)
-    model.text_encoder.to(device)
+    for encoder in (model.vae, model.text_encoder, model.text_encoder_2):  # the UNet goes where accelerate says
+        if encoder is not None:
+            encoder.to(device)
     recipe = recipe_for(options, model)
     min_size = (
         min(min(wh) for wh in data.buckets(options.resolution, step=_bucket_step(model)))
@@ -416,9 +417,7 @@ def finetune(options: FinetuneOptions, progress: bool = True, log=print) -> dict
         outputs["oft"] = oft_dir
     if options.adapter in ("full", "oft"):
         if options.adapter == "oft":
-            merged = load_stable_diffusion(
-                options.model, allow_pickle=options.allow_pickle, config=options.model_config
-            ).unet
+            merged = type(trained).from_config(trained.config)  # a plain UNet for the rotated weights
             merged.load_state_dict(adapters.merged_state_dict(trained))
             trained = merged
         outputs["pipeline"] = save_pipeline(model, trained, recipe, out / "pipeline")
