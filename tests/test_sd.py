@@ -60,3 +60,30 @@ def test_bad_model_paths(tmp_path, setup, match):
     setup(target)
     with pytest.raises(ValueError, match=match):
         sd.load_stable_diffusion(target)
+
+
+def test_a_hub_id_is_fetched_only_when_no_local_path_has_that_name(tiny_sd, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns, ignore_patterns):
+        calls.append((repo_id, allow_patterns, ignore_patterns))
+        return str(tiny_sd)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = sd.load_stable_diffusion("someone/tiny-sd")
+    assert model.source == tiny_sd and len(calls) == 1
+    _, allow, ignore = calls[0]
+    assert "model_index.json" in allow and "unet/*" in allow and not any("safety_checker" in p for p in allow)
+    assert {"*.bin", "*.ckpt", "*fp16*"} <= set(ignore)
+    with pytest.raises(ValueError, match="no such file or directory"):
+        sd.load_stable_diffusion("./someone/tiny-sd")  # a path, not an id: never fetched
+    assert len(calls) == 1
+
+
+def test_a_hub_fetch_that_fails_says_so_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"^--model nobody/no-such-model: no such local path, and fetching") as err:
+        sd.load_stable_diffusion("nobody/no-such-model")
+    assert "\n" not in str(err.value)

@@ -275,7 +275,7 @@ def train_command(
 
 @app.command("sample")
 def sample_command(
-    model: Path = typer.Option(..., help="Diffusers folder (a checkpoint or fullrange's output) or .safetensors."),
+    model: str = typer.Option(..., help="Diffusers folder (a checkpoint or fullrange's output) or .safetensors."),
     prompt: list[str] | None = typer.Option(None, help="Prompt (repeatable)."),
     prompts_file: Path | None = typer.Option(None, help="A text file with one prompt per line."),
     out: Path = typer.Option(..., help="Output folder for the PNGs and grid.png."),
@@ -337,10 +337,10 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("brightness")
 def eval_brightness_command(
-    model: Path = typer.Option(..., help="Local diffusers folder or single .safetensors file."),
+    model: str = typer.Option(..., help="Local diffusers folder or single .safetensors file."),
     out: Path = typer.Option(..., help="Output folder: brightness.json, brightness.png, images per prompt."),
     adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train, on --model."),
-    against: Path | None = typer.Option(None, help="A second model to compare, side by side."),
+    against: str | None = typer.Option(None, help="A second model to compare, side by side."),
     sampler: str = typer.Option("ddim", help="Any of fullrange's samplers."),
     steps: int = typer.Option(25, help="Sample steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
@@ -372,7 +372,7 @@ def eval_brightness_command(
             sd_model = load_stable_diffusion(path, sha256=checksum, config=model_config).to(_device())
             if lora is not None:
                 apply_adapter(sd_model, lora)
-            label = f"{path.name}{' + ' + lora.name if lora else ''}"
+            label = f"{Path(path).name}{' + ' + lora.name if lora else ''}"
             label = label if label not in results else f"{label} ({name})"
             results[label] = evaluate(sd_model, settings, out / name, num_images)
         out.mkdir(parents=True, exist_ok=True)
@@ -390,7 +390,7 @@ def eval_brightness_command(
 
 @app.command("export")
 def export_command(
-    model: Path = typer.Option(..., help="Diffusers folder (e.g. OUT/pipeline of fullrange train) or .safetensors."),
+    model: str = typer.Option(..., help="Diffusers folder (e.g. OUT/pipeline of fullrange train) or .safetensors."),
     out: Path = typer.Option(..., help="The single .safetensors file to write."),
     adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train, merged in."),
     adapter_strength: float = typer.Option(1.0, help="Strength of the adapter."),

@@ -8,6 +8,7 @@ caller opts in to pickle files (``allow_pickle``).
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,20 +123,44 @@ def load_stable_diffusion(
     config: Path | str | None = None,
     dtype=torch.float32,
 ) -> StableDiffusion:
-    """Load SD 1.x / 2.x / XL (base) from a local diffusers folder or a single checkpoint file.
+    """Load SD 1.x / 2.x / XL (base) from a local diffusers folder or a single checkpoint file, or, only when
+    ``path`` is no local path but a hub id (``owner/name``), from the Hugging Face Hub (:func:`fetch`).
 
     Pickle weights are refused unless ``allow_pickle``; ``sha256`` checks a single file before anything is read
     from it; ``config`` is a diffusers folder describing a single file's architecture (default: bundled SD 1.x /
     2.x / XL configs, see ``single_file.load``).
     """
-    path = Path(path)
+    text, path = str(path), Path(path)  # the text as given: Path("./a/b") would read as the hub id "a/b"
     if path.is_file():
         return _load_single_file(path, allow_pickle=allow_pickle, sha256=sha256, config=config, dtype=dtype)
     if sha256 is not None:
         raise ValueError(f"--sha256: {path} is a folder; a checksum applies to a single checkpoint file")
     if not path.is_dir():
-        raise ValueError(f"--model {path}: no such file or directory")
+        if not HUB_ID.fullmatch(text):
+            raise ValueError(f"--model {text}: no such file or directory")
+        path = fetch(text)
     return _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def fetch(repo_id: str) -> Path:
+    """Download what fullrange uses of a diffusers repository on the Hugging Face Hub into the hub cache: the
+    configs, tokenizers and safetensors weights of ``HUB_PARTS``; no fp16 / non-EMA variants, no pickle files,
+    no safety checker. Called only for a ``--model`` that is a hub id and no local path."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", *(f"{part}/*" for part in HUB_PARTS)]
+    ignore = [*(f"*{suffix}" for suffix in PICKLE_SUFFIXES), "*fp16*", "*non_ema*", "*.msgpack", "*.onnx*", "*.h5"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
+    except Exception as err:  # network, authentication, offline mode, unknown repository: all one message
+        raise ValueError(
+            f"--model {repo_id}: no such local path, and fetching it from the Hugging Face Hub failed "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+        ) from None
 
 
 def _load_single_file(path: Path, *, allow_pickle: bool, sha256: str | None, config, dtype) -> StableDiffusion:
