@@ -1,8 +1,9 @@
-"""Stable Diffusion checkpoints: load from a local diffusers folder or single file, read the schedule they need,
-build tiny ones.
+"""Stable Diffusion 1.x / 2.x / XL checkpoints: load from a local diffusers folder or single file, read the
+schedule they need, build tiny ones.
 
-Nothing is fetched from a hub: every load is ``local_files_only``. Only safetensors weights are read unless the
-caller opts in to pickle files (``allow_pickle``).
+Nothing is fetched from a hub unless ``--model`` is a hub id that names no local path (:func:`fetch`); every
+other load is ``local_files_only``. Only safetensors weights are read unless the caller opts in to pickle files
+(``allow_pickle``).
 """
 
 from __future__ import annotations
