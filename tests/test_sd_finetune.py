@@ -46,26 +46,10 @@ def _options(workspace, out, **changes):
     return FinetuneOptions(**(base | changes)).validate()
 
 
-def _diffusers_images(pipe, noise, prompts, steps, guidance):
-    return pipe(
-        prompts,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        latents=noise,
-        height=16,
-        width=16,
-        output_type="pt",
-    ).images
-
-
-def _noise(n):
-    return torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(n)])
-
-
 PROMPTS = ["solid black", "a bright scene"]
 
 
-def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
+def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, diffusers_images):
     outputs = finetune(
         _options(workspace, "lora", adapter="lora", zero_terminal_snr=True), progress=False, log=lambda _: None
     )
@@ -82,7 +66,7 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
     assert {f"unet.{k}" for k in loaded} == set(saved) and any(".attn2.to_k." in k for k in saved)
     assert all(torch.equal(loaded[k.removeprefix("unet.")], v) for k, v in saved.items())
-    theirs = _diffusers_images(pipe, _noise(2), PROMPTS, steps=5, guidance=3.0)
+    theirs = diffusers_images(pipe, PROMPTS, steps=5, guidance=3.0)
 
     model = sd.load_stable_diffusion(workspace / "sd")
     apply_adapter(model, outputs["lora"])
@@ -96,7 +80,7 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
     assert (generate(plain, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0)) - ours).abs().max() > 1e-4
 
 
-def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace):
+def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace, diffusers_images):
     outputs = finetune(
         _options(workspace, "full", adapter="full", offset_noise=0.1), progress=False, log=lambda _: None
     )
@@ -106,7 +90,7 @@ def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace):
     tuned = load_file(outputs["pipeline"] / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
     pipe.set_progress_bar_config(disable=True)
-    theirs = _diffusers_images(pipe, _noise(2), PROMPTS, steps=5, guidance=3.0)
+    theirs = diffusers_images(pipe, PROMPTS, steps=5, guidance=3.0)
     ours = generate(sd.load_stable_diffusion(outputs["pipeline"]), PROMPTS, SampleSettings(steps=5, guidance=3.0))
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     saved = json.loads((workspace / "full" / "config.json").read_text())

@@ -27,23 +27,13 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _diffusers_images(pipe, steps, guidance, negative_prompt=None):
-    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        PROMPTS,
-        negative_prompt=negative_prompt,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        latents=noise,
-        height=16,
-        width=16,
-        output_type="pt",
-    ).images
+def _options(workspace, out, **changes):
+    base = {"model": str(workspace / "sdxl"), "data": str(workspace / "data"), "out": str(workspace / out)}
+    return FinetuneOptions(**(base | {"resolution": 16, "batch_size": 2, "lr": 1e-3} | changes)).validate()
 
 
 @pytest.mark.parametrize("negative_prompt", ["", "blurry"])
-def test_sampling_matches_diffusers_sdxl_pipeline(workspace, negative_prompt):
+def test_sampling_matches_diffusers_sdxl_pipeline(workspace, negative_prompt, diffusers_images):
     model = sd.load_stable_diffusion(workspace / "sdxl")
     assert model.is_xl
     ours = generate(
@@ -54,23 +44,12 @@ def test_sampling_matches_diffusers_sdxl_pipeline(workspace, negative_prompt):
     pipe = StableDiffusionXLPipeline.from_pretrained(workspace / "sdxl", local_files_only=True)
     # fullrange's last DDIM step returns x0; diffusers' does with set_alpha_to_one (else it stops at ᾱ_0 < 1).
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
-    theirs = _diffusers_images(pipe, 4, 4.0, negative_prompt or None)
+    theirs = diffusers_images(pipe, PROMPTS, 4, 4.0, negative_prompt or None)
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 
 
-def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
-    options = FinetuneOptions(
-        model=str(workspace / "sdxl"),
-        data=str(workspace / "data"),
-        out=str(workspace / "lora_run"),
-        adapter="lora",
-        zero_terminal_snr=True,
-        resolution=16,
-        max_steps=3,
-        batch_size=2,
-        lr=1e-3,
-        checkpoint_every=2,
-    ).validate()
+def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, diffusers_images):
+    options = _options(workspace, "lora_run", adapter="lora", zero_terminal_snr=True, max_steps=3, checkpoint_every=2)
     outputs = finetune(options, progress=False, log=lambda _: None)
     pipe = StableDiffusionXLPipeline.from_pretrained(workspace / "sdxl", local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_pretrained(outputs["lora"])
@@ -80,7 +59,7 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace):
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
     assert {f"unet.{k}" for k in loaded} == set(saved) and any(".attn2.to_k." in k for k in saved)
     assert all(torch.equal(loaded[k.removeprefix("unet.")], v) for k, v in saved.items())
-    theirs = _diffusers_images(pipe, 5, 3.0)
+    theirs = diffusers_images(pipe, PROMPTS, 5, 3.0)
 
     model = sd.load_stable_diffusion(workspace / "sdxl")
     apply_adapter(model, outputs["lora"])
@@ -104,22 +83,11 @@ def test_size_conditioning_records_original_size_and_crop(workspace, tmp_path):
     assert rows == {(20, 24, 0, 1, 16, 16), (20, 32, 0, 5, 16, 16), (20, 40, 0, 8, 16, 16), (20, 48, 0, 11, 16, 16)}
 
 
-def test_full_fine_tune_saves_an_sdxl_pipeline_diffusers_samples_alike(workspace):
-    options = FinetuneOptions(
-        model=str(workspace / "sdxl"),
-        data=str(workspace / "data"),
-        out=str(workspace / "full_run"),
-        adapter="full",
-        offset_noise=0.1,
-        buckets=True,
-        resolution=16,
-        max_steps=2,
-        batch_size=2,
-        lr=1e-3,
-    ).validate()
+def test_full_fine_tune_saves_an_sdxl_pipeline_diffusers_samples_alike(workspace, diffusers_images):
+    options = _options(workspace, "full_run", adapter="full", offset_noise=0.1, buckets=True, max_steps=2)
     outputs = finetune(options, progress=False, log=lambda _: None)
     pipe = StableDiffusionXLPipeline.from_pretrained(outputs["pipeline"], local_files_only=True)
-    theirs = _diffusers_images(pipe, 4, 3.0)
+    theirs = diffusers_images(pipe, PROMPTS, 4, 3.0)
     model = sd.load_stable_diffusion(outputs["pipeline"])
     assert model.is_xl and model.prediction == "epsilon"
     ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=4, guidance=3.0, resolution=16))

@@ -64,7 +64,8 @@ def read_header(path: Path | str) -> dict:
 
 def _pickle_header(path: Path) -> dict:
     """Tensor names and shapes of a pickle checkpoint (``.ckpt``; the caller has allowed pickle), read with
-    ``torch.load(weights_only=True)`` through diffusers, as a safetensors header would give them."""
+    ``torch.load(weights_only=True)`` through diffusers, as a safetensors header would give them. A pickle has
+    no header, so the file is read twice (here, then by ``from_single_file``, which takes only a path)."""
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
     try:
@@ -301,16 +302,22 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor
     return out
 
 
+def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's weights under the names inside ``text_model`` (CLIPTextModel is flat in
+    recent transformers, CLIPTextModelWithProjection is not), without the ``position_ids`` buffer."""
+    return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+
+
 def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """A transformers CLIP text model's state dict as LDM files keep CLIP ViT-L: its own names under ``prefix``."""
-    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    state = _text_model_names(state)
     return {prefix + k: v for k, v in state.items() if not k.startswith("text_projection")}
 
 
 def openclip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """A transformers CLIP text model's state dict in OpenCLIP's names under ``prefix`` (q/k/v stacked in
     ``in_proj``, ``text_projection`` transposed), as SD 2.x and SDXL files keep their OpenCLIP encoder."""
-    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    state = _text_model_names(state)
     renames = {
         "embeddings.token_embedding.weight": "token_embedding.weight",
         "embeddings.position_embedding.weight": "positional_embedding",
