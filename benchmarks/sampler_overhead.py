@@ -27,9 +27,8 @@ def model(x, t):
 
 
 def ours(name, noise, schedule, steps):
-    return fullrange.sample(
-        model, noise, schedule=schedule, prediction="v_prediction", sampler=name, steps=steps, spacing="trailing"
-    )
+    spec = fullrange.SamplingSpec(schedule, "v_prediction", "trailing")
+    return fullrange.sample(model, noise, spec, sampler=name, steps=steps)
 
 
 def per_step_us(fn, steps: int, repeats: int) -> float:

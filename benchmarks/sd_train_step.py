@@ -12,35 +12,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
-from importlib import resources
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from fullrange import adapters, prediction, schedules, train
+from fullrange import adapters, batches, losses, models, prediction, schedules, train
+from fullrange.sd.testing import sd15_unet_config
 
-SD15 = {
-    k: v
-    for k, v in json.loads(resources.files("fullrange").joinpath("configs/sd1.json").read_text())["unet"].items()
-    if not k.startswith("_")
-}  # the SD 1.5 UNet config fullrange loads single files with
-SMALL = SD15 | {
-    "sample_size": 32,
-    "block_out_channels": (64, 128, 128, 128),
-    "cross_attention_dim": 128,
-    "layers_per_block": 1,
-    "norm_num_groups": 32,
-}
+SD15 = sd15_unet_config()  # the SD 1.5 UNet config fullrange loads single files with
+SMALL = sd15_unet_config(
+    sample_size=32, block_out_channels=(64, 128, 128, 128), cross_attention_dim=128, layers_per_block=1
+)
 
 
 def build(cuda: bool) -> tuple[UNet2DConditionModel, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
     config = SD15 if cuda else SMALL
-    unet = UNet2DConditionModel(**config)
-    adapters.add_lora(unet, rank=4)
+    with models.seeded(0):
+        unet = UNet2DConditionModel(**config)
+        adapters.add_lora(unet, rank=4)
     size = config["sample_size"]
     latents = torch.randn(8, 4, size, size)
     text = torch.randn(8, 77, config["cross_attention_dim"])
@@ -48,16 +39,16 @@ def build(cuda: bool) -> tuple[UNet2DConditionModel, torch.Tensor, torch.Tensor]
 
 
 def fullrange_run(unet, latents, text, steps, mixed) -> float:
-    def batches(batch_size, generator):
+    def draw(batch_size, generator):
         index = torch.randint(0, latents.shape[0], (batch_size,), generator=generator)
-        return train.Batch(latents[index], {"encoder_hidden_states": text[index]})
+        return batches.Batch(latents[index], {"encoder_hidden_states": text[index]})
 
     config = train.TrainConfig(
         steps=steps, batch_size=1, lr=1e-4, warmup=1, checkpoint_every=10**9, mixed_precision=mixed
     )
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        train.train(unet, batches, train.get_recipe("baseline"), config, out, progress=False, resume=False)
+        train.train(unet, draw, losses.get_recipe("baseline"), config, out, progress=False, resume=False)
         _sync()
         return time.perf_counter() - start
 

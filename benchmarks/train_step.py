@@ -15,19 +15,20 @@ import time
 
 import torch
 
-from fullrange import models, prediction, toy, train
+from fullrange import batches, losses, models, prediction, toy, train
 
 
 def fullrange_run(images, labels, steps: int, batch: int, size: int) -> float:
-    torch.manual_seed(0)
     model = models.tiny_unet(size, 3)
-    config = train.TrainConfig(steps=steps, batch_size=batch, warmup=1, checkpoint_every=10**9)
+    config = train.TrainConfig(
+        steps=steps, batch_size=batch, lr=1e-3, warmup=1, ema_decay=0.999, checkpoint_every=10**9
+    )
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         train.train(
             model,
-            train.labelled_batches(images, labels, len(toy.LABELS)),
-            train.get_recipe("baseline"),
+            batches.labelled(images, labels, len(toy.LABELS)),
+            losses.get_recipe("baseline"),
             config,
             out,
             progress=False,
@@ -37,10 +38,9 @@ def fullrange_run(images, labels, steps: int, batch: int, size: int) -> float:
 
 
 def minimal_run(images, labels, steps: int, batch: int, size: int) -> float:
-    torch.manual_seed(0)
     model = models.tiny_unet(size, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    alphas_cumprod = train.get_recipe("baseline").build_schedule().alphas_cumprod.float()
+    alphas_cumprod = losses.get_recipe("baseline").spec.schedule.alphas_cumprod.float()
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for _ in range(steps):

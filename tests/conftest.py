@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -42,3 +44,50 @@ def diffusers_images():
         ).images
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny SD 1.x-shaped diffusers folder built from configs (read-only: copy it to change it)."""
+    from fullrange.sd.testing import save_tiny_stable_diffusion
+
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL-shaped diffusers folder built from configs (read-only)."""
+    from fullrange.sd.testing import save_tiny_stable_diffusion
+
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("sdxl") / "tiny", xl=True)
+
+
+@pytest.fixture(scope="session")
+def bundled(tmp_path_factory):
+    """The bundled SD 1.x / 2.x / XL config folders, by family."""
+    from fullrange.sd import single_file
+    from fullrange.sd.export import FAMILIES
+
+    root = tmp_path_factory.mktemp("configs")
+    return {name: single_file.write_config_folder(name, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def meta_models():
+    """``meta_models(folder)``: a config folder's networks on the meta device (shapes and names, no memory), named
+    as ``StableDiffusion`` names them."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def build(folder):
+        parts = {}
+        with torch.device("meta"):
+            parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+            if (folder / "text_encoder_2").is_dir():
+                config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+                parts["text_encoder_2"] = CLIPTextModelWithProjection(config)
+        return SimpleNamespace(**parts, is_xl="text_encoder_2" in parts)
+
+    return build

@@ -4,13 +4,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from fullrange import adapters, sd
+from fullrange import adapters
 
 
 @pytest.fixture(scope="module")
-def unet(tmp_path_factory):
-    path = sd.save_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny")
-    return UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval()
+def unet(tiny_sd):
+    return UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
 
 
 def _inputs():
@@ -50,9 +49,10 @@ def test_identity_init_then_merged_equals_unmerged(unet, kind):
     _perturb(model)
     unmerged = _run(model)
     assert (unmerged - reference).abs().max() > 1e-3
-    plain = copy.deepcopy(unet)
-    plain.load_state_dict(adapters.merged_state_dict(model))
-    torch.testing.assert_close(_run(plain), unmerged, atol=1e-4, rtol=1e-4)
+    merged = adapters.merge_adapters(model)
+    assert merged is model and set(model.state_dict()) == set(unet.state_dict())  # the plain UNet's names
+    assert not hasattr(model, "peft_config")
+    torch.testing.assert_close(_run(model), unmerged, atol=1e-4, rtol=1e-4)
 
 
 def test_oft_refuses_wide_convolutions(unet):
@@ -61,9 +61,9 @@ def test_oft_refuses_wide_convolutions(unet):
 
 
 def test_bad_adapter_options(unet):
-    with pytest.raises(ValueError, match="--lora-rank must be positive"):
+    with pytest.raises(ValueError, match="LoRA rank must be positive"):
         adapters.add_lora(copy.deepcopy(unet), rank=0)
     with pytest.raises(ValueError, match="no layer of the model matches"):
         adapters.add_lora(copy.deepcopy(unet), targets=("nothing_here",))
-    with pytest.raises(ValueError, match="--oft-block-size must be positive"):
+    with pytest.raises(ValueError, match="OFT block size must be positive"):
         adapters.add_oft(copy.deepcopy(unet), block_size=0)

@@ -73,5 +73,5 @@ def test_bad_guidance_options():
     with pytest.raises(ValueError, match=r"guidance_rescale must lie in \[0, 1\]"):
         guidance.cfg(lambda *a, **k: None, 7.5, {}, 1.5)
     guided = guidance.cfg(_conditional_denoiser(), 7.5, {"other": torch.zeros(1)})
-    with pytest.raises(ValueError, match="same keys"):
+    with pytest.raises(ValueError, match="different keys"):
         guided(torch.zeros(1, 1, 1, 1), 0, 0.5, scale=torch.ones(1))

@@ -8,17 +8,16 @@ import time
 import pytest
 import torch
 
-from fullrange import checkpoint, models, toy, train
+from fullrange import batches, checkpoint, losses, models, toy, train
 
 SCRIPT = """
 import sys, torch
-from fullrange import models, toy, train
+from fullrange import batches, losses, models, toy, train
 images, labels = toy.synthetic_images(32, size=8, seed=0)
-torch.manual_seed(0)
 model = models.tiny_unet(8, 3, width=8)
 config = train.TrainConfig(steps=int(sys.argv[2]), batch_size=4, lr=1e-3, warmup=2, checkpoint_every=int(sys.argv[3]))
 try:
-    train.train(model, train.labelled_batches(images, labels, 5), train.get_recipe("baseline"), config, sys.argv[1],
+    train.train(model, batches.labelled(images, labels, 5), losses.get_recipe("baseline"), config, sys.argv[1],
                 progress=False)
 except train.TrainingInterrupted as err:
     print(err, flush=True)
@@ -47,11 +46,10 @@ def _launch(tmp_path, steps, every):
 
 def _in_process(out, steps, every):
     images, labels = toy.synthetic_images(32, size=8, seed=0)
-    torch.manual_seed(0)
     model = models.tiny_unet(8, 3, width=8)
     config = train.TrainConfig(steps=steps, batch_size=4, lr=1e-3, warmup=2, checkpoint_every=every)
     return train.train(
-        model, train.labelled_batches(images, labels, 5), train.get_recipe("baseline"), config, out, progress=False
+        model, batches.labelled(images, labels, 5), losses.get_recipe("baseline"), config, out, progress=False
     )
 
 
@@ -62,9 +60,9 @@ def test_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted at step" in stdout
-    saved = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
-    assert 5 <= saved.step < 3000 and len(saved.log["loss"]) == saved.step
-    assert saved.optimizer is not None and saved.rng["generator"].dtype == torch.uint8
+    saved = checkpoint.Checkpoint(out / "checkpoint.safetensors")
+    assert 5 <= saved.step < 3000 and len(saved.group("log")["loss"]) == saved.step
+    assert saved.optimizer_state() is not None and saved.group("rng")["generator"].dtype == torch.uint8
 
 
 def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
@@ -72,8 +70,8 @@ def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    saved = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
-    assert saved.step >= 1 and len(saved.log["loss"]) == saved.step
+    saved = checkpoint.Checkpoint(out / "checkpoint.safetensors")
+    assert saved.step >= 1 and len(saved.group("log")["loss"]) == saved.step
     # A temporary file from the killed write may remain; the next run removes it and resumes.
     (out / ".checkpoint.safetensors.stale.tmp").write_bytes(b"partial")
     with pytest.raises(ValueError, match="another config"):

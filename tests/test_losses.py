@@ -41,13 +41,18 @@ def test_sample_timesteps_uniform():
     assert abs(t.double().mean().item() - 499.5) < 3 * 288.7 / math.sqrt(100_000)
 
 
-def test_validation_refuses_zero_terminal_snr_with_epsilon():
-    z = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
-    with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
-        losses.validate_recipe(z, "epsilon")
-    losses.validate_recipe(z, "v_prediction", "trailing")
-    losses.validate_recipe(schedules.scaled_linear(), "epsilon", "leading")
-    with pytest.warns(UserWarning, match="leading spacing"):
-        losses.validate_recipe(z, "v_prediction", "leading")
-    with pytest.warns(UserWarning, match="clipping"):
-        losses.validate_recipe(z, "v_prediction", "trailing", clip_x0=True)
+def test_recipes_refuse_unknown_parts():
+    with pytest.raises(ValueError, match="unknown recipe 'cosmic'"):
+        losses.get_recipe("cosmic")
+    with pytest.raises(ValueError, match="unknown noise 'pink'"):
+        losses.Recipe("broken", noise="pink")
+    with pytest.raises(ValueError, match="unknown weighting 'snr'"):
+        losses.Recipe("broken", weighting="snr")
+
+
+def test_zero_terminal_snr_recipe_is_lin_et_al():
+    """The ztsnr recipe samples as Lin et al. prescribe: SD's betas rescaled (ᾱ_T = 0), v, trailing steps."""
+    spec = losses.get_recipe("ztsnr").spec
+    assert spec.schedule.zero_terminal_snr and spec.prediction == "v_prediction" and spec.spacing == "trailing"
+    rescaled = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
+    torch.testing.assert_close(spec.schedule.alphas_cumprod, rescaled.alphas_cumprod, atol=0, rtol=0)

@@ -5,8 +5,8 @@ from typer.testing import CliRunner
 
 from fullrange import reproduce
 from fullrange.cli import app
+from fullrange.losses import RECIPES, Recipe
 from fullrange.reproduce.common import PRESETS, Context
-from fullrange.train import RECIPES, Recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,6 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-import fullrange
 from fullrange import metrics, prediction, schedules, timesteps, toy
 from fullrange.samplers import SAMPLERS, STOCHASTIC
 
@@ -65,28 +64,6 @@ def test_oracle_follows_the_forward_process_and_returns_x0(sampler, plan, gen):
     )
     torch.testing.assert_close(out, x0, atol=1e-12, rtol=0)
     assert seen == steps.double().tolist()
-
-
-def test_oracle_through_a_v_network_and_sample(gen):
-    """The public entry point with a diffusers-like network (``model(x_t, t)`` returns v)."""
-    x0 = torch.randn(2, 3, 8, 8, generator=gen)
-
-    def model(x_t, t):
-        assert t.shape == (2,) and t.dtype == torch.float32
-        return prediction.to_v(x0, x_t, ZTSNR.alphas_cumprod_at(t[0].double()).float())
-
-    noise = torch.randn(2, 3, 8, 8, generator=gen)
-    for sampler in DETERMINISTIC:
-        out = fullrange.sample(
-            model,
-            noise,
-            schedule=ZTSNR,
-            prediction="v_prediction",
-            sampler=sampler,
-            steps=7,
-            spacing="trailing",
-        )
-        torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
 
 
 EXPECTED_ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "unipc": 3}
@@ -291,18 +268,3 @@ def test_effect_grows_with_resolution(report):
         ratios.append(metrics.spread_ratio(SAMPLERS["ddim"](data.denoise, noise, SD, steps), reference))
     report(f"sd+leading spread ratio at 3x8x8 and 3x32x32: {[round(r, 3) for r in ratios]}")
     assert ratios[1] < ratios[0] - 0.2
-
-
-def test_sample_validates_its_options():
-    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    noise = torch.zeros(1, 3, 4, 4)
-    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
-        fullrange.sample(model, noise, schedule=SD, prediction="epsilon", sampler="plms")
-    with pytest.raises(ValueError, match="has no option eta"):
-        fullrange.sample(model, noise, schedule=SD, prediction="epsilon", sampler="euler", eta=1.0)
-    with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
-        fullrange.sample(model, noise, schedule=ZTSNR, prediction="epsilon")
-    with pytest.raises(ValueError, match="strictly descending"):
-        fullrange.sample(model, noise, schedule=SD, prediction="epsilon", steps=torch.tensor([10, 500]))
-    out = fullrange.sample(model, noise, schedule=SD, prediction="epsilon", sampler="ddim", eta=0.0, steps=3)
-    assert out.shape == noise.shape

@@ -1,6 +1,7 @@
 """Fine-tuning and sampling a tiny Stable Diffusion built from configs (no downloads)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,10 +12,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fullrange import data, sd
+from fullrange import data
 from fullrange.cli import app
-from fullrange.sd_finetune import FinetuneOptions, encode_captions, encode_latents, finetune, read_options
-from fullrange.sd_sample import SampleSettings, apply_adapter, generate
+from fullrange.sd import load_adapter, load_stable_diffusion
+from fullrange.sd.config import finetune_config, merge
+from fullrange.sd.finetune import finetune
+from fullrange.sd.latents import encode_captions, encode_latents
+from fullrange.sd.sample import SampleSettings, generate
+from fullrange.sd.testing import save_tiny_stable_diffusion
 
 runner = CliRunner()
 
@@ -22,7 +27,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    sd.save_tiny_stable_diffusion(root / "sd")
+    save_tiny_stable_diffusion(root / "sd")
     (root / "data").mkdir()
     for i, (value, caption) in enumerate(
         [(0, "solid black"), (255, "solid white"), (40, "a dark scene"), (215, "a bright scene")]
@@ -32,27 +37,23 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _options(workspace, out, **changes):
+def _config(workspace, out, **tables):
+    """A fine-tune of the tiny SD on the workspace's images, 3 steps at 16×16; ``tables`` change any table."""
     base = {
-        "model": str(workspace / "sd"),
-        "data": str(workspace / "data"),
-        "out": str(workspace / out),
-        "resolution": 16,
-        "max_steps": 3,
-        "batch_size": 2,
-        "lr": 1e-3,
-        "checkpoint_every": 2,
+        "model": {"path": str(workspace / "sd")},
+        "data": {"path": str(workspace / "data"), "resolution": 16},
+        "output": {"path": str(workspace / out)},
+        "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},
     }
-    return FinetuneOptions(**(base | changes)).validate()
+    return finetune_config(merge(base, tables))
 
 
 PROMPTS = ["solid black", "a bright scene"]
 
 
 def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, diffusers_images):
-    outputs = finetune(
-        _options(workspace, "lora", adapter="lora", zero_terminal_snr=True), progress=False, log=lambda _: None
-    )
+    config = _config(workspace, "lora", adapter={"kind": "lora"}, noise={"zero_terminal_snr": True})
+    outputs = finetune(config, progress=False, log=lambda _: None)
     config = json.loads((outputs["lora"] / "scheduler_config.json").read_text())
     assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
     assert config["timestep_spacing"] == "trailing"
@@ -68,22 +69,19 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, d
     assert all(torch.equal(loaded[k.removeprefix("unet.")], v) for k, v in saved.items())
     theirs = diffusers_images(pipe, PROMPTS, steps=5, guidance=3.0)
 
-    model = sd.load_stable_diffusion(workspace / "sd")
-    apply_adapter(model, outputs["lora"])
-    assert model.prediction == "v_prediction" and model.schedule.zero_terminal_snr
+    model = load_adapter(load_stable_diffusion(workspace / "sd"), outputs["lora"])
+    assert model.spec.prediction == "v_prediction" and model.spec.schedule.zero_terminal_snr
     ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0))
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 
     # The adapter changed something: without it the same settings give other images.
-    plain = sd.load_stable_diffusion(workspace / "sd")
-    plain.scheduler_config, plain.prediction, plain.schedule = model.scheduler_config, model.prediction, model.schedule
+    plain = replace(load_stable_diffusion(workspace / "sd"), spec=model.spec)
     assert (generate(plain, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0)) - ours).abs().max() > 1e-4
 
 
 def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace, diffusers_images):
-    outputs = finetune(
-        _options(workspace, "full", adapter="full", offset_noise=0.1), progress=False, log=lambda _: None
-    )
+    config = _config(workspace, "full", adapter={"kind": "full"}, noise={"offset": 0.1})
+    outputs = finetune(config, progress=False, log=lambda _: None)
     pipe = StableDiffusionPipeline.from_pretrained(outputs["pipeline"], local_files_only=True)
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.set_alpha_to_one
     base = load_file(workspace / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -91,14 +89,15 @@ def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace, diffusers_
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
     pipe.set_progress_bar_config(disable=True)
     theirs = diffusers_images(pipe, PROMPTS, steps=5, guidance=3.0)
-    ours = generate(sd.load_stable_diffusion(outputs["pipeline"]), PROMPTS, SampleSettings(steps=5, guidance=3.0))
+    ours = generate(load_stable_diffusion(outputs["pipeline"]), PROMPTS, SampleSettings(steps=5, guidance=3.0))
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     saved = json.loads((workspace / "full" / "config.json").read_text())
-    assert saved["options"]["offset_noise"] == 0.1 and saved["recipe"]["noise"] == "offset"
+    assert saved["config"]["noise"]["offset"] == 0.1 and saved["recipe"]["noise"] == "offset"
 
 
 def test_oft_saves_the_adapter_and_a_merged_pipeline(workspace):
-    outputs = finetune(_options(workspace, "oft", adapter="oft", oft_block_size=4), progress=False, log=lambda _: None)
+    config = _config(workspace, "oft", adapter={"kind": "oft", "block_size": 4})
+    outputs = finetune(config, progress=False, log=lambda _: None)
     adapter = load_file(outputs["oft"] / "adapter_model.safetensors")
     assert adapter and all("oft_" in k for k in adapter)
     base = load_file(workspace / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -109,19 +108,20 @@ def test_oft_saves_the_adapter_and_a_merged_pipeline(workspace):
     assert not any(".conv1." in k or ".conv2." in k for k in changed)  # 3×3 convolutions are left alone
 
 
-def test_train_cli_config_file_overrides_and_resume(workspace, tmp_path):
+def test_train_cli_flat_config_file_overrides_and_resume(workspace, tmp_path):
+    """A flat TOML file spelled as the flags (as before the tables) still works; flags override it."""
     toml = tmp_path / "run.toml"
     toml.write_text(
         f'model = "{workspace / "sd"}"\ndata = "{workspace / "data"}"\nresolution = 16\n'
-        'max-steps = 2\nbatch-size = 2\nadapter = "lora"\nlora-rank = 2\n'
+        'max-steps = 2\nbatch_size = 2\nadapter = "lora"\nlora-rank = 2\nvalidation-prompts = []\n'
     )
     out = tmp_path / "run"
     result = runner.invoke(
         app, ["train", "--config", str(toml), "--out", str(out), "--lora-rank", "3", "--no-progress"]
     )
     assert result.exit_code == 0, result.output
-    saved = json.loads((out / "config.json").read_text())["options"]
-    assert saved["lora_rank"] == 3 and saved["max_steps"] == 2 and saved["resolution"] == 16
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["adapter"]["rank"] == 3 and saved["train"]["steps"] == 2 and saved["data"]["resolution"] == 16
     again = runner.invoke(app, ["train", "--config", str(toml), "--out", str(out), "--no-progress"])
     assert again.exit_code == 2 and "pass --resume" in again.output
     resumed = runner.invoke(
@@ -130,16 +130,39 @@ def test_train_cli_config_file_overrides_and_resume(workspace, tmp_path):
     assert resumed.exit_code == 0, resumed.output
 
 
+def test_train_cli_nested_config_file(workspace, tmp_path):
+    """The tables of a nested TOML file are the config's tables; flags still override them."""
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'[model]\npath = "{workspace / "sd"}"\n[data]\npath = "{workspace / "data"}"\nresolution = 16\n'
+        '[noise]\nzero_terminal_snr = true\n[adapter]\nkind = "lora"\nrank = 2\n'
+        "[train]\nsteps = 2\nbatch_size = 2\nwarmup = 1\n"
+    )
+    out = tmp_path / "nested"
+    result = runner.invoke(
+        app, ["train", "--config", str(toml), "--out", str(out), "--max-steps", "1", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["train"] == saved["config"]["train"] | {"steps": 1, "batch_size": 2, "warmup": 1}
+    assert saved["recipe"]["spec"]["prediction"] == "v_prediction" and saved["config"]["adapter"]["rank"] == 2
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--adapter", "dora"], "--adapter 'dora'"),
+        (["--adapter", "dora"], "--adapter 'dora' is not one of full, lora, oft"),
         (["--resolution", "12"], "--resolution must be a multiple of 8"),
         (["--max-steps", "0"], "--max-steps must be positive"),
-        (["--offset-noise", "0.1", "--pyramid-noise", "0.8"], "alternatives"),
+        (["--lora-rank", "0"], "--lora-rank must be positive"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--offset-noise", "0.1", "--pyramid-noise", "0.8"], "--offset-noise and --pyramid-noise are alternatives"),
+        (["--zero-terminal-snr", "--prediction", "epsilon"], "--prediction epsilon with zero terminal SNR"),
+        (["--sha256", "abc"], "--sha256 'abc': not 64 hex digits"),
     ],
 )
 def test_train_cli_bad_options(workspace, tmp_path, args, message):
+    """Every bad option is one line naming the flag, before anything is loaded."""
     result = runner.invoke(
         app,
         [
@@ -153,24 +176,52 @@ def test_train_cli_bad_options(workspace, tmp_path, args, message):
             *args,
         ],
     )
-    assert result.exit_code == 2 and message in result.output
+    assert result.exit_code == 2 and message in result.output, result.output
     assert result.output.strip().count("\n") == 0
+    assert not (tmp_path / "o").exists()
 
 
-def test_read_options_errors(tmp_path):
+def test_library_errors_speak_config_terms(workspace, tmp_path):
+    base = {"model": {"path": "m"}, "data": {"path": "d"}, "output": {"path": "o"}}
+    with pytest.raises(ValueError, match=r"^adapter\.rank must be positive, got 0$"):
+        finetune_config(merge(base, {"adapter": {"rank": 0}}))
+    with pytest.raises(ValueError, match=r"^train\.steps must be int, got 'many'$"):
+        finetune_config(merge(base, {"train": {"steps": "many"}}))
+    with pytest.raises(ValueError, match=r"^noise\.colour is not an option"):
+        finetune_config(merge(base, {"noise": {"colour": 1}}))
+    with pytest.raises(ValueError, match=r"^model\.path is required$"):
+        finetune_config({"data": {"path": "d"}, "output": {"path": "o"}})
+    config = _config(workspace, "missing", model={"path": str(tmp_path / "nothing")})
+    with pytest.raises(ValueError, match=r"^model\.path .*nothing: no such file or directory$"):
+        finetune(config, progress=False, log=lambda _: None)
     bad = tmp_path / "bad.toml"
     bad.write_text("colour = 'blue'\n")
-    with pytest.raises(ValueError, match="unknown option 'colour'"):
-        read_options(bad, {})
-    with pytest.raises(ValueError, match="missing --model, --data, --out"):
-        read_options(None, {})
+    result = runner.invoke(app, ["train", "--config", str(bad)])
+    assert result.exit_code == 2 and f"--config {bad}: unknown option 'colour'" in result.output
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 2 and "--model is required (on the command line or in --config)" in result.output
+
+
+def test_a_linear_schedule_checkpoint_fine_tunes_on_its_own_schedule(workspace, tmp_path):
+    """The recipe keeps the schedule the loader read (here DDPM's linear betas), rescaled for zero terminal SNR,
+    and the saved scheduler config names it."""
+    import shutil
+
+    folder = shutil.copytree(workspace / "sd", tmp_path / "linear")
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(config_path.read_text()) | {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+    config_path.write_text(json.dumps(scheduler))
+    config = _config(workspace, "linear_run", model={"path": str(folder)}, noise={"zero_terminal_snr": True})
+    outputs = finetune(config, progress=False, log=lambda _: None)
+    saved = DDIMScheduler.from_pretrained(outputs["lora"])
+    assert saved.config.beta_schedule == "linear" and saved.config.rescale_betas_zero_snr
+    reference = DDIMScheduler(beta_schedule="linear", rescale_betas_zero_snr=True).alphas_cumprod
+    torch.testing.assert_close(saved.alphas_cumprod, reference)
 
 
 def test_zero_terminal_snr_with_epsilon_is_refused(workspace):
-    with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
-        finetune(
-            _options(workspace, "bad", zero_terminal_snr=True, prediction="epsilon"), progress=False, log=lambda _: None
-        )
+    with pytest.raises(ValueError, match=r"noise\.prediction epsilon with zero terminal SNR"):
+        _config(workspace, "bad", noise={"zero_terminal_snr": True, "prediction": "epsilon"})
 
 
 def test_sample_cli_writes_pngs_with_settings(workspace, tmp_path):
@@ -204,7 +255,7 @@ def test_sample_cli_writes_pngs_with_settings(workspace, tmp_path):
     bad = runner.invoke(
         app, ["sample", "--model", str(workspace / "sd"), "--prompt", "x", "--out", str(tmp_path), "--sampler", "plms"]
     )
-    assert bad.exit_code == 2 and "--sampler 'plms' is unknown" in bad.output
+    assert bad.exit_code == 2 and "--sampler 'plms' is not one of ddim," in bad.output
 
 
 def test_eval_brightness_compares_two_models(workspace, tmp_path):
@@ -240,16 +291,13 @@ def test_eval_brightness_compares_two_models(workspace, tmp_path):
 
 
 def test_validation_images_at_each_checkpoint_with_accumulation(workspace):
-    options = _options(
+    config = _config(
         workspace,
         "val",
-        max_steps=4,
-        checkpoint_every=2,
-        grad_accum=2,
-        gradient_checkpointing=True,
-        validation_prompts=("solid black", "a white background"),
+        train={"steps": 4, "checkpoint_every": 2, "grad_accum": 2, "gradient_checkpointing": True},
+        validation={"prompts": ["solid black", "a white background"]},
     )
-    finetune(options, progress=False, log=lambda _: None)
+    finetune(config, progress=False, log=lambda _: None)
     steps = sorted(p.name for p in (workspace / "val" / "validation").iterdir())
     assert steps == ["step_000002", "step_000004"]
     image = Image.open(workspace / "val" / "validation" / "step_000004" / "0001.png")
@@ -262,7 +310,7 @@ def test_latents_and_caption_states_are_cached(workspace, tmp_path):
     texts = sorted(cache.glob("text_*.safetensors"))
     assert len(latents) == 4 and len(texts) == 1
     states = load_file(texts[0])
-    model = sd.load_stable_diffusion(workspace / "sd")
+    model = load_stable_diffusion(workspace / "sd")
     torch.testing.assert_close(
         states["encoder_hidden_states"][-1:], model.encode_prompts([""])["encoder_hidden_states"]
     )
@@ -278,28 +326,19 @@ def test_latents_and_caption_states_are_cached(workspace, tmp_path):
 
 def test_dreambooth_prior_preservation_generates_and_uses_class_images(workspace):
     lines = []
-    options = _options(
-        workspace,
-        "dreambooth",
-        adapter="lora",
-        class_prompt="a photo of a scene",
-        num_class_images=3,
-        prior_loss_weight=0.5,
-        max_steps=2,
-    )
-    finetune(options, progress=False, log=lines.append)
+    data = {"class_prompt": "a photo of a scene", "num_class_images": 3, "prior_loss_weight": 0.5}
+    config = _config(workspace, "dreambooth", data=data, train={"steps": 2})
+    finetune(config, progress=False, log=lines.append)
     class_dir = workspace / "dreambooth" / "class_images"
     assert sorted(p.name for p in class_dir.glob("*.png")) == ["class_00000.png", "class_00001.png", "class_00002.png"]
     assert (class_dir / "class_00001.txt").read_text() == "a photo of a scene"
     assert any("prior preservation: 3 class images" in line for line in lines)
     # Given class images are used as they are, captioned with the class prompt.
-    given = FinetuneOptions(
-        **{
-            **options.__dict__,
-            "out": str(workspace / "dreambooth2"),
-            "num_class_images": 0,
-            "class_data": str(workspace / "data"),
-        }
+    given = _config(
+        workspace,
+        "dreambooth2",
+        data=data | {"num_class_images": 0, "class_data": str(workspace / "data")},
+        train={"steps": 2},
     )
     lines.clear()
     finetune(given, progress=False, log=lines.append)
@@ -308,41 +347,37 @@ def test_dreambooth_prior_preservation_generates_and_uses_class_images(workspace
 
 
 def test_class_prompt_needs_class_images(workspace):
-    with pytest.raises(ValueError, match="--class-prompt needs --class-data"):
-        _options(workspace, "x", class_prompt="a dog")
-    with pytest.raises(ValueError, match="prior preservation needs --class-prompt"):
-        _options(workspace, "x", num_class_images=4)
+    with pytest.raises(ValueError, match=r"data\.class_prompt needs class_data DIR"):
+        _config(workspace, "x", data={"class_prompt": "a dog"})
+    with pytest.raises(ValueError, match=r"data\.class_prompt is needed for prior preservation"):
+        _config(workspace, "x", data={"num_class_images": 4})
 
 
 def test_oft_adapter_in_sample_matches_the_merged_pipeline_and_scales(workspace):
     oft_dir, merged_dir = workspace / "oft" / "oft", workspace / "oft" / "pipeline"
     if not oft_dir.exists():
-        finetune(_options(workspace, "oft", adapter="oft", oft_block_size=4), progress=False, log=lambda _: None)
+        config = _config(workspace, "oft", adapter={"kind": "oft", "block_size": 4})
+        finetune(config, progress=False, log=lambda _: None)
     settings = SampleSettings(steps=4, guidance=3.0)
-    merged = generate(sd.load_stable_diffusion(merged_dir), PROMPTS, settings)
-    adapted = sd.load_stable_diffusion(workspace / "sd")
-    apply_adapter(adapted, oft_dir)
+    merged = generate(load_stable_diffusion(merged_dir), PROMPTS, settings)
+    adapted = load_adapter(load_stable_diffusion(workspace / "sd"), oft_dir)
     torch.testing.assert_close(generate(adapted, PROMPTS, settings), merged, atol=2e-4, rtol=0)
-    off = sd.load_stable_diffusion(workspace / "sd")
-    apply_adapter(off, oft_dir, strength=0.0)
-    base = generate(sd.load_stable_diffusion(workspace / "sd"), PROMPTS, settings)
+    off = load_adapter(load_stable_diffusion(workspace / "sd"), oft_dir, strength=0.0)
+    base = generate(load_stable_diffusion(workspace / "sd"), PROMPTS, settings)
     torch.testing.assert_close(generate(off, PROMPTS, settings), base, atol=1e-6, rtol=0)
 
 
 def test_lora_strength_zero_is_the_base_model(workspace):
     lora_dir = workspace / "lora" / "lora"
     if not lora_dir.exists():
-        finetune(
-            _options(workspace, "lora", adapter="lora", zero_terminal_snr=True), progress=False, log=lambda _: None
-        )
+        config = _config(workspace, "lora", adapter={"kind": "lora"}, noise={"zero_terminal_snr": True})
+        finetune(config, progress=False, log=lambda _: None)
     settings = SampleSettings(steps=3, guidance=3.0)
-    off = sd.load_stable_diffusion(workspace / "sd")
-    apply_adapter(off, lora_dir, strength=0.0)
-    base = sd.load_stable_diffusion(workspace / "sd")
-    base.scheduler_config, base.prediction, base.schedule = off.scheduler_config, off.prediction, off.schedule
+    off = load_adapter(load_stable_diffusion(workspace / "sd"), lora_dir, strength=0.0)
+    base = replace(load_stable_diffusion(workspace / "sd"), spec=off.spec)
     torch.testing.assert_close(generate(off, PROMPTS, settings), generate(base, PROMPTS, settings), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="neither a LoRA"):
-        apply_adapter(base, workspace / "data")
+        load_adapter(base, workspace / "data")
 
 
 def test_buckets_keep_aspect_ratios(workspace, tmp_path):
@@ -351,49 +386,44 @@ def test_buckets_keep_aspect_ratios(workspace, tmp_path):
     for i, (w, h) in enumerate([(40, 20), (42, 22), (20, 40), (30, 30)]):
         Image.fromarray(np.full((h, w, 3), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"image {i}")
-    options = FinetuneOptions(
-        model=str(workspace / "sd"),
-        data=str(folder),
-        out=str(tmp_path / "out"),
-        resolution=16,
-        max_steps=4,
-        batch_size=2,
-        buckets=True,
-        checkpoint_every=10,
-    ).validate()
-    finetune(options, progress=False, log=lambda _: None)
+    config = _config(
+        workspace,
+        "buckets",
+        data={"path": str(folder), "buckets": True},
+        output={"path": str(tmp_path / "out")},
+        train={"steps": 4, "checkpoint_every": 10},
+    )
+    finetune(config, progress=False, log=lambda _: None)
     shapes = sorted({tuple(load_file(p)["mean"].shape) for p in (tmp_path / "out" / "cache").glob("latent_*")})
     # (20, 12), (16, 16) and (12, 20) pixel buckets, as latents at half size.
     assert shapes == [(4, 6, 10), (4, 8, 8), (4, 10, 6)]
 
 
-def test_config_file_values_are_type_checked(tmp_path):
+def test_config_file_values_are_type_checked(workspace, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "m"\ndata = "d"\nout = "o"\nresolution = "big"\n')
-    with pytest.raises(ValueError, match="option resolution must be int, got 'big'"):
-        read_options(bad, {})
-    ok = tmp_path / "ok.toml"
-    ok.write_text('model = "m"\ndata = "d"\nout = "o"\nlr = 1\noffset-noise = 0.1\n')
-    options = read_options(ok, {})
-    assert options.lr == 1.0 and isinstance(options.lr, float) and options.offset_noise == 0.1
+    result = runner.invoke(app, ["train", "--config", str(bad)])
+    assert result.exit_code == 2 and "--resolution must be int, got 'big'" in result.output
+    config = _config(workspace, "typed", train={"lr": 1}, noise={"offset": 0.1})
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float) and config.noise.offset == 0.1
 
 
 def test_export_merges_a_lora_and_marks_its_sampling(workspace, tmp_path):
     """`fullrange export --adapter` writes one file whose UNet is the LoRA merged in, with v_pred / ztsnr keys
     from the adapter's scheduler config; it reloads as a v-prediction, zero-terminal-SNR model."""
-    from fullrange import single_file
+    from fullrange.sd import single_file
+    from fullrange.sd.config import ModelConfig
 
     path = tmp_path / "merged.safetensors"
     args = ["export", "--model", str(workspace / "sd"), "--adapter", str(workspace / "lora" / "lora")]
     result = runner.invoke(app, [*args, "--out", str(path), "--family", "sd1", "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     assert single_file.markers(single_file.read_header(path)) == {"v_prediction": True, "zero_terminal_snr": True}
-    merged = sd.load_stable_diffusion(path, config=workspace / "sd")
-    assert merged.prediction == "v_prediction" and merged.schedule.zero_terminal_snr
-    adapted = sd.load_stable_diffusion(workspace / "sd")
-    apply_adapter(adapted, workspace / "lora" / "lora")
+    merged = load_stable_diffusion(ModelConfig(str(path), config=str(workspace / "sd")))
+    assert merged.spec.prediction == "v_prediction" and merged.spec.schedule.zero_terminal_snr
+    adapted = load_adapter(load_stable_diffusion(workspace / "sd"), workspace / "lora" / "lora")
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 500.0])
-    cond = adapted.encode_prompts(PROMPTS)
+    cond = adapted.condition(adapted.encode_prompts(PROMPTS))
     torch.testing.assert_close(merged.unet(x, t, **cond).sample, adapted.unet(x, t, **cond).sample, atol=1e-5, rtol=0)
 
 
@@ -404,7 +434,7 @@ def test_bf16_mixed_precision_trains_with_fp32_master_weights(workspace, tmp_pat
     import subprocess
     import sys
 
-    from fullrange import checkpoint, models, train
+    from fullrange import batches, checkpoint, losses, models, train
 
     args = [sys.executable, "-m", "fullrange", "train", "--model", str(workspace / "sd")]
     args += ["--data", str(workspace / "data"), "--resolution", "16", "--max-steps", "3", "--batch-size", "4"]
@@ -415,16 +445,16 @@ def test_bf16_mixed_precision_trains_with_fp32_master_weights(workspace, tmp_pat
             [*args, "--mixed-precision", precision, "--out", str(tmp_path / precision)], capture_output=True, text=True
         )
         assert run.returncode == 0, run.stderr[-2000:]
-        saved = checkpoint.load_checkpoint(tmp_path / precision / "train" / "checkpoint.safetensors")
-        assert {v.dtype for v in saved.model.values()} == {torch.float32}
-        logs[precision] = saved.log["loss"]
+        saved = checkpoint.Checkpoint(tmp_path / precision / "train" / "checkpoint.safetensors")
+        assert {v.dtype for v in saved.group("model").values()} == {torch.float32}
+        logs[precision] = saved.group("log")["loss"]
     assert torch.allclose(logs["bf16"], logs["no"], rtol=0.05) and not torch.equal(logs["bf16"], logs["no"])
 
     config = train.TrainConfig(steps=1, batch_size=2, warmup=1)
     images = torch.zeros(4, 3, 8, 8)
-    batches = train.labelled_batches(images, torch.zeros(4, dtype=torch.long), 1)
+    labelled = batches.labelled(images, torch.zeros(4, dtype=torch.long), 1)
     model = models.tiny_unet(8, 3, width=8)
-    train.train(model, batches, train.get_recipe("baseline"), config, tmp_path / "a", progress=False)
+    train.train(model, labelled, losses.get_recipe("baseline"), config, tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="one precision per process"):
         bf16 = train.TrainConfig(steps=1, batch_size=2, warmup=1, mixed_precision="bf16")
-        train.train(model, batches, train.get_recipe("baseline"), bf16, tmp_path / "b", progress=False)
+        train.train(model, labelled, losses.get_recipe("baseline"), bf16, tmp_path / "b", progress=False)

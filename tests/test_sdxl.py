@@ -9,9 +9,11 @@ from peft import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
 
-from fullrange import sd
-from fullrange.sd_finetune import FinetuneOptions, finetune
-from fullrange.sd_sample import SampleSettings, apply_adapter, generate
+from fullrange.sd import load_adapter, load_stable_diffusion
+from fullrange.sd.config import finetune_config, merge
+from fullrange.sd.finetune import finetune
+from fullrange.sd.sample import SampleSettings, generate
+from fullrange.sd.testing import save_tiny_stable_diffusion
 
 PROMPTS = ["solid black", "a bright scene"]
 
@@ -19,7 +21,7 @@ PROMPTS = ["solid black", "a bright scene"]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("xl")
-    sd.save_tiny_stable_diffusion(root / "sdxl", xl=True)
+    save_tiny_stable_diffusion(root / "sdxl", xl=True)
     (root / "data").mkdir()
     for i, (value, caption) in enumerate([(0, "solid black"), (255, "solid white"), (40, "dark"), (215, "bright")]):
         Image.fromarray(np.full((20, 24 + 8 * i, 3), value, dtype=np.uint8)).save(root / "data" / f"{i}.png")
@@ -27,14 +29,19 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _options(workspace, out, **changes):
-    base = {"model": str(workspace / "sdxl"), "data": str(workspace / "data"), "out": str(workspace / out)}
-    return FinetuneOptions(**(base | {"resolution": 16, "batch_size": 2, "lr": 1e-3} | changes)).validate()
+def _config(workspace, out, **tables):
+    base = {
+        "model": {"path": str(workspace / "sdxl")},
+        "data": {"path": str(workspace / "data"), "resolution": 16},
+        "output": {"path": str(workspace / out)},
+        "train": {"batch_size": 2, "lr": 1e-3},
+    }
+    return finetune_config(merge(base, tables))
 
 
 @pytest.mark.parametrize("negative_prompt", ["", "blurry"])
 def test_sampling_matches_diffusers_sdxl_pipeline(workspace, negative_prompt, diffusers_images):
-    model = sd.load_stable_diffusion(workspace / "sdxl")
+    model = load_stable_diffusion(workspace / "sdxl")
     assert model.is_xl
     ours = generate(
         model,
@@ -49,8 +56,14 @@ def test_sampling_matches_diffusers_sdxl_pipeline(workspace, negative_prompt, di
 
 
 def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, diffusers_images):
-    options = _options(workspace, "lora_run", adapter="lora", zero_terminal_snr=True, max_steps=3, checkpoint_every=2)
-    outputs = finetune(options, progress=False, log=lambda _: None)
+    config = _config(
+        workspace,
+        "lora_run",
+        adapter={"kind": "lora"},
+        noise={"zero_terminal_snr": True},
+        train={"steps": 3, "checkpoint_every": 2},
+    )
+    outputs = finetune(config, progress=False, log=lambda _: None)
     pipe = StableDiffusionXLPipeline.from_pretrained(workspace / "sdxl", local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_pretrained(outputs["lora"])
     pipe.load_lora_weights(outputs["lora"])
@@ -61,9 +74,8 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, d
     assert all(torch.equal(loaded[k.removeprefix("unet.")], v) for k, v in saved.items())
     theirs = diffusers_images(pipe, PROMPTS, 5, 3.0)
 
-    model = sd.load_stable_diffusion(workspace / "sdxl")
-    apply_adapter(model, outputs["lora"])
-    assert model.prediction == "v_prediction" and model.schedule.zero_terminal_snr
+    model = load_adapter(load_stable_diffusion(workspace / "sdxl"), outputs["lora"])
+    assert model.spec.prediction == "v_prediction" and model.spec.schedule.zero_terminal_snr
     ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0, resolution=16))
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 
@@ -72,26 +84,39 @@ def test_size_conditioning_records_original_size_and_crop(workspace, tmp_path):
     """Each training image carries SDXL's time_ids: its original (h, w), the centred crop's top-left in the
     resized image, and the target size."""
     from fullrange import data
-    from fullrange.sd_finetune import image_batches
+    from fullrange.sd.config import DataConfig
+    from fullrange.sd.latents import image_batches
 
-    model = sd.load_stable_diffusion(workspace / "sdxl")
+    model = load_stable_diffusion(workspace / "sdxl")
     items, _ = data.scan(workspace / "data", min_size=16)
-    options = FinetuneOptions(model="m", data="d", out="o", resolution=16, caption_dropout=0.0)
-    batch = image_batches(model, items, options, tmp_path, progress=False)(64, torch.Generator().manual_seed(0))
-    rows = {tuple(r) for r in batch.cond["time_ids"].int().tolist()}
+    config = DataConfig("d", resolution=16, caption_dropout=0.0)
+    batch = image_batches(model, items, config, tmp_path, progress=False)(64, torch.Generator().manual_seed(0))
+    added = batch.cond["added_cond_kwargs"]
+    assert set(batch.cond) == {"encoder_hidden_states", "added_cond_kwargs"} and set(added) == {
+        "text_embeds",
+        "time_ids",
+    }
+    rows = {tuple(r) for r in added["time_ids"].int().tolist()}
     # 20 x 24, 32, 40, 48 images resized to cover 16 x 16: height 16, width 19, 26, 32, 38; crop left = excess // 2
     assert rows == {(20, 24, 0, 1, 16, 16), (20, 32, 0, 5, 16, 16), (20, 40, 0, 8, 16, 16), (20, 48, 0, 11, 16, 16)}
 
 
 def test_full_fine_tune_saves_an_sdxl_pipeline_diffusers_samples_alike(workspace, diffusers_images):
-    options = _options(workspace, "full_run", adapter="full", offset_noise=0.1, buckets=True, max_steps=2)
-    outputs = finetune(options, progress=False, log=lambda _: None)
+    config = _config(
+        workspace,
+        "full_run",
+        adapter={"kind": "full"},
+        noise={"offset": 0.1},
+        data={"buckets": True},
+        train={"steps": 2},
+    )
+    outputs = finetune(config, progress=False, log=lambda _: None)
     pipe = StableDiffusionXLPipeline.from_pretrained(outputs["pipeline"], local_files_only=True)
     theirs = diffusers_images(pipe, PROMPTS, 4, 3.0)
-    model = sd.load_stable_diffusion(outputs["pipeline"])
-    assert model.is_xl and model.prediction == "epsilon"
+    model = load_stable_diffusion(outputs["pipeline"])
+    assert model.is_xl and model.spec.prediction == "epsilon"
     ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=4, guidance=3.0, resolution=16))
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
-    base = sd.load_stable_diffusion(workspace / "sdxl")
+    base = load_stable_diffusion(workspace / "sdxl")
     changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, model.unet.state_dict()[k])]
     assert changed  # the UNet was trained

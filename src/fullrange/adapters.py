@@ -9,8 +9,6 @@ unmerged adapter. fullrange refuses such targets.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 ADAPTERS = ("full", "lora", "oft")
@@ -35,7 +33,7 @@ def add_lora(
     from peft import LoraConfig
 
     if rank <= 0:
-        raise ValueError(f"--lora-rank must be positive, got {rank}")
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
     names = [name for name, _ in _matching(unet, targets)]
     if not names:
         raise ValueError(f"no layer of the model matches the LoRA targets {targets}")
@@ -56,7 +54,7 @@ def add_oft(
     from peft import OFTConfig
 
     if block_size <= 0:
-        raise ValueError(f"--oft-block-size must be positive, got {block_size}")
+        raise ValueError(f"OFT block size must be positive, got {block_size}")
     layers = _matching(unet, targets)
     wide = [name for name, m in layers if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
     if wide:
@@ -66,7 +64,7 @@ def add_oft(
         )
     names = [name for name, m in layers if _in_features(m) % block_size == 0]
     if not names:
-        raise ValueError(f"no Linear or 1×1 layer has an input size divisible by --oft-block-size {block_size}")
+        raise ValueError(f"no Linear or 1×1 layer has an input size divisible by the OFT block size {block_size}")
     unet.requires_grad_(False)
     unet.add_adapter(
         OFTConfig(
@@ -93,21 +91,20 @@ def adapter_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of ``unet`` with its adapters merged in, under the plain (adapter-free) names."""
+def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """Merge every adapter layer of ``model`` into the layer it adapts and put that plain layer back in its place,
+    in place (no copy of the model): afterwards ``model`` has its original architecture and names. Returns it."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if not any(isinstance(module, BaseTunerLayer) for module in unet.modules()):
-        return unet.state_dict()
-    merged_model = copy.deepcopy(unet)
-    for module in merged_model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-    return {
-        key.replace(".base_layer.", "."): value
-        for key, value in merged_model.state_dict().items()
-        if not any(tag in key for tag in ("lora_", "oft_"))
-    }
+    adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in adapted:
+        module.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):  # diffusers' record of its adapters, as its unload_lora clears it
+        del model.peft_config
+        model._hf_peft_config_loaded = None
+    return model
 
 
 def load_oft(

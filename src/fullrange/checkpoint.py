@@ -1,50 +1,23 @@
-"""Checkpoints: one safetensors file, written atomically, that resumes training exactly.
+"""Checkpoints: one safetensors file, written atomically and streamed, read lazily, that resumes training exactly.
 
 Layout: tensors ``model.*``, ``ema.*``, ``optimizer.<param index>.<key>``, ``rng.*``, ``log.*``; the metadata
-holds ``step``, the optimizer's param groups and any caller's JSON. Only safetensors are read or written.
+holds ``step``, the optimizer's param groups and scalars, and any caller's JSON. Only safetensors are read or
+written.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors import SafetensorError, safe_open
 
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@dataclass
-class Checkpoint:
-    step: int
-    model: dict[str, torch.Tensor]
-    ema: dict[str, torch.Tensor]
-    optimizer: dict | None
-    rng: dict[str, torch.Tensor]
-    log: dict[str, torch.Tensor]
-    meta: dict
+from .files import save_safetensors
 
 
 def save_checkpoint(
-    path: Path,
+    path: Path | str,
     *,
     step: int,
     model: dict[str, torch.Tensor],
@@ -54,7 +27,7 @@ def save_checkpoint(
     log: dict[str, torch.Tensor] | None = None,
     meta: dict | None = None,
 ) -> None:
-    """Save a training state (state dicts of tensors, an optimizer ``state_dict()``) atomically."""
+    """Save a training state (dicts of tensors, an optimizer ``state_dict()``) atomically, without copying it."""
     tensors = {f"model.{k}": v for k, v in model.items()}
     tensors |= {f"ema.{k}": v for k, v in (ema or {}).items()}
     tensors |= {f"rng.{k}": v for k, v in (rng or {}).items()}
@@ -73,41 +46,57 @@ def save_checkpoint(
         "optimizer_groups": json.dumps(optimizer["param_groups"]) if optimizer is not None else "",
         "optimizer_scalars": json.dumps(scalars),
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(Path(path), save(tensors, metadata=metadata))
+    save_safetensors(path, tensors, metadata)
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`; a clear error for a missing or damaged file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint there")
-    raw = path.read_bytes()
-    try:
-        tensors = load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__", {})
-    except (SafetensorError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        prefix, _, rest = key.partition(".")
-        groups.setdefault(prefix, {})[rest] = value
-    optimizer = None
-    if metadata.get("optimizer_groups"):
+class Checkpoint:
+    """A checkpoint file opened for reading: its metadata at once, its tensors when asked for, one at a time
+    (read with ``pread``, so a tensor costs its own memory only while it is being used)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no checkpoint there")
+        try:
+            with self._open() as f:
+                self.keys = list(f.keys())
+                metadata = f.metadata() or {}
+            self.step = int(metadata.get("step", 0))
+            self.meta = json.loads(metadata.get("meta", "{}"))
+            self._groups = json.loads(metadata["optimizer_groups"]) if metadata.get("optimizer_groups") else None
+            self._scalars = json.loads(metadata.get("optimizer_scalars", "{}"))
+        except (SafetensorError, ValueError, OSError) as err:
+            raise ValueError(f"{self.path}: not a readable safetensors checkpoint ({err})") from None
+
+    def _open(self):
+        return safe_open(self.path, framework="pt", backend="pread")
+
+    def names(self, group: str) -> list[str]:
+        """The tensor names in ``group`` (``model``, ``ema``, ``optimizer``, ``rng``, ``log``), prefix removed."""
+        return [k.partition(".")[2] for k in self.keys if k.partition(".")[0] == group]
+
+    def group(self, group: str) -> dict[str, torch.Tensor]:
+        """All tensors of ``group``, loaded."""
+        with self._open() as f:
+            return {name: f.get_tensor(f"{group}.{name}") for name in self.names(group)}
+
+    def load_into(self, group: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``group`` into ``tensors`` in place (same names, any device or dtype), one tensor at a time."""
+        names = set(self.names(group))
+        if names != set(tensors):
+            raise ValueError(f"{self.path}: the checkpoint's {group} tensors are not this model's")
+        with self._open() as f, torch.no_grad():
+            for name, target in tensors.items():
+                target.copy_(f.get_tensor(f"{group}.{name}"))
+
+    def optimizer_state(self) -> dict | None:
+        """The optimizer's ``state_dict()`` as saved (its state tensors loaded), or ``None`` if none was."""
+        if self._groups is None:
+            return None
         state: dict[int, dict] = {}
-        for key, value in groups.get("optimizer", {}).items():
+        for key, value in self.group("optimizer").items():
             index, _, name = key.partition(".")
             state.setdefault(int(index), {})[name] = value
-        for index, values in json.loads(metadata["optimizer_scalars"]).items():
+        for index, values in self._scalars.items():
             state.setdefault(int(index), {}).update(values)
-        optimizer = {"state": state, "param_groups": json.loads(metadata["optimizer_groups"])}
-    return Checkpoint(
-        step=int(metadata.get("step", 0)),
-        model=groups.get("model", {}),
-        ema=groups.get("ema", {}),
-        optimizer=optimizer,
-        rng=groups.get("rng", {}),
-        log=groups.get("log", {}),
-        meta=json.loads(metadata.get("meta", "{}")),
-    )
+        return {"state": state, "param_groups": self._groups}

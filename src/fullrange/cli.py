@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
 from . import metrics, schedules, timesteps
+from .config import ConfigError
 
 app = typer.Typer(
     help="fullrange: diffusion models whose outputs reach the full brightness range.",
@@ -27,16 +30,10 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """One line on stderr, exit status 2."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_resolution(text: str) -> tuple[int, ...]:
@@ -207,6 +204,84 @@ def reproduce_command(
 MODEL_CONFIG_HELP = "Diffusers folder with the configs of a single-file --model [default: bundled SD 1.x / 2.x / XL]."
 SHA256_HELP = "Expected SHA-256 of a single-file --model, checked before loading."
 
+# fullrange train: each flag (also a key of a flat --config file) and the config field it sets.
+TRAIN_FLAGS = {
+    "model": "model.path",
+    "sha256": "model.sha256",
+    "model-config": "model.config",
+    "allow-pickle": "model.allow_pickle",
+    "data": "data.path",
+    "resolution": "data.resolution",
+    "buckets": "data.buckets",
+    "caption-dropout": "data.caption_dropout",
+    "class-prompt": "data.class_prompt",
+    "class-data": "data.class_data",
+    "num-class-images": "data.num_class_images",
+    "prior-loss-weight": "data.prior_loss_weight",
+    "offset-noise": "noise.offset",
+    "pyramid-noise": "noise.pyramid",
+    "input-perturbation": "noise.input_perturbation",
+    "zero-terminal-snr": "noise.zero_terminal_snr",
+    "prediction": "noise.prediction",
+    "min-snr-gamma": "noise.min_snr_gamma",
+    "snr-weight-floor": "noise.snr_weight_floor",
+    "adapter": "adapter.kind",
+    "lora-rank": "adapter.rank",
+    "oft-block-size": "adapter.block_size",
+    "oft-coft": "adapter.coft",
+    "max-steps": "train.steps",
+    "batch-size": "train.batch_size",
+    "grad-accum": "train.grad_accum",
+    "lr": "train.lr",
+    "ema-decay": "train.ema_decay",
+    "checkpoint-every": "train.checkpoint_every",
+    "gradient-checkpointing": "train.gradient_checkpointing",
+    "mixed-precision": "train.mixed_precision",
+    "seed": "train.seed",
+    "validation-prompt": "validation.prompts",
+    "out": "output.path",
+}
+FLAT_ALIASES = {"validation-prompts": "validation-prompt"}
+"""Keys of flat --config files written before the flag and the key were spelled alike."""
+MODEL_FLAGS = {"model.path": "--model", "model.sha256": "--sha256", "model.config": "--model-config"}
+MODEL_FLAGS |= {"model.allow_pickle": "--allow-pickle"}
+
+
+def fail_on(err: Exception, flags: dict[str, str]) -> NoReturn:
+    """``err`` on one line, the config fields it names spelled as this command's ``flags`` (field → flag)."""
+    text = str(err)
+    if isinstance(err, ConfigError) and err.field in flags:
+        text = f"{flags[err.field]} {err.message}"
+    for name in sorted((f for f in flags if "." in f), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.])", flags[name], text)
+    if isinstance(err, ConfigError) and err.message == "is required":
+        text += " (on the command line or in --config)"
+    fail(text.splitlines()[0] if text else type(err).__name__)
+
+
+def train_tables(config_file: Path | None, flags: dict) -> dict:
+    """The nested tables of ``fullrange train``: those of ``config_file`` (nested tables, or flat keys spelled
+    as the flags), with the flags given laid over them."""
+    from .sd.config import merge, read_toml
+
+    def nest(pairs: dict, source: str) -> dict:
+        tables: dict = {}
+        for key, value in pairs.items():
+            flag = key.replace("_", "-")
+            flag = FLAT_ALIASES.get(flag, flag)
+            if flag not in TRAIN_FLAGS:
+                raise ValueError(f"{source}: unknown option {key!r}")
+            table, name = TRAIN_FLAGS[flag].split(".")
+            tables.setdefault(table, {})[name] = value
+        return tables
+
+    tables: dict = {}
+    if config_file is not None:
+        raw = read_toml(config_file)
+        flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+        tables = merge({k: v for k, v in raw.items() if isinstance(v, dict)}, nest(flat, f"--config {config_file}"))
+    return merge(tables, nest({k: v for k, v in flags.items() if v is not None}, "the command line"))
+
 
 @app.command("train")
 def train_command(
@@ -215,7 +290,11 @@ def train_command(
     ),
     data: str | None = typer.Option(None, help="Folder of images with NAME.txt captions or a metadata.jsonl."),
     out: str | None = typer.Option(None, help="Output folder: checkpoints, cache, config.json, results."),
-    config: Path | None = typer.Option(None, help="TOML file with any of these options (flags override it)."),
+    config: Path | None = typer.Option(
+        None,
+        help="TOML file: tables [model], [data], [noise], [adapter], [train], [validation], [output], or these "
+        "flags as keys. Flags override it.",
+    ),
     adapter: str | None = typer.Option(None, help="full, lora or oft [default: lora]."),
     resolution: int | None = typer.Option(None, help="Training resolution in pixels [default: 512]."),
     max_steps: int | None = typer.Option(None, help="Training steps [default: 1000]."),
@@ -241,7 +320,7 @@ def train_command(
     prior_loss_weight: float | None = typer.Option(None, help="Weight of the class images' loss [default: 1]."),
     lora_rank: int | None = typer.Option(None, help="LoRA rank [default: 4]."),
     oft_block_size: int | None = typer.Option(None, help="OFT block size [default: 4]."),
-    ema_decay: float | None = typer.Option(None, help="EMA decay of the trained weights (0: off)."),
+    ema_decay: float | None = typer.Option(None, help="EMA decay of the trained weights (0: off, the default)."),
     snr_weight_floor: float | None = typer.Option(None, help="Floor on the min-SNR weight (keeps SNR = 0 steps)."),
     oft_coft: bool | None = typer.Option(None, "--oft-coft", help="Constrained OFT: ||R - I|| <= eps."),
     buckets: bool | None = typer.Option(None, "--buckets", help="Aspect-ratio buckets instead of square crops."),
@@ -255,22 +334,83 @@ def train_command(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Fine-tune Stable Diffusion on a folder of images with offset noise, zero terminal SNR, LoRA or OFT."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "progress", "validation_prompt")}
-    overrides["validation_prompts"] = validation_prompt or None
+    flags = {
+        "model": model,
+        "sha256": sha256,
+        "model-config": model_config,
+        "allow-pickle": allow_pickle,
+        "data": data,
+        "resolution": resolution,
+        "buckets": buckets,
+        "caption-dropout": caption_dropout,
+        "class-prompt": class_prompt,
+        "class-data": class_data,
+        "num-class-images": num_class_images,
+        "prior-loss-weight": prior_loss_weight,
+        "offset-noise": offset_noise,
+        "pyramid-noise": pyramid_noise,
+        "input-perturbation": input_perturbation,
+        "zero-terminal-snr": zero_terminal_snr,
+        "prediction": prediction,
+        "min-snr-gamma": min_snr_gamma,
+        "snr-weight-floor": snr_weight_floor,
+        "adapter": adapter,
+        "lora-rank": lora_rank,
+        "oft-block-size": oft_block_size,
+        "oft-coft": oft_coft,
+        "max-steps": max_steps,
+        "batch-size": batch_size,
+        "grad-accum": grad_accum,
+        "lr": lr,
+        "ema-decay": ema_decay,
+        "checkpoint-every": checkpoint_every,
+        "gradient-checkpointing": gradient_checkpointing,
+        "mixed-precision": mixed_precision,
+        "seed": seed,
+        "validation-prompt": validation_prompt or None,
+        "out": out,
+    }
     from .data import DataError
-    from .sd_finetune import finetune, read_options
+    from .sd.config import finetune_config
+    from .sd.finetune import finetune
     from .train import TrainingInterrupted
 
+    field_flags = {field: f"--{flag}" for flag, field in TRAIN_FLAGS.items()}
     try:
-        options = read_options(config, overrides)
-        if Path(options.out, "train", "checkpoint.safetensors").exists() and not resume:
-            fail(f"--out {options.out} holds a checkpoint: pass --resume to continue it, or choose a new folder")
+        options = finetune_config(train_tables(config, flags))
+        if Path(options.output.path, "train", "checkpoint.safetensors").exists() and not resume:
+            fail(
+                f"--out {options.output.path} holds a checkpoint: pass --resume to continue it, or choose a new folder"
+            )
         finetune(options, progress=progress, log=lambda line: typer.echo(line, err=True))
     except TrainingInterrupted as err:
         typer.echo(str(err) + " with --resume", err=True)
         raise typer.Exit(130) from None
     except (ValueError, DataError, OSError) as err:
-        fail(str(err))
+        fail_on(err, field_flags)
+
+
+SAMPLE_FLAGS = MODEL_FLAGS | {
+    "adapter": "--adapter",
+    "sampler": "--sampler",
+    "steps": "--steps",
+    "spacing": "--spacing",
+    "guidance": "--guidance",
+    "guidance_rescale": "--guidance-rescale",
+    "seed": "--seed",
+    "resolution": "--resolution",
+    "negative_prompt": "--negative-prompt",
+}
+
+
+def _load(model: str, sha256: str | None, model_config: Path | None, allow_pickle: bool = False):
+    """The model on this process's device (a CUDA device if there is one, else the CPU)."""
+    from .sd import load_stable_diffusion
+    from .sd.config import ModelConfig
+    from .train import process_state
+
+    config = ModelConfig(model, sha256, None if model_config is None else str(model_config), allow_pickle)
+    return load_stable_diffusion(config).to(process_state().device)
 
 
 @app.command("sample")
@@ -285,7 +425,7 @@ def sample_command(
     sampler: str = typer.Option("ddim", help="Any of fullrange's samplers."),
     steps: int = typer.Option(25, help="Sample steps."),
     spacing: str | None = typer.Option(
-        None, help="leading, linspace, trailing, karras or exponential [default: the scheduler config's]."
+        None, help="leading, linspace, trailing, karras or exponential [default: the model's own]."
     ),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     guidance_rescale: float = typer.Option(0.0, help="Guidance rescale φ (Lin et al.; 0.7 recommended at zero SNR)."),
@@ -297,9 +437,8 @@ def sample_command(
     model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
 ) -> None:
     """Sample Stable Diffusion with fullrange's samplers; PNGs carry their settings."""
-    from .samplers import SAMPLERS
-    from .sd import load_stable_diffusion
-    from .sd_sample import SampleSettings, apply_adapter, generate, save_images
+    from .sd import load_adapter
+    from .sd.sample import SampleSettings, generate, save_images
 
     prompts = list(prompt or [])
     if prompts_file is not None:
@@ -308,18 +447,15 @@ def sample_command(
         prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         fail("give at least one --prompt or a --prompts-file")
-    if sampler not in SAMPLERS:
-        fail(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
     if num_images <= 0:
         fail(f"--num-images must be positive, got {num_images}")
     try:
         settings = SampleSettings(
             sampler, steps, spacing, guidance, guidance_rescale, seed, resolution, negative_prompt
-        ).validate()
-        sd_model = load_stable_diffusion(model, allow_pickle=allow_pickle, sha256=sha256, config=model_config)
-        sd_model.to(_device())
+        )
+        sd_model = _load(model, sha256, model_config, allow_pickle)
         if adapter is not None:
-            apply_adapter(sd_model, adapter, adapter_strength)
+            sd_model = load_adapter(sd_model, adapter, adapter_strength)
         all_prompts = [p for p in prompts for _ in range(num_images)]
         from tqdm.auto import tqdm
 
@@ -327,7 +463,7 @@ def sample_command(
             images = generate(sd_model, all_prompts, settings, callback=lambda info: bar.update(1))
         paths = save_images(images, all_prompts, settings, out)
     except (ValueError, OSError) as err:
-        fail(str(err))
+        fail_on(err, SAMPLE_FLAGS)
     typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}", err=True)
 
 
@@ -352,33 +488,34 @@ def eval_brightness_command(
     model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP + " Also used for --against."),
 ) -> None:
     """Generate the seed documents' dark and bright prompts and report the brightness range reached."""
-    from .samplers import SAMPLERS
-    from .sd import load_stable_diffusion
-    from .sd_eval import evaluate, summarize, write
-    from .sd_sample import SampleSettings, apply_adapter
+    from .sd import load_adapter
+    from .sd.eval import evaluate, summarize, write
+    from .sd.sample import SampleSettings
 
-    if sampler not in SAMPLERS:
-        fail(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
     if num_images <= 0:
         fail(f"--num-images must be positive, got {num_images}")
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: is a file, not a directory")
-    try:
-        settings = SampleSettings(sampler, steps, None, guidance, guidance_rescale, seed, resolution).validate()
-        results = {}
-        for name, path, lora, checksum in (("model", model, adapter, sha256), ("against", against, None, None)):
-            if path is None:
-                continue
-            sd_model = load_stable_diffusion(path, sha256=checksum, config=model_config).to(_device())
+    results = {}
+    for name, path, lora, checksum in (("model", model, adapter, sha256), ("against", against, None, None)):
+        if path is None:
+            continue
+        flags = SAMPLE_FLAGS if name == "model" else SAMPLE_FLAGS | {"model.path": "--against"}
+        try:
+            settings = SampleSettings(sampler, steps, None, guidance, guidance_rescale, seed, resolution)
+            sd_model = _load(path, checksum, model_config)
             if lora is not None:
-                apply_adapter(sd_model, lora)
+                sd_model = load_adapter(sd_model, lora)
             label = f"{Path(path).name}{' + ' + lora.name if lora else ''}"
             label = label if label not in results else f"{label} ({name})"
             results[label] = evaluate(sd_model, settings, out / name, num_images)
+        except (ValueError, OSError) as err:
+            fail_on(err, flags)
+    try:
         out.mkdir(parents=True, exist_ok=True)
         report = write(results, out)
-    except (ValueError, OSError) as err:
-        fail(str(err))
+    except OSError as err:
+        fail(f"--out {out}: cannot write ({err.strerror})")
     for label, res in results.items():
         summary = summarize(res)
         typer.echo(
@@ -401,9 +538,8 @@ def export_command(
     """Write one single-file checkpoint (LDM layout, as A1111 / ComfyUI load) with v_pred / ztsnr markers."""
     import torch
 
-    from .sd import load_stable_diffusion
-    from .sd_sample import apply_adapter
-    from .single_file import export
+    from .sd import load_adapter
+    from .sd.export import export
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if precision not in dtypes:
@@ -413,15 +549,14 @@ def export_command(
     if out.is_dir():
         fail(f"--out {out}: is a directory, not a file name")
     try:
-        sd_model = load_stable_diffusion(model, config=model_config)
+        sd_model = _load(model, None, model_config)
         if adapter is not None:
-            apply_adapter(sd_model, adapter, adapter_strength)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        export(out, sd_model, name=family, dtype=dtypes[precision])
+            sd_model = load_adapter(sd_model, adapter, adapter_strength)
+        export(out, sd_model, family=family, dtype=dtypes[precision])
     except (ValueError, OSError) as err:
-        fail(str(err))
+        fail_on(err, SAMPLE_FLAGS | {"family": "--family"})
     typer.echo(
-        f"wrote {out}: prediction {sd_model.prediction}, zero terminal SNR "
-        f"{bool(sd_model.scheduler_config.get('rescale_betas_zero_snr'))}",
+        f"wrote {out}: prediction {sd_model.spec.prediction}, zero terminal SNR "
+        f"{sd_model.spec.schedule.zero_terminal_snr}",
         err=True,
     )

@@ -3,11 +3,13 @@
 ``x_t`` is in variance-preserving coordinates (``sqrt(ᾱ) x0 + sqrt(1 - ᾱ) eps``), the space networks
 see, so that SNR = 0 (σ = ∞ in k-diffusion's coordinates, its issue #64) is an ordinary point.
 ``t`` is the (possibly fractional) training timestep and ``alpha_cumprod`` its ᾱ, both plain floats
-shared by the batch.
+shared by the batch. ``cond`` holds the network's keyword arguments: batch-first tensors, or dicts of them
+(SDXL's ``added_cond_kwargs``), passed through as they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -34,3 +36,21 @@ def from_model(model, prediction: str) -> Denoiser:
         return to_x0(prediction, output.to(x.dtype), x, alpha_cumprod)
 
     return denoise
+
+
+def map_cond(fn: Callable[..., torch.Tensor], *conds: dict) -> dict:
+    """``fn`` applied to the matching tensors of conditioning dicts of one shape (nested dicts included), e.g.
+    ``map_cond(torch.cat...)`` to batch two; other values are taken from the first dict."""
+    keys = [sorted(c) for c in conds]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"conditioning dicts with different keys: {' and '.join(map(str, keys))}")
+    out = {}
+    for key, value in conds[0].items():
+        values = [c[key] for c in conds]
+        if isinstance(value, dict):
+            out[key] = map_cond(fn, *values)
+        elif isinstance(value, torch.Tensor):
+            out[key] = fn(*values)
+        else:
+            out[key] = value
+    return out

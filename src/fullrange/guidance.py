@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, map_cond
 from .prediction import from_v, to_v
 
 RESCALE_SPACES = ("v", "x0")
@@ -40,7 +40,7 @@ def cfg(
     """``x_neg + w (x_pos - x_neg)`` with optional rescale ``phi`` (eq. 14-16) in ``space`` ("v" or "x0").
 
     The positive branch gets the caller's ``**cond``, the negative one ``uncond`` (same keys, tensors
-    concatenated so both run as one batch).
+    concatenated so both run as one batch; nested dicts alike).
     """
     if space not in RESCALE_SPACES:
         raise ValueError(f"unknown guidance rescale space {space!r}; choose one of {', '.join(RESCALE_SPACES)}")
@@ -49,11 +49,7 @@ def cfg(
     uncond = uncond or {}
 
     def guided(x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
-        if set(cond) != set(uncond):
-            raise ValueError(
-                f"guidance needs the same keys in cond and uncond, got {sorted(cond)} and {sorted(uncond)}"
-            )
-        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        both = map_cond(lambda negative, positive: torch.cat([negative, positive]), uncond, cond)
         negative, positive = denoiser(torch.cat([x, x]), t, alpha_cumprod, **both).chunk(2)
         if space == "v":
             negative, positive = to_v(negative, x, alpha_cumprod), to_v(positive, x, alpha_cumprod)

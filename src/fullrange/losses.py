@@ -1,15 +1,64 @@
-"""Diffusion training losses: timestep draws, per-sample MSE, SNR weightings, recipe validation."""
+"""The training loss: a recipe (how noise, targets and weights are made), timestep draws, per-sample MSE, SNR
+weightings, and the loss of one batch (DDPM Algorithm 1)."""
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from . import noise, prediction
+from .denoiser import map_cond
 from .prediction import check_prediction
-from .schedules import Schedule
+from .sampling import STABLE_DIFFUSION, ZERO_TERMINAL_SNR, SamplingSpec
 
 WEIGHTINGS = ("none", "min_snr")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How training noise, targets and loss weights are made (the seeds' fixes), and how the model it trains is
+    sampled: ``spec`` holds the schedule, the prediction target and the spacing."""
+
+    name: str
+    spec: SamplingSpec = field(default=STABLE_DIFFUSION)
+    noise: str = "gaussian"
+    offset_strength: float = 0.1
+    pyramid_discount: float = 0.8
+    input_perturbation: float = 0.0
+    weighting: str = "none"
+    snr_gamma: float = 5.0
+    weight_floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.noise not in noise.NOISES:
+            raise ValueError(
+                f"recipe {self.name!r}: unknown noise {self.noise!r}; choose one of {', '.join(noise.NOISES)}"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"recipe {self.name!r}: unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}"
+            )
+
+    def describe(self) -> dict:
+        """JSON for files and checkpoints."""
+        parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "spec"}
+        return parts | {"spec": self.spec.describe()}
+
+
+RECIPES = {
+    "baseline": Recipe("baseline"),
+    "offset": Recipe("offset", noise="offset", offset_strength=0.1),
+    "pyramid": Recipe("pyramid", noise="pyramid", pyramid_discount=0.8),
+    "ztsnr": Recipe("ztsnr", ZERO_TERMINAL_SNR),
+}
+"""Stable Diffusion's recipe (scaled_linear, eps, iid noise, leading steps) and the seeds' three fixes."""
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
 def sample_timesteps(
@@ -44,24 +93,50 @@ def per_sample_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def validate_recipe(schedule: Schedule, prediction: str, spacing: str | None = None, clip_x0: bool = False) -> None:
-    """Refuse combinations that silently break (Lin et al. §3.2-3.3); warn for the doubtful ones."""
-    check_prediction(prediction)
-    if schedule.zero_terminal_snr:
-        if prediction == "epsilon":
-            raise ValueError(
-                "zero terminal SNR with epsilon prediction: at SNR = 0 eps says nothing about x0; "
-                "use v_prediction (Lin et al. §3.2)"
-            )
-        if spacing == "leading":
-            warnings.warn(
-                "zero terminal SNR with leading spacing never visits t = T-1, where the model learnt pure "
-                "noise; use trailing or linspace (Lin et al. §3.3)",
-                stacklevel=2,
-            )
-        if clip_x0:
-            warnings.warn(
-                "x0 clipping at zero terminal SNR clips the first prediction (the data mean) and biases "
-                "brightness; leave it off",
-                stacklevel=2,
-            )
+def draw_noise(recipe: Recipe, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """The recipe's training noise (iid, offset or pyramid), drawn on the CPU from ``generator``."""
+    if recipe.noise == "offset":
+        return noise.offset(shape, recipe.offset_strength, generator)
+    if recipe.noise == "pyramid":
+        return noise.pyramid(shape, recipe.pyramid_discount, generator=generator)
+    return noise.gaussian(shape, generator)
+
+
+def batch_loss(
+    model,
+    x0: torch.Tensor,
+    cond: dict,
+    recipe: Recipe,
+    generator: torch.Generator,
+    *,
+    weight: torch.Tensor | None = None,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Mean over the batch of the (weighted) per-sample loss for one draw of t and noise (DDPM Alg. 1).
+
+    t and noise are drawn for the whole (global) batch ``x0`` on the CPU, then process ``rank`` of ``world``
+    takes its contiguous share of everything to ``device``: every process draws the same numbers, as one
+    process would. ``weight`` scales each sample's loss (prior preservation).
+    """
+    schedule, target_kind = recipe.spec.schedule, recipe.spec.prediction
+    t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, generator)
+    eps = draw_noise(recipe, tuple(x0.shape), generator)
+    eps_in = noise.perturb(eps, recipe.input_perturbation, generator) if recipe.input_perturbation else eps
+    device = device if device is not None else x0.device
+    share = x0.shape[0] // world
+    shard = slice(rank * share, (rank + 1) * share)
+    t, x0, eps, eps_in = t[shard], x0[shard].to(device), eps[shard].to(device), eps_in[shard].to(device)
+    cond = map_cond(lambda v: v[shard].to(device), cond)
+    ac = schedule.alphas_cumprod[t].to(device)
+    x_t = prediction.add_noise(x0, eps_in, ac)
+    target = prediction.training_target(target_kind, x0, eps, ac)
+    output = model(x_t, t.to(device), **cond)
+    per_sample = per_sample_mse(getattr(output, "sample", output), target)
+    if recipe.weighting == "min_snr":
+        snr_weight = min_snr_weight(schedule.snr[t], target_kind, recipe.snr_gamma, recipe.weight_floor)
+        per_sample = per_sample * snr_weight.to(device=device, dtype=per_sample.dtype)
+    if weight is not None:
+        per_sample = per_sample * weight[shard].to(device=device, dtype=per_sample.dtype)
+    return per_sample.mean()

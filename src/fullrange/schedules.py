@@ -8,18 +8,34 @@ Everything is float64; cast at the boundary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine")
 
 
+@dataclass(frozen=True)
+class Origin:
+    """How a named builder made a schedule: enough to name it again (in a diffusers scheduler config, say)."""
+
+    name: str  # one of SCHEDULE_NAMES
+    num_train_timesteps: int
+    beta_start: float | None = None
+    beta_end: float | None = None
+    zero_terminal_snr: bool = False
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
-    """An immutable noise schedule: ``alphas_cumprod`` (ᾱ_t, float64, shape (T,), decreasing)."""
+    """An immutable noise schedule: ``alphas_cumprod`` (ᾱ_t, float64, shape (T,), decreasing).
+
+    ``origin`` says which named builder made it; ``None`` for schedules no name describes (custom ᾱ, a resolution
+    shift, the unclipped cosine).
+    """
 
     alphas_cumprod: torch.Tensor
+    origin: Origin | None = None
 
     def __post_init__(self) -> None:
         ac = self.alphas_cumprod
@@ -95,23 +111,24 @@ class Schedule:
         return lo.to(torch.float64) + frac
 
 
-def from_betas(betas: torch.Tensor) -> Schedule:
+def from_betas(betas: torch.Tensor, origin: Origin | None = None) -> Schedule:
     """Schedule from betas: ``ᾱ_t = prod_{s<=t} (1 - beta_s)`` (DDPM eq. 4)."""
     betas = torch.as_tensor(betas, dtype=torch.float64)
-    return Schedule(torch.cumprod(1 - betas, dim=0))
+    return Schedule(torch.cumprod(1 - betas, dim=0), origin)
 
 
 def linear(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
     """DDPM's linear betas (Ho et al. 2020)."""
     _check_T(num_train_timesteps)
-    return from_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64))
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    return from_betas(betas, Origin("linear", num_train_timesteps, beta_start, beta_end))
 
 
 def scaled_linear(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Schedule:
     """Stable Diffusion's schedule: ``betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``."""
     _check_T(num_train_timesteps)
     root = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_train_timesteps, dtype=torch.float64)
-    return from_betas(root**2)
+    return from_betas(root**2, Origin("scaled_linear", num_train_timesteps, beta_start, beta_end))
 
 
 def cosine(num_train_timesteps: int = 1000, s: float = 0.008, clip: bool = True) -> Schedule:
@@ -125,9 +142,9 @@ def cosine(num_train_timesteps: int = 1000, s: float = 0.008, clip: bool = True)
     f = torch.cos((times + s) / (1 + s) * math.pi / 2) ** 2
     f[-1] = 0.0  # cos(π/2) is 0; float64 leaves ~3.7e-33
     betas = 1 - f[1:] / f[:-1]
-    if clip:
-        betas = betas.clamp(max=0.999)
-    return from_betas(betas)
+    if not clip:
+        return from_betas(betas)  # no diffusers name: squaredcos_cap_v2 is the clipped one
+    return from_betas(betas.clamp(max=0.999), Origin("cosine", num_train_timesteps))
 
 
 def rescale_zero_terminal_snr(schedule: Schedule) -> Schedule:
@@ -135,7 +152,10 @@ def rescale_zero_terminal_snr(schedule: Schedule) -> Schedule:
     root = schedule.alphas_cumprod.sqrt()
     first, last = root[0], root[-1]
     root = (root - last) * first / (first - last)
-    return Schedule(root**2)
+    origin = schedule.origin
+    if origin is not None and not origin.zero_terminal_snr:
+        origin = replace(origin, zero_terminal_snr=True)
+    return Schedule(root**2, origin)
 
 
 def shift_resolution(schedule: Schedule, base: int, resolution: int) -> Schedule:
@@ -147,17 +167,20 @@ def shift_resolution(schedule: Schedule, base: int, resolution: int) -> Schedule
 
 
 def by_name(name: str, num_train_timesteps: int = 1000, *, zero_terminal_snr: bool = False) -> Schedule:
-    """A schedule by its diffusers ``beta_schedule`` name (``squaredcos_cap_v2`` is accepted for cosine)."""
-    builders = {
-        "linear": linear,
-        "scaled_linear": scaled_linear,
-        "cosine": cosine,
-        "squaredcos_cap_v2": cosine,
-    }
-    if name not in builders:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
-    schedule = builders[name](num_train_timesteps)
-    return rescale_zero_terminal_snr(schedule) if zero_terminal_snr else schedule
+    """A schedule by name, with its builder's default betas."""
+    return from_origin(Origin(name, num_train_timesteps, zero_terminal_snr=zero_terminal_snr))
+
+
+def from_origin(origin: Origin) -> Schedule:
+    """The schedule an :class:`Origin` names; betas left ``None`` take the builder's defaults."""
+    betas = {k: v for k, v in (("beta_start", origin.beta_start), ("beta_end", origin.beta_end)) if v is not None}
+    if origin.name == "cosine":
+        schedule = cosine(origin.num_train_timesteps)
+    elif origin.name in ("linear", "scaled_linear"):
+        schedule = (linear if origin.name == "linear" else scaled_linear)(origin.num_train_timesteps, **betas)
+    else:
+        raise ValueError(f"unknown schedule {origin.name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    return rescale_zero_terminal_snr(schedule) if origin.zero_terminal_snr else schedule
 
 
 def _check_T(num_train_timesteps: int) -> None:

@@ -1,13 +1,14 @@
-"""The training loop (nanoGPT's shape: lr → checkpoint → loss → backward → clip → step → EMA → log), on accelerate.
+"""The training loop (nanoGPT's shape: lr → checkpoint → accumulate → clip → step → EMA → log), on accelerate.
 
-A *recipe* says how noise, targets and weights are made (the seeds' fixes); a *config* says how long and how
-fast to train. The model is anything called like a diffusers UNet, ``model(x_t, t, **cond)``.
+A *recipe* (:mod:`fullrange.losses`) says how noise, targets and weights are made; a :class:`TrainConfig` says how
+long and how fast to train. The model is anything called like a diffusers UNet, ``model(x_t, t, **cond)``; only
+its parameters that require grad are trained, and only they (their optimizer state and, if asked for, their EMA)
+are held beside the model and checkpointed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import signal
@@ -17,149 +18,86 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from . import losses, noise, prediction, schedules
-from .checkpoint import load_checkpoint, save_checkpoint
+from .batches import Batches
+from .checkpoint import Checkpoint, save_checkpoint
+from .config import ConfigError, check_choice, check_finite, check_range
+from .files import write_bytes
+from .losses import Recipe, batch_loss
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """How training noise, targets and loss weights are made, and how its samples are drawn (``spacing``)."""
-
-    name: str
-    schedule: str = "scaled_linear"
-    zero_terminal_snr: bool = False
-    prediction: str = "epsilon"
-    noise: str = "gaussian"
-    offset_strength: float = 0.1
-    pyramid_discount: float = 0.8
-    input_perturbation: float = 0.0
-    weighting: str = "none"
-    snr_gamma: float = 5.0
-    weight_floor: float = 0.0
-    spacing: str = "leading"
-
-    def build_schedule(self) -> schedules.Schedule:
-        return schedules.by_name(self.schedule, zero_terminal_snr=self.zero_terminal_snr)
-
-    def validate(self) -> Recipe:
-        if self.noise not in noise.NOISES:
-            raise ValueError(
-                f"recipe {self.name!r}: unknown noise {self.noise!r}; choose one of {', '.join(noise.NOISES)}"
-            )
-        if self.weighting not in losses.WEIGHTINGS:
-            raise ValueError(f"recipe {self.name!r}: unknown weighting {self.weighting!r}")
-        losses.validate_recipe(self.build_schedule(), self.prediction)
-        return self
-
-
-RECIPES = {
-    "baseline": Recipe("baseline"),
-    "offset": Recipe("offset", noise="offset", offset_strength=0.1),
-    "pyramid": Recipe("pyramid", noise="pyramid", pyramid_discount=0.8),
-    "ztsnr": Recipe("ztsnr", zero_terminal_snr=True, prediction="v_prediction", spacing="trailing"),
-}
-"""Stable Diffusion's recipe (scaled_linear, eps, iid noise, leading steps) and the seeds' three fixes."""
-
-
-def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    return RECIPES[name]
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: int = 50
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    checkpoint_every: int = 250
-    seed: int = 0
-    mixed_precision: str = "no"
+    """The ``[train]`` table: how long and how fast to train. ``warmup`` defaults to 10% of the steps, at most
+    100; ``ema_decay = 0`` keeps no EMA at all."""
 
-    def validate(self) -> TrainConfig:
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int | None = None
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    checkpoint_every: int = 250
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.ema_decay < 1 or self.lr <= 0:
-            raise ValueError(f"need 0 <= ema_decay < 1 and lr > 0, got {self.ema_decay} and {self.lr}")
-        return self
+            check_range(name, getattr(self, name), 0, open_low=True)
+        check_range("lr", self.lr, 0, open_low=True)
+        check_range("grad_clip", self.grad_clip, 0)
+        if self.warmup is not None:
+            check_range("warmup", self.warmup, 0)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else min(100, max(1, self.steps // 10))
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% (nanoGPT)."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @dataclass
 class TrainResult:
+    """The trained model (its own weights, not the EMA's), the EMA of its trained parameters if kept, the loss
+    of every step."""
+
     model: torch.nn.Module
-    ema: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
     losses: list[float] = field(default_factory=list)
     step: int = 0
 
-    def ema_model(self) -> torch.nn.Module:
-        """A copy of the model carrying the EMA of its trained weights."""
-        return with_weights(self.model, self.ema)
+    def apply_ema(self) -> torch.nn.Module:
+        """Put the EMA weights into the model, in place (no copy); returns the model."""
+        if self.ema is None:
+            raise ValueError("this run kept no EMA (ema_decay = 0)")
+        trained = {name: p for name, p in self.model.named_parameters() if name in self.ema}
+        swap(trained, self.ema)
+        return self.model
 
 
-def draw_noise(recipe: Recipe, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """The recipe's training noise (iid, offset or pyramid), drawn on the CPU from ``generator``."""
-    if recipe.noise == "offset":
-        return noise.offset(shape, recipe.offset_strength, generator)
-    if recipe.noise == "pyramid":
-        return noise.pyramid(shape, recipe.pyramid_discount, generator=generator)
-    return noise.gaussian(shape, generator)
-
-
-def batch_loss(
-    model,
-    x0: torch.Tensor,
-    cond: dict,
-    recipe: Recipe,
-    schedule: schedules.Schedule,
-    generator: torch.Generator,
-    *,
-    weight: torch.Tensor | None = None,
-    rank: int = 0,
-    world: int = 1,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Mean over the batch of the (weighted) per-sample loss for one draw of t and noise (DDPM Alg. 1).
-
-    t and noise are drawn for the whole (global) batch ``x0`` on the CPU, then process ``rank`` of ``world``
-    takes its contiguous share of everything to ``device``: every process draws the same numbers, as one
-    process would. ``weight`` scales each sample's loss (prior preservation).
-    """
-    t = losses.sample_timesteps(x0.shape[0], schedule.num_train_timesteps, generator)
-    eps = draw_noise(recipe, tuple(x0.shape), generator)
-    eps_in = noise.perturb(eps, recipe.input_perturbation, generator) if recipe.input_perturbation else eps
-    device = device if device is not None else x0.device
-    share = x0.shape[0] // world
-    shard = slice(rank * share, (rank + 1) * share)
-    t, x0, eps, eps_in = t[shard], x0[shard].to(device), eps[shard].to(device), eps_in[shard].to(device)
-    cond = {k: v[shard].to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-    ac = schedule.alphas_cumprod[t]
-    ac_dev = ac.to(device)
-    x_t = prediction.add_noise(x0, eps_in, ac_dev)
-    target = prediction.training_target(recipe.prediction, x0, eps, ac_dev)
-    output = model(x_t, t.to(device), **cond)
-    per_sample = losses.per_sample_mse(getattr(output, "sample", output), target)
-    if recipe.weighting == "min_snr":
-        snr_weight = losses.min_snr_weight(schedule.snr[t], recipe.prediction, recipe.snr_gamma, recipe.weight_floor)
-        per_sample = per_sample * snr_weight.to(device=device, dtype=per_sample.dtype)
-    if weight is not None:
-        per_sample = per_sample * weight[shard].to(device=device, dtype=per_sample.dtype)
-    return per_sample.mean()
-
-
-def _lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% (nanoGPT)."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+def swap(params: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    """Exchange the data of ``params`` and ``other`` (same names, shapes, devices) in place: no copy is made, and
+    a second call undoes the first."""
+    with torch.no_grad():
+        for name, p in params.items():
+            p.data, other[name].data = other[name].data, p.data
 
 
 class TrainingInterrupted(Exception):
@@ -187,66 +125,64 @@ def _stop_requests():
             signal.signal(sig, handler)
 
 
+def process_state() -> PartialState:
+    """accelerate's view of this process (its device, rank, world), set up as the training loop sets it up: on
+    the CPU where there is no CUDA device, so that CPU processes started by a launcher form one group. Ask it before
+    the loop starts and it is the same state the loop then uses."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _accelerator(config: TrainConfig) -> Accelerator:
+    try:
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        raise ConfigError(
+            "mixed_precision",
+            f"{config.mixed_precision!r}: accelerate keeps one precision per process and this process already "
+            "trained with another; train in a new process",
+        ) from None
+
+
 @dataclass
-class Batch:
-    """Clean samples, the model's keyword conditioning (batch-first tensors), optional per-sample loss weights."""
+class _State:
+    """What a checkpoint holds besides the model: the trained parameters, their EMA, optimizer, generator, log."""
 
-    x0: torch.Tensor
-    cond: dict
-    weight: torch.Tensor | None = None
+    trainable: dict[str, torch.nn.Parameter]
+    ema: dict[str, torch.Tensor] | None
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    losses: list[float]
+    meta: dict
 
+    def save(self, path: Path, step: int) -> None:
+        save_checkpoint(
+            path,
+            step=step,
+            model=self.trainable,
+            ema=self.ema,
+            optimizer=self.optimizer.state_dict(),
+            rng={"generator": self.generator.get_state()},
+            log={"loss": torch.tensor(self.losses, dtype=torch.float64)},
+            meta=self.meta,
+        )
+        write_bytes(path.parent / "loss.json", json.dumps(self.losses).encode())
 
-Batches = Callable[[int, torch.Generator], Batch]
-"""``batches(batch_size, generator) -> Batch``: draws one batch (and its conditioning dropout) on the CPU."""
-
-
-def one_of(sources: list[tuple[Batches, float]]) -> Batches:
-    """Each batch comes whole from one source, chosen with probability proportional to its weight (buckets)."""
-    weights = torch.tensor([float(w) for _, w in sources])
-
-    def draw(batch_size: int, generator: torch.Generator) -> Batch:
-        choice = int(torch.multinomial(weights, 1, generator=generator))
-        return sources[choice][0](batch_size, generator)
-
-    return draw
-
-
-def with_prior(instance: Batches, prior: Batches, prior_weight: float = 1.0) -> Batches:
-    """Dreambooth's prior preservation (Ruiz et al. 2023): each batch pairs instance samples with as many
-    class samples, interleaved so every process's share holds both; class samples weigh ``prior_weight``."""
-
-    def draw(batch_size: int, generator: torch.Generator) -> Batch:
-        a, b = instance(batch_size, generator), prior(batch_size, generator)
-        mix = lambda u, v: torch.stack([u, v], dim=1).flatten(0, 1)  # noqa: E731
-        weight_a = a.weight if a.weight is not None else torch.ones(batch_size)
-        weight_b = (b.weight if b.weight is not None else torch.ones(batch_size)) * prior_weight
-        if set(a.cond) != set(b.cond):
-            raise ValueError("instance and class batches need the same conditioning keys")
-        return Batch(mix(a.x0, b.x0), {k: mix(a.cond[k], b.cond[k]) for k in a.cond}, mix(weight_a, weight_b))
-
-    return draw
-
-
-def labelled_batches(images: torch.Tensor, labels: torch.Tensor, null_label: int, dropout: float = 0.1) -> Batches:
-    """Batches of ``images`` with ``class_labels``, each replaced by ``null_label`` with probability ``dropout``
-    (classifier-free guidance training)."""
-
-    def draw(batch_size: int, generator: torch.Generator) -> Batch:
-        index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-        drop = torch.rand(batch_size, generator=generator) < dropout
-        return Batch(images[index], {"class_labels": torch.where(drop, null_label, labels[index])})
-
-    return draw
-
-
-def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``model`` (in eval mode, no grad) with some of its parameters replaced, e.g. the EMA ones."""
-    copy_ = copy.deepcopy(model).requires_grad_(False).eval()
-    missing = set(weights) - set(dict(copy_.named_parameters()))
-    if missing:
-        raise ValueError(f"weights for unknown parameters: {sorted(missing)[:3]}")
-    copy_.load_state_dict(weights, strict=False)
-    return copy_
+    def resume(self, path: Path) -> int:
+        """Load the checkpoint at ``path`` into the state, in place; returns its step."""
+        ckpt = Checkpoint(path)
+        for key, value in self.meta.items():
+            if ckpt.meta.get(key) != value:
+                raise ValueError(f"{path}: checkpoint was made with another {key}; use a new output directory")
+        ckpt.load_into("model", self.trainable)
+        if self.ema is not None:
+            ckpt.load_into("ema", self.ema)
+        self.optimizer.load_state_dict(ckpt.optimizer_state())
+        small = ckpt.group("rng") | ckpt.group("log")
+        self.generator.set_state(small["generator"])
+        self.losses = small["loss"].tolist()
+        return ckpt.step
 
 
 def train(
@@ -263,83 +199,56 @@ def train(
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad (all, or an adapter's) on ``batches``.
 
-    Writes ``out_dir/checkpoint.safetensors`` (trainable weights, their EMA, optimizer, RNG, step, loss log)
-    every ``checkpoint_every`` steps and at the end, atomically, and the loss of every step so far to
+    Writes ``out_dir/checkpoint.safetensors`` (trained weights, their EMA, optimizer, RNG, step, loss log) every
+    ``checkpoint_every`` steps and at the end, atomically, and the loss of every step so far to
     ``out_dir/loss.json``; with ``resume`` an existing checkpoint is continued exactly.
-    ``on_checkpoint(step, ema_model)`` runs after each checkpoint (validation at intervals); it must not
+    ``on_checkpoint(step, model)`` runs after each checkpoint (validation at intervals) on the main process, the
+    model in eval mode and holding the EMA weights if an EMA is kept (swapped in place, then back); it must not
     touch the training generator. SIGINT / SIGTERM stop the run between steps with a checkpoint and raise
     :class:`TrainingInterrupted`.
     """
-    recipe.validate()
-    config.validate()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output directory is a file")
     ckpt_path = out_dir / "checkpoint.safetensors"
     for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # left by a process killed while writing
         stale.unlink()
-    schedule = recipe.build_schedule()
-    try:
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    except ValueError as err:
-        if "already been initialized" not in str(err):
-            raise
-        raise ValueError(
-            f"mixed_precision={config.mixed_precision!r}: accelerate keeps one precision per process and this "
-            "process already trained with another; train in a new process"
-        ) from None
-    generator = torch.Generator().manual_seed(config.seed)
+    accelerator = _accelerator(config)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no trainable parameter")
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=0.0)
-    ema = {name: p.detach().clone() for name, p in trainable.items()}
-    loss_log: list[float] = []
-    start = 0
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        for key, value in (("recipe", asdict(recipe)), ("config", asdict(config))):
-            if ckpt.meta.get(key) != value:
-                raise ValueError(f"{ckpt_path}: checkpoint was made with another {key}; use a new output directory")
-        if set(ckpt.model) != set(trainable):
-            raise ValueError(f"{ckpt_path}: checkpoint holds other trainable parameters than this model")
-        model.load_state_dict(ckpt.model, strict=False)
-        ema = {name: ckpt.ema[name].to(p.dtype) for name, p in trainable.items()}
-        optimizer.load_state_dict(ckpt.optimizer)
-        generator.set_state(ckpt.rng["generator"])
-        loss_log = ckpt.log["loss"].tolist()
-        start = ckpt.step
-    model, optimizer = accelerator.prepare(model, optimizer)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    ema = {name: value.to(accelerator.device) for name, value in ema.items()}
-    meta = {"recipe": asdict(recipe), "config": asdict(config)}
+    state = _State(
+        trainable=trainable,
+        ema={name: p.detach().clone() for name, p in trainable.items()} if config.ema_decay > 0 else None,
+        optimizer=torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=0.0),
+        generator=torch.Generator().manual_seed(config.seed),
+        losses=[],
+        meta={"recipe": recipe.describe(), "config": asdict(config)},
+    )
+    start = state.resume(ckpt_path) if resume and ckpt_path.exists() else 0
+    model, state.optimizer = accelerator.prepare(model, state.optimizer)
+    if state.ema is not None:
+        state.ema = {name: value.to(accelerator.device) for name, value in state.ema.items()}
 
     def checkpoint(step: int) -> None:
         # Every process holds the same state (same draws, averaged gradients); the main one writes it.
         if accelerator.is_main_process:
-            save_checkpoint(
-                ckpt_path,
-                step=step,
-                model={name: p for name, p in trainable.items()},
-                ema=ema,
-                optimizer=optimizer.state_dict(),
-                rng={"generator": generator.get_state()},
-                log={"loss": torch.tensor(loss_log, dtype=torch.float64)},
-                meta=meta,
-            )
-            (out_dir / "loss.json").write_text(json.dumps(loss_log))
+            state.save(ckpt_path, step)
             if on_checkpoint is not None:
-                on_checkpoint(step, with_weights(accelerator.unwrap_model(model), ema))
+                _call_with_ema(on_checkpoint, step, accelerator.unwrap_model(model), state)
         accelerator.wait_for_everyone()
 
-    model.train()
-    params, ema_params = list(trainable.values()), list(ema.values())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    params = list(trainable.values())
     bar = tqdm(
         total=config.steps,
         initial=start,
         desc=description or f"train {recipe.name}",
         disable=not progress or not accelerator.is_local_main_process,
     )
+    model.train()
     with _stop_requests() as stop:
         for step in range(start, config.steps):
             # A stop request (to any process) ends the run here, between steps, with a checkpoint.
@@ -350,9 +259,8 @@ def train(
                 bar.close()
                 checkpoint(step)
                 raise TrainingInterrupted(step, ckpt_path)
-            # Learning rate for this step.
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, config)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
             # Checkpoint before the step, so a resumed run replays exactly what follows.
             if step > start and step % config.checkpoint_every == 0:
                 checkpoint(step)
@@ -360,7 +268,7 @@ def train(
             # in every process alike; each process trains on its shard and DDP averages the gradients.
             loss = 0.0
             for micro_step in range(config.grad_accum):
-                batch = batches(config.batch_size * world, generator)
+                batch = batches(config.batch_size * world, state.generator)
                 sync = micro_step == config.grad_accum - 1
                 with accelerator.autocast(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     micro = batch_loss(
@@ -368,8 +276,7 @@ def train(
                         batch.x0,
                         batch.cond,
                         recipe,
-                        schedule,
-                        generator,
+                        state.generator,
                         weight=batch.weight,
                         rank=rank,
                         world=world,
@@ -379,15 +286,33 @@ def train(
                 loss += accelerator.reduce(micro.detach(), "mean") / config.grad_accum
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # EMA of the weights (decay warmed up so early averages are not dominated by the random init).
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
-            loss_log.append(loss.item())
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            if state.ema is not None:
+                # Decay warmed up so early averages are not dominated by the random init.
+                decay = min(config.ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(list(state.ema.values()), [p.detach() for p in params], 1 - decay)
+            state.losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_log[-1]:.4f}")
+            bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
     bar.close()
     if start < config.steps or not ckpt_path.exists():
         checkpoint(config.steps)
-    return TrainResult(accelerator.unwrap_model(model), ema, loss_log, config.steps)
+    trained = accelerator.unwrap_model(model)
+    accelerator.free_memory()  # drops accelerate's references to the optimizer and its state
+    return TrainResult(trained, state.ema, state.losses, config.steps)
+
+
+def _call_with_ema(callback, step: int, model: torch.nn.Module, state: _State) -> None:
+    """``callback(step, model)`` with the model in eval mode, holding the EMA weights if any (swapped in place and
+    back, so nothing is copied)."""
+    if state.ema is not None:
+        swap(state.trainable, state.ema)
+    model.eval()
+    try:
+        with torch.no_grad():
+            callback(step, model)
+    finally:
+        model.train()
+        if state.ema is not None:
+            swap(state.trainable, state.ema)

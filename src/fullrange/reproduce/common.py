@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .. import metrics, timesteps, toy
+from .. import batches, metrics, toy
 from ..images import tile
+from ..losses import RECIPES, Recipe
 from ..models import tiny_unet
-from ..samplers import sample
-from ..train import RECIPES, Recipe, TrainConfig, labelled_batches, train
+from ..sampling import sample
+from ..train import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,7 @@ class Context:
         return self._data
 
     def new_model(self) -> torch.nn.Module:
-        torch.manual_seed(self.preset.seed)
-        return tiny_unet(self.preset.size, self.preset.channels, width=self.preset.width)
+        return tiny_unet(self.preset.size, self.preset.channels, width=self.preset.width, seed=self.preset.seed)
 
     def train_config(self, **changes) -> TrainConfig:
         p = self.preset
@@ -112,10 +112,11 @@ class Context:
             batch_size=p.batch_size,
             lr=p.lr,
             warmup=max(1, p.train_steps // 10),
+            ema_decay=0.999,
             checkpoint_every=max(1, p.train_steps // 4),
             seed=p.seed,
         )
-        return TrainConfig(**{**asdict(base), **changes}).validate()
+        return TrainConfig(**{**asdict(base), **changes})
 
     def model(self, recipe_name: str) -> torch.nn.Module:
         """The EMA model trained from scratch with a recipe (trained, or resumed, on first use)."""
@@ -123,14 +124,14 @@ class Context:
             images, labels = self.data
             result = train(
                 self.new_model(),
-                labelled_batches(images, labels, NULL_LABEL),
+                batches.labelled(images, labels, NULL_LABEL),
                 self.recipes[recipe_name],
                 self.train_config(),
                 self.out / "models" / recipe_name,
                 progress=self.progress,
                 description=f"train {recipe_name}",
             )
-            self._models[recipe_name] = result.ema_model()
+            self._models[recipe_name] = result.apply_ema().eval().requires_grad_(False)
         return self._models[recipe_name]
 
 
@@ -139,11 +140,6 @@ def default_recipes(size: int) -> dict[str, Recipe]:
     std of a channel's noise mean (1/64); ``0.1 · 64 / size`` keeps that ratio at ``size``."""
     scaled = Recipe("offset_scaled", noise="offset", offset_strength=round(0.1 * 64 / size, 4))
     return dict(RECIPES) | {"offset_scaled": scaled}
-
-
-def plan(recipe: Recipe, steps: int, spacing: str | None = None) -> torch.Tensor:
-    """Sample steps for a recipe: its own spacing unless given; leading gets SD's ``steps_offset = 1``."""
-    return timesteps.plan(recipe.build_schedule(), steps, spacing or recipe.spacing, steps_offset=1)
 
 
 def generate(
@@ -165,10 +161,10 @@ def generate(
     out = sample(
         model,
         noise.to(device),
-        schedule=recipe.build_schedule(),
-        prediction=recipe.prediction,
+        recipe.spec,
         sampler=p.sampler,
-        steps=plan(recipe, steps or p.sample_steps, spacing),
+        steps=steps or p.sample_steps,
+        spacing=spacing,
         cond={"class_labels": labels.to(device)},
         uncond={"class_labels": torch.full_like(labels, NULL_LABEL).to(device)},
         guidance_scale=guidance_scale,

@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from .. import metrics, toy
-from ..train import labelled_batches, train
+from .. import batches, metrics, toy
+from ..train import train
 from .common import NULL_LABEL, Context, generate, pyplot, save_figure
 
 TARGETS = {"solid black": -1.0, "solid white": 1.0}
@@ -42,7 +42,7 @@ def finetune(ctx: Context) -> dict:
 
             train(
                 copy.deepcopy(base).requires_grad_(True),
-                labelled_batches(image, torch.tensor([label]), NULL_LABEL, dropout=0.0),
+                batches.labelled(image, torch.tensor([label]), NULL_LABEL, dropout=0.0),
                 recipe,
                 config,
                 out / "models" / f"{name}_{target.replace(' ', '_')}",

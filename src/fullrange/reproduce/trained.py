@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from tqdm.auto import tqdm
 
@@ -26,7 +28,7 @@ def from_scratch(ctx: Context) -> dict:
     numbers, grids, brightness = {}, [], {}
     for name, recipe in ctx.recipes.items():
         samples = generate(ctx, ctx.model(name), recipe, labels)
-        numbers[name] = brightness_summary(samples, labels, images, data_labels) | {"spacing": recipe.spacing}
+        numbers[name] = brightness_summary(samples, labels, images, data_labels) | {"spacing": recipe.spec.spacing}
         brightness[name] = metrics.brightness(samples)
         grids.append(label_grid(samples, labels, out / f"samples_{name}.png"))
     data_b = metrics.brightness(images)
@@ -113,7 +115,9 @@ def sample_steps(ctx: Context) -> dict:
             (spacing, steps) for spacing in ("leading", "linspace", "trailing") for steps in ctx.preset.spacing_steps
         ]
         for spacing, steps in tqdm(jobs, desc=f"sample {name}", disable=not ctx.progress):
-            samples = generate(ctx, model, recipe, labels, steps=steps, spacing=spacing).clamp(-1, 1)
+            with warnings.catch_warnings():  # leading steps at zero terminal SNR are what this measures
+                warnings.simplefilter("ignore")
+                samples = generate(ctx, model, recipe, labels, steps=steps, spacing=spacing).clamp(-1, 1)
             numbers[name].setdefault(spacing, {})[str(steps)] = metrics.spread_ratio(samples, images)
         for spacing, ratios in numbers[name].items():
             ax.plot(ctx.preset.spacing_steps, list(ratios.values()), "o-", label=spacing)

@@ -12,11 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..denoiser import from_model
-from ..guidance import cfg
-from ..losses import validate_recipe
-from ..schedules import Schedule
-from ..timesteps import plan
 from ._common import Callback, StepInfo
 from .ddim import ddim, ddpm
 from .dpmpp import dpmpp_2m, dpmpp_2m_sde
@@ -49,48 +44,4 @@ def knobs(name: str) -> dict[str, object]:
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON}
 
 
-def sample(
-    model,
-    noise: torch.Tensor,
-    *,
-    schedule: Schedule,
-    prediction: str,
-    sampler: str = "dpmpp_2m",
-    steps: int | torch.Tensor = 25,
-    spacing: str = "trailing",
-    generator: torch.Generator | None = None,
-    cond: dict | None = None,
-    uncond: dict | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
-    rescale_space: str = "v",
-    callback: Callback | None = None,
-    steps_offset: int = 0,
-    **options,
-) -> torch.Tensor:
-    """Sample x0 from ``noise`` (the x_t at the first step) with a network called like a diffusers UNet.
-
-    ``steps``: a count, spaced by ``spacing`` ("leading" / "linspace" / "trailing", or a σ ladder
-    "karras" / "exponential"; ``steps_offset`` is added to leading steps, SD uses 1), or an explicit
-    descending tensor of timesteps.
-    ``cond`` / ``uncond``: keyword tensors for the model (e.g. ``encoder_hidden_states``); with
-    ``guidance_scale != 1`` the model also runs on ``uncond`` (classifier-free guidance) and
-    ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``.
-    ``callback(StepInfo)`` runs after each step (progress bars). Other ``options`` are the sampler's own
-    (``fullrange.samplers.knobs(name)``), e.g. ``eta`` for ddim.
-    """
-    fn = get(sampler)
-    unknown = set(options) - set(knobs(sampler))
-    if unknown:
-        raise ValueError(f"sampler {sampler!r} has no option {', '.join(sorted(unknown))}; it takes {knobs(sampler)}")
-    validate_recipe(schedule, prediction, spacing if isinstance(steps, int) else None)
-    if isinstance(steps, int):
-        steps = plan(schedule, steps, spacing, steps_offset)
-    denoiser = from_model(model, prediction)
-    if guidance_scale != 1.0:
-        denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space)
-    with torch.no_grad():
-        return fn(denoiser, noise, schedule, steps, cond=cond, generator=generator, callback=callback, **options)
-
-
-__all__ = ["SAMPLERS", "STOCHASTIC", "Callback", "StepInfo", "get", "knobs", "sample"]
+__all__ = ["SAMPLERS", "STOCHASTIC", "Callback", "StepInfo", "get", "knobs"]

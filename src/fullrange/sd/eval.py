@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import metrics
-from .sd import StableDiffusion
-from .sd_sample import SampleSettings, generate, save_images
+from .. import metrics
+from .model import StableDiffusion
+from .sample import SampleSettings, generate, save_images
 
 PROMPTS = {
     # From the seed documents.

@@ -1,0 +1,124 @@
+"""``fullrange.sample``: what a model needs to be sampled right (:class:`SamplingSpec`), and the call that does it:
+plan the steps, wrap the network into a denoiser, apply guidance, run a solver."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from . import samplers, schedules
+from .denoiser import from_model
+from .guidance import cfg
+from .prediction import check_prediction
+from .samplers import Callback
+from .timesteps import SPACINGS, plan
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingSpec:
+    """A model's sampling setup, its single source of truth: the noise ``schedule`` it was trained on, what it
+    predicts (``"epsilon"``, ``"v_prediction"``, ``"sample"``), and the step ``spacing`` it is sampled with
+    (``steps_offset`` is added to leading steps, as diffusers does; SD uses 1).
+
+    Zero terminal SNR with epsilon prediction is refused: at SNR = 0 eps says nothing about x0 (Lin et al. §3.2).
+    """
+
+    schedule: schedules.Schedule
+    prediction: str
+    spacing: str = "trailing"
+    steps_offset: int = 0
+
+    def __post_init__(self) -> None:
+        check_prediction(self.prediction)
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
+        if self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
+        if self.schedule.zero_terminal_snr and self.prediction == "epsilon":
+            raise ValueError(
+                "zero terminal SNR with epsilon prediction: at SNR = 0 eps says nothing about x0; "
+                "use v_prediction (Lin et al. §3.2)"
+            )
+
+    def plan(self, num_steps: int, spacing: str | None = None) -> torch.Tensor:
+        """The steps to visit: ``num_steps`` spaced by ``spacing`` (default: the spec's; also a σ ladder,
+        "karras" or "exponential"). Leading steps at zero terminal SNR warn: they never visit t = T-1."""
+        spacing = spacing or self.spacing
+        if self.schedule.zero_terminal_snr and spacing == "leading":
+            warnings.warn(
+                "zero terminal SNR with leading spacing never visits t = T-1, where the model learnt pure "
+                "noise; use trailing or linspace (Lin et al. §3.3)",
+                stacklevel=2,
+            )
+        return plan(self.schedule, num_steps, spacing, self.steps_offset)
+
+    def describe(self) -> dict:
+        """JSON for files and checkpoints: the schedule's origin and a fingerprint of its ᾱ, and the rest."""
+        ac = self.schedule.alphas_cumprod
+        origin = self.schedule.origin
+        return {
+            "schedule": asdict(origin) if origin is not None else None,
+            "alphas_cumprod_sha256": hashlib.sha256(ac.numpy().tobytes()).hexdigest()[:16],
+            "prediction": self.prediction,
+            "spacing": self.spacing,
+            "steps_offset": self.steps_offset,
+        }
+
+
+STABLE_DIFFUSION = SamplingSpec(schedules.scaled_linear(), "epsilon", "leading", steps_offset=1)
+"""Stable Diffusion 1.x / 2.x-base as published: scaled_linear betas, epsilon prediction, leading steps + 1."""
+
+ZERO_TERMINAL_SNR = replace(
+    STABLE_DIFFUSION,
+    schedule=schedules.rescale_zero_terminal_snr(STABLE_DIFFUSION.schedule),
+    prediction="v_prediction",
+    spacing="trailing",
+)
+"""Lin et al.'s fix of Stable Diffusion's sampling: the same betas rescaled to zero terminal SNR, v-prediction,
+trailing steps."""
+
+
+def sample(
+    model,
+    noise: torch.Tensor,
+    spec: SamplingSpec,
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int | torch.Tensor = 25,
+    spacing: str | None = None,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    uncond: dict | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    rescale_space: str = "v",
+    callback: Callback | None = None,
+    **options,
+) -> torch.Tensor:
+    """Sample x0 from ``noise`` (the x_t at the first step) with a network called like a diffusers UNet,
+    ``model(x_t, t, **cond)``, sampled as ``spec`` says.
+
+    ``steps``: a count, spaced by ``spacing`` (default ``spec.spacing``; "leading" / "linspace" / "trailing", or a
+    σ ladder "karras" / "exponential"), or an explicit descending tensor of timesteps.
+    ``cond`` / ``uncond``: keyword arguments for the model (tensors, or dicts of them such as SDXL's
+    ``added_cond_kwargs``); with ``guidance_scale != 1`` the model also runs on ``uncond`` (classifier-free
+    guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``.
+    ``callback(StepInfo)`` runs after each step (progress bars). Other ``options`` are the sampler's own
+    (``fullrange.samplers.knobs(name)``), e.g. ``eta`` for ddim.
+    """
+    fn = samplers.get(sampler)
+    unknown = set(options) - set(samplers.knobs(sampler))
+    if unknown:
+        raise ValueError(
+            f"sampler {sampler!r} has no option {', '.join(sorted(unknown))}; it takes {samplers.knobs(sampler)}"
+        )
+    if isinstance(steps, int):
+        steps = spec.plan(steps, spacing)
+    denoiser = from_model(model, spec.prediction)
+    if guidance_scale != 1.0:
+        denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space)
+    with torch.no_grad():
+        return fn(denoiser, noise, spec.schedule, steps, cond=cond, generator=generator, callback=callback, **options)

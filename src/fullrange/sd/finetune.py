@@ -1,0 +1,224 @@
+"""Fine-tune Stable Diffusion with the fixes: load → batches → adapter → train → save.
+
+The training itself is :func:`fullrange.train.train`; this module turns a :class:`FinetuneConfig` into its inputs,
+and the result into files other tools load: a diffusers pipeline whose scheduler config says how the model must be
+sampled (prediction type, zero terminal SNR, trailing steps), LoRA weights for ``load_lora_weights``, and for OFT
+(which diffusers cannot load) the adapter plus a merged pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import adapters, data, schedules
+from ..batches import Batches, with_prior
+from ..config import ConfigError
+from ..files import save_safetensors, write_bytes
+from ..losses import Recipe
+from ..models import seeded
+from ..sampling import SamplingSpec
+from ..scheduler_config import ddim_scheduler
+from ..train import TrainResult, process_state, train
+from .config import AdapterConfig, DataConfig, FinetuneConfig, NoiseConfig
+from .latents import bucket_step, image_batches
+from .load import load_stable_diffusion
+from .model import StableDiffusion
+from .sample import SampleSettings, generate, save_images
+
+
+def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dict[str, Path]:
+    """Run a fine-tune end to end; returns the written outputs by kind (on the main process; ``{}`` elsewhere)."""
+    out = Path(config.output.path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("output.path", f"{out}: is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    # The VAE and text encoders go where accelerate puts this process's UNet.
+    model = load_stable_diffusion(config.model)
+    for encoder in (model.vae, model.text_encoder, model.text_encoder_2):
+        if encoder is not None:
+            encoder.to(process_state().device)
+    recipe = recipe_for(config.noise, model.spec)
+    spec = recipe.spec
+    log(f"recipe: {spec.prediction}, zero terminal SNR {spec.schedule.zero_terminal_snr}, noise {recipe.noise}")
+    write_bytes(
+        out / "config.json", json.dumps({"config": asdict(config), "recipe": recipe.describe()}, indent=2).encode()
+    )
+    batches = training_batches(model, config.data, out, progress, log)
+    count = attach_adapter(model.unet, config.adapter, config.train.seed)
+    log(f"{config.adapter.kind}: {count:,} trainable parameters")
+    tuned = replace(model, spec=recipe.spec)
+    validate = None
+    if config.validation.prompts:
+        settings = SampleSettings(steps=25, seed=config.train.seed, resolution=config.data.resolution)
+        validate = validator(tuned, list(config.validation.prompts), settings, out / "validation")
+    result = train(
+        model.unet,
+        batches,
+        recipe,
+        config.train,
+        out / "train",
+        progress=progress,
+        description="fine-tune",
+        on_checkpoint=validate,
+    )
+    if not process_state().is_main_process:  # under accelerate launch / torchrun, one process writes
+        return {}
+    outputs = save_outputs(replace(tuned, unet=trained_unet(result)), config.adapter, out)
+    for kind, path in outputs.items():
+        log(f"wrote {kind}: {path}")
+    return outputs
+
+
+def recipe_for(noise: NoiseConfig, spec: SamplingSpec) -> Recipe:
+    """The training recipe: the checkpoint's own schedule and target, changed as ``noise`` asks. Zero terminal SNR
+    rescales that schedule, trains v-prediction unless told otherwise, and samples with trailing steps."""
+    schedule = spec.schedule
+    if noise.zero_terminal_snr and not schedule.zero_terminal_snr:
+        schedule = schedules.rescale_zero_terminal_snr(schedule)
+    try:
+        if schedule.zero_terminal_snr:
+            prediction = noise.prediction or ("v_prediction" if spec.prediction == "epsilon" else spec.prediction)
+            spec = SamplingSpec(schedule, prediction, "trailing", 0)
+        else:
+            spec = replace(spec, prediction=noise.prediction or spec.prediction)
+    except ValueError as err:
+        raise ConfigError("noise.prediction", str(err)) from None
+    kind = "offset" if noise.offset else "pyramid" if noise.pyramid else "gaussian"
+    return Recipe(
+        name="finetune",
+        spec=spec,
+        noise=kind,
+        offset_strength=noise.offset,
+        pyramid_discount=noise.pyramid,
+        input_perturbation=noise.input_perturbation,
+        weighting="min_snr" if noise.min_snr_gamma else "none",
+        snr_gamma=noise.min_snr_gamma or 5.0,
+        weight_floor=noise.snr_weight_floor,
+    )
+
+
+def training_batches(model: StableDiffusion, config: DataConfig, out: Path, progress: bool, log) -> Batches:
+    """The image folder's batches (square or bucketed), paired with class images for prior preservation."""
+    min_size = (
+        min(min(wh) for wh in data.buckets(config.resolution, bucket_step(model)))
+        if config.buckets
+        else config.resolution
+    )
+    items = _scan(config.path, "data.path", min_size, log)
+    log(f"{len(items)} images")
+    batches = image_batches(model, items, config, out / "cache", progress)
+    if not config.class_prompt:
+        return batches
+    class_dir = Path(config.class_data) if config.class_data else out / "class_images"
+    make_class_images(model, config, class_dir, progress)
+    class_items = _scan(class_dir, "data.class_data", config.resolution, log, default_caption=config.class_prompt)
+    weight = config.prior_loss_weight
+    log(f"prior preservation: {len(class_items)} class images of '{config.class_prompt}', weight {weight}")
+    class_batches = image_batches(model, class_items, config, out / "cache", progress)
+    return with_prior(batches, class_batches, config.prior_loss_weight)
+
+
+def _scan(folder, field: str, min_size: int, log, default_caption: str = "") -> list[data.Item]:
+    """The usable images of ``folder``, logging every skipped one with its reason."""
+    try:
+        items, problems = data.scan(folder, min_size=min_size, default_caption=default_caption)
+    except data.DataError as err:
+        raise ConfigError(field, str(err)) from None
+    for problem in problems:
+        log(f"skipped {problem.path}: {problem.reason}")
+    return items
+
+
+def make_class_images(model: StableDiffusion, config: DataConfig, folder: Path, progress: bool) -> None:
+    """Generate class images with the base model until ``folder`` holds ``num_class_images`` (Dreambooth)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sum(1 for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
+    missing = max(0, config.num_class_images - have)
+    for start in tqdm(range(0, missing, 4), desc="class images", disable=not progress):
+        count = min(4, missing - start)
+        settings = SampleSettings(steps=25, seed=have + start, resolution=config.resolution)
+        images = generate(model, [config.class_prompt] * count, settings)
+        for k, image in enumerate(images):
+            name = folder / f"class_{have + start + k:05d}"
+            array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(array).save(name.with_suffix(".png"))
+            name.with_suffix(".txt").write_text(config.class_prompt)
+
+
+def attach_adapter(unet: torch.nn.Module, config: AdapterConfig, seed: int) -> int:
+    """Make ``unet`` trainable as ``config`` says (LoRA or OFT added in place, or all of it); the adapter's random
+    init comes from ``seed``, the same in every process and run. Returns the number of trainable parameters."""
+    if config.kind == "lora":
+        with seeded(seed):
+            return adapters.add_lora(unet, rank=config.rank)
+    if config.kind == "oft":
+        return adapters.add_oft(unet, block_size=config.block_size, coft=config.coft)
+    unet.requires_grad_(True)
+    return sum(p.numel() for p in unet.parameters())
+
+
+def trained_unet(result: TrainResult) -> torch.nn.Module:
+    """The trained UNet in eval mode, holding its EMA weights if an EMA was kept."""
+    unet = result.apply_ema() if result.ema is not None else result.model
+    return unet.eval()
+
+
+def validator(model: StableDiffusion, prompts: list[str], settings: SampleSettings, out: Path):
+    """Validation images at each checkpoint, sampled as the trained model will be (its spec): a callback for
+    :func:`~fullrange.train.train`, which hands it the UNet in training, holding the EMA weights if any."""
+
+    def validate(step: int, unet: torch.nn.Module) -> None:
+        images = generate(replace(model, unet=unet), prompts, settings)
+        save_images(images, prompts, settings, out / f"step_{step:06d}")
+
+    return validate
+
+
+def pipeline_class(model: StableDiffusion):
+    """diffusers' pipeline class for ``model``: ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if model.is_xl else StableDiffusionPipeline
+
+
+def save_pipeline(model: StableDiffusion, path: Path) -> Path:
+    """A diffusers pipeline folder (safetensors) of ``model``, its scheduler configured by its spec."""
+    parts = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": model.unet}
+    parts["scheduler"] = ddim_scheduler(model.spec)
+    if model.is_xl:
+        parts |= {"text_encoder_2": model.text_encoder_2, "tokenizer_2": model.tokenizer_2}
+    else:
+        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline_class(model)(**parts).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_outputs(model: StableDiffusion, adapter: AdapterConfig, out: Path) -> dict[str, Path]:
+    """What the run leaves for other tools: ``lora/`` (diffusers' LoRA file and scheduler config), ``oft/`` (the
+    adapter, its shape, scheduler config) and ``pipeline/`` (full fine-tunes, and OFT merged in place)."""
+    outputs = {}
+    if adapter.kind == "lora":
+        # peft's names (lora_A / lora_B), which diffusers loads as they are. Not its older "lora.down" names:
+        # converted, attention layers get them and ResNet layers keep lora_A, and diffusers' loader, which
+        # tells the format from the first key, then skips the attention ones.
+        layers = adapters.adapter_state_dict(model.unet)
+        pipeline_class(model).save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
+        ddim_scheduler(model.spec).save_config(out / "lora")
+        outputs["lora"] = out / "lora"
+    elif adapter.kind == "oft":
+        oft = out / "oft"
+        write_bytes(oft / "adapter.json", json.dumps({"block_size": adapter.block_size, "coft": adapter.coft}).encode())
+        save_safetensors(oft / "adapter_model.safetensors", adapters.adapter_state_dict(model.unet))
+        ddim_scheduler(model.spec).save_config(oft)
+        outputs["oft"] = oft
+        adapters.merge_adapters(model.unet)
+    if adapter.kind in ("full", "oft"):
+        outputs["pipeline"] = save_pipeline(model, out / "pipeline")
+    return outputs

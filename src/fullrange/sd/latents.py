@@ -1,0 +1,122 @@
+"""From an image folder to training batches: VAE latents and caption states, cached on disk, drawn in batches
+(square or by aspect-ratio bucket) with caption dropout and SDXL's size conditioning."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .. import data
+from ..batches import Batch, Batches, one_of
+from .config import DataConfig
+from .model import StableDiffusion
+
+
+def model_id(model: StableDiffusion) -> str:
+    """Identifies the VAE and text encoders whose outputs are cached (their weight files' names, sizes, times; the
+    single file's for a single-file checkpoint)."""
+    digest = hashlib.sha256()
+    if model.source.is_file():
+        files = [model.source]
+    else:
+        parts = ("vae", "text_encoder", "text_encoder_2")
+        files = [p for c in parts for p in sorted((model.source / c).glob("*.safetensors"))]
+    for path in files:
+        digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_latents(
+    model: StableDiffusion, items: list[data.Item], size: int | tuple[int, int], cache: Path, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of the VAE latents of every image at ``size`` (side or (width, height)), from
+    ``cache`` where already encoded."""
+    key = model_id(model)
+    means, stds = [], []
+    for item in tqdm(items, desc="encode images", disable=not progress):
+        path = cache / f"latent_{data.cache_key(item.path, key, size)}.safetensors"
+        if path.exists():
+            stored = load_file(path)
+        else:
+            pixels = data.load_image(item.path, size).unsqueeze(0).to(model.vae.device, model.vae.dtype)
+            dist = model.vae.encode(pixels).latent_dist
+            stored = {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
+            cache.mkdir(parents=True, exist_ok=True)
+            save_file(stored, path)
+        means.append(stored["mean"])
+        stds.append(stored["std"])
+    return torch.stack(means), torch.stack(stds)
+
+
+@torch.no_grad()
+def encode_captions(model: StableDiffusion, captions: list[str], cache: Path) -> dict[str, torch.Tensor]:
+    """Text states of ``captions`` followed by the empty caption's, from ``cache`` when seen before."""
+    texts = [*captions, ""]
+    key = hashlib.sha256(json.dumps([model_id(model), texts]).encode()).hexdigest()[:32]
+    path = cache / f"text_{key}.safetensors"
+    if path.exists():
+        return load_file(path)
+    states = {k: v.float().cpu().contiguous() for k, v in model.encode_prompts(texts).items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file(states, path)
+    return states
+
+
+def latent_batches(
+    model: StableDiffusion,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    captions: list[str],
+    dropout: float,
+    cache: Path,
+    time_ids: torch.Tensor | None = None,
+) -> Batches:
+    """Batches of VAE latents (a fresh posterior draw, times the VAE's scaling factor) with their captions' UNet
+    conditioning, each caption replaced by the empty one with probability ``dropout``; ``time_ids``: per-image
+    size conditioning (SDXL)."""
+    states = encode_captions(model, captions, cache)
+    scale = model.vae.config.scaling_factor
+
+    def draw(batch_size: int, generator: torch.Generator) -> Batch:
+        index = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
+        z = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+        drop = torch.rand(batch_size, generator=generator) < dropout
+        text = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), v[-1:], v[:-1][index]) for k, v in states.items()}
+        return Batch(z * scale, model.condition(text, None if time_ids is None else time_ids[index]))
+
+    return draw
+
+
+def bucket_step(model: StableDiffusion) -> int:
+    """Bucket sides are multiples of this: the VAE's factor times the UNet's total downsampling (64 for SD)."""
+    return model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+
+
+def image_batches(
+    model: StableDiffusion, items: list[data.Item], config: DataConfig, cache: Path, progress: bool
+) -> Batches:
+    """Batches of an image folder: square at ``config.resolution``, or with ``config.buckets`` one aspect-ratio
+    bucket per batch, buckets drawn in proportion to their images."""
+    if not config.buckets:
+        sizes = [config.resolution] * len(items)
+    else:
+        choices = data.buckets(config.resolution, step=bucket_step(model))
+        sizes = [data.nearest_bucket(*item.size, choices) for item in items]
+    sources = []
+    for size in dict.fromkeys(sizes):
+        group = [item for item, s in zip(items, sizes, strict=True) if s == size]
+        means, stds = encode_latents(model, group, size, cache, progress)
+        target = (size, size) if isinstance(size, int) else size
+        ids = [model.time_ids(i.size[::-1], data.cover_crop(i.size, target)[1][::-1], target[::-1]) for i in group]
+        time_ids = torch.stack(ids) if model.is_xl else None
+        captions = [i.caption for i in group]
+        sources.append(
+            (latent_batches(model, means, stds, captions, config.caption_dropout, cache, time_ids), len(group))
+        )
+    return sources[0][0] if len(sources) == 1 else one_of(sources)

@@ -1,0 +1,183 @@
+"""Load Stable Diffusion 1.x / 2.x / XL (base) from a local diffusers folder, a single checkpoint file or, only when
+the path names nothing local but looks like a hub id, from the Hugging Face Hub; and load adapters onto it.
+
+Every other load is ``local_files_only``. Only safetensors weights are read unless the caller opts in to pickle
+files (``allow_pickle``). Errors name the option they come from in config terms (``model.path``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..scheduler_config import spec_from_config
+from . import single_file
+from .config import ModelConfig
+from .model import StableDiffusion
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def load_stable_diffusion(model: ModelConfig | Path | str, *, dtype=torch.float32) -> StableDiffusion:
+    """The checkpoint a ``[model]`` table (or just a path) names: a diffusers folder, a single file (checked
+    against ``sha256`` first if given; architecture from the bundled SD 1.x / 2.x / XL configs unless ``config``
+    names a diffusers folder), or a hub id that names no local path (:func:`fetch`)."""
+    if not isinstance(model, ModelConfig):
+        model = ModelConfig(str(model))
+    text, path = model.path, Path(model.path)  # the text as given: Path("./a/b") would read as the hub id "a/b"
+    if path.is_file():
+        return _load_single_file(path, model, dtype)
+    if model.sha256 is not None:
+        raise ConfigError("model.sha256", f"applies to a single checkpoint file, and {path} is a folder")
+    if not path.is_dir():
+        if not HUB_ID.fullmatch(text):
+            raise ConfigError("model.path", f"{text}: no such file or directory")
+        path = fetch(text)
+    return _load_folder(path, model.allow_pickle, dtype)
+
+
+def fetch(repo_id: str) -> Path:
+    """Download what fullrange uses of a diffusers repository on the Hugging Face Hub into the hub cache: the
+    configs, tokenizers and safetensors weights of ``HUB_PARTS``; no fp16 / non-EMA variants, no pickle files,
+    no safety checker. Called only for a model path that is a hub id and no local path."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", *(f"{part}/*" for part in HUB_PARTS)]
+    ignore = [*(f"*{suffix}" for suffix in PICKLE_SUFFIXES), "*fp16*", "*non_ema*", "*.msgpack", "*.onnx*", "*.h5"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
+    except Exception as err:  # network, authentication, offline mode, unknown repository: all one message
+        detail = str(err).splitlines()[0] if str(err) else "no detail"
+        raise ConfigError(
+            "model.path",
+            f"{repo_id}: no such local path, and fetching it from the Hugging Face Hub failed "
+            f"({type(err).__name__}: {detail})",
+        ) from None
+
+
+def _load_single_file(path: Path, model: ModelConfig, dtype) -> StableDiffusion:
+    if path.suffix in PICKLE_SUFFIXES and not model.allow_pickle:
+        raise ConfigError(
+            "model.path",
+            f"{path}: a pickle checkpoint, which can run code when loaded; convert it to safetensors or allow it "
+            "with model.allow_pickle if you trust the source",
+        )
+    if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise ConfigError(
+            "model.path", f"{path}: not a checkpoint (.safetensors, or a pickle file with model.allow_pickle)"
+        )
+    if model.sha256 is not None:
+        try:
+            single_file.verify_sha256(path, model.sha256)
+        except ValueError as err:
+            raise ConfigError("model.sha256", str(err)) from None
+    if model.config is not None and not (Path(model.config) / "model_index.json").is_file():
+        raise ConfigError("model.config", f"{model.config}: no model_index.json, so not a diffusers folder")
+    try:
+        parts, scheduler_config = single_file.load(path, config=model.config, dtype=dtype)  # errors name the file
+    except ValueError as err:
+        raise ConfigError("model.path", str(err)) from None
+    try:
+        spec = spec_from_config(scheduler_config)
+    except ValueError as err:
+        raise ConfigError("model.path", f"{path}: {err}") from None
+    return StableDiffusion(spec=spec, source=path, **parts)
+
+
+def _load_folder(path: Path, allow_pickle: bool, dtype) -> StableDiffusion:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def bad(message: str) -> ConfigError:
+        return ConfigError("model.path", f"{path}: {message}")
+
+    if not (path / "model_index.json").is_file():
+        raise bad("no model_index.json, so not a diffusers pipeline folder")
+    pipeline_class = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    xl = pipeline_class == "StableDiffusionXLPipeline"
+    if not xl and pipeline_class != "StableDiffusionPipeline":
+        raise bad(
+            f"a {pipeline_class or 'pipeline of unknown class'}; fullrange loads StableDiffusionPipeline "
+            "(SD 1.x / 2.x) and StableDiffusionXLPipeline (SDXL base)"
+        )
+    networks = ("unet", "vae", "text_encoder", *(("text_encoder_2",) if xl else ()))
+    tokenizers = ("tokenizer", *(("tokenizer_2",) if xl else ()))
+    missing = [c for c in (*networks, *tokenizers, "scheduler") if not (path / c).is_dir()]
+    if missing:
+        raise bad(f"missing component folder(s) {', '.join(missing)}")
+    for component in networks:
+        files = [p for p in (path / component).iterdir() if p.is_file()]
+        has_safetensors = any(p.suffix == ".safetensors" for p in files)
+        pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+        if not has_safetensors and pickles and not allow_pickle:
+            raise bad(
+                f"{component} weights are pickle files ({', '.join(pickles)}), which can run code when loaded; "
+                "convert them to safetensors or allow them with model.allow_pickle if you trust the source"
+            )
+        if not has_safetensors and not pickles:
+            raise bad(f"{component}: no weight file")
+    try:
+        spec = spec_from_config(json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
+    except ValueError as err:
+        raise bad(str(err)) from None
+    # use_safetensors=None takes safetensors where a component has them and pickle files elsewhere (allowed here).
+    kwargs = {"local_files_only": True, "use_safetensors": None if allow_pickle else True, "torch_dtype": dtype}
+    second = {}
+    if xl:
+        second = {
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kwargs),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True),
+        }
+    return StableDiffusion(
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+        spec=spec,
+        source=path,
+        **second,
+    )
+
+
+def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0) -> StableDiffusion:
+    """``model`` with a LoRA folder (diffusers' ``save_lora_weights`` format) or an OFT folder written by
+    ``fullrange train`` added to its UNet at ``strength``. A scheduler config saved beside the adapter sets the
+    returned model's spec (prediction type, zero terminal SNR).
+
+    The UNet is shared, not copied: the adapter's layers are added to it in place, so ``model`` itself should not
+    be sampled afterwards.
+    """
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from ..adapters import load_oft
+
+    path = Path(path)
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        state = StableDiffusionPipeline.lora_state_dict(path)[0]
+        model.unet.load_lora_adapter(state, prefix="unet", adapter_name="fullrange")
+        model.unet.set_adapters(["fullrange"], weights=[strength])
+    elif (path / "adapter.json").is_file() and (path / "adapter_model.safetensors").is_file():
+        shape = json.loads((path / "adapter.json").read_text())
+        weights = load_file(path / "adapter_model.safetensors")
+        load_oft(model.unet, weights, shape["block_size"], shape["coft"], strength)
+    else:
+        raise ConfigError(
+            "adapter",
+            f"{path}: neither a LoRA (pytorch_lora_weights.safetensors) nor an OFT folder (adapter.json, "
+            "adapter_model.safetensors)",
+        )
+    config_path = path / "scheduler_config.json"
+    if not config_path.is_file():
+        return model
+    try:
+        return replace(model, spec=spec_from_config(json.loads(config_path.read_text())))
+    except ValueError as err:
+        raise ConfigError("adapter", f"{config_path}: {err}") from None

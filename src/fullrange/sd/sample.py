@@ -1,0 +1,99 @@
+"""Sample Stable Diffusion with fullrange's samplers and guidance, as its spec says; PNGs carry their settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, check_choice, check_finite, check_range
+from ..denoiser import map_cond
+from ..images import tile
+from ..samplers import SAMPLERS
+from ..sampling import sample
+from ..timesteps import LADDERS, SPACINGS
+from .model import StableDiffusion
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to sample: ``spacing`` ``None`` takes the model's own (its spec's); ``resolution`` ``None`` the UNet's."""
+
+    sampler: str = "ddim"
+    steps: int = 25
+    spacing: str | None = None
+    guidance: float = 7.5
+    guidance_rescale: float = 0.0
+    seed: int = 0
+    resolution: int | None = None
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        check_range("steps", self.steps, 0, open_low=True)
+        if self.spacing is not None:
+            check_choice("spacing", self.spacing, SPACINGS + LADDERS)
+        check_range("guidance_rescale", self.guidance_rescale, 0, 1)
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise ConfigError("resolution", f"must be a positive multiple of 8, got {self.resolution}")
+
+
+@torch.no_grad()
+def generate(model: StableDiffusion, prompts: list[str], settings: SampleSettings, callback=None) -> torch.Tensor:
+    """Images in [0, 1], shape (N, 3, H, W), one per prompt, seeds ``seed + i``; on the UNet's device."""
+    size = (settings.resolution or model.unet.config.sample_size * model.vae_scale_factor) // model.vae_scale_factor
+    channels = model.unet.config.in_channels
+    noise = torch.stack(
+        [
+            torch.randn(channels, size, size, generator=torch.Generator().manual_seed(settings.seed + i))
+            for i in range(len(prompts))
+        ]
+    )
+    device = model.unet.device
+    pixels = (size * model.vae_scale_factor,) * 2
+    time_ids = model.time_ids(pixels, (0, 0), pixels)
+    time_ids = None if time_ids is None else time_ids.expand(len(prompts), -1)
+    text = model.encode_prompts(prompts)
+    if model.is_xl and not settings.negative_prompt:  # SDXL's empty negative prompt is zeros (diffusers' default)
+        negative = {k: torch.zeros_like(v) for k, v in text.items()}
+    else:
+        negative = model.encode_prompts([settings.negative_prompt] * len(prompts))
+    to_device = lambda v: v.to(device)  # noqa: E731
+    latents = sample(
+        model.unet,
+        noise.to(device),
+        model.spec,
+        sampler=settings.sampler,
+        steps=settings.steps,
+        spacing=settings.spacing,
+        cond=map_cond(to_device, model.condition(text, time_ids)),
+        uncond=map_cond(to_device, model.condition(negative, time_ids)),
+        guidance_scale=settings.guidance,
+        guidance_rescale=settings.guidance_rescale,
+        callback=callback,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    latents = latents.to(model.vae.device, model.vae.dtype) / model.vae.config.scaling_factor
+    images = model.vae.decode(latents).sample
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def save_images(images: torch.Tensor, prompts: list[str], settings: SampleSettings, out: Path) -> list[Path]:
+    """One PNG per image with its prompt and settings in a ``fullrange`` text chunk, and ``grid.png``."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (array, prompt) in enumerate(zip(arrays, prompts, strict=True)):
+        info = PngInfo()
+        info.add_text("fullrange", json.dumps({"prompt": prompt, **asdict(settings), "seed": settings.seed + i}))
+        path = out / f"{i:04d}.png"
+        Image.fromarray(array).save(path, pnginfo=info)
+        paths.append(path)
+    Image.fromarray(tile(torch.from_numpy(arrays).permute(0, 3, 1, 2), columns=4).numpy()).save(out / "grid.png")
+    return paths

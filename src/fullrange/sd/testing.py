@@ -1,0 +1,121 @@
+"""Tiny Stable Diffusion models built from configs with random weights (no download), for tests and benchmarks;
+and the published SD 1.5 UNet config fullrange bundles, for memory and speed benchmarks at real sizes."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from ..models import seeded
+from .tokenizer import bytes_to_unicode
+
+
+def sd15_unet_config(**changes) -> dict:
+    """The SD 1.5 UNet's config (859.52 M parameters) as fullrange bundles it for single files, with ``changes``."""
+    configs = json.loads(resources.files("fullrange").joinpath("configs/sd1.json").read_text())
+    return {k: v for k, v in configs["unet"].items() if not k.startswith("_")} | changes
+
+
+def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: int = 8, xl: bool = False) -> Path:
+    """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer; with ``xl`` an
+    SDXL-shaped one: two text encoders, size conditioning, several transformer layers per block), built from
+    configs with random weights, as a diffusers folder: for tests and benchmarks, no download."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizers = [
+            CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=16, **extra)
+            for extra in ({}, {"pad_token": "!"})
+        ]
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=32,
+        bos_token_id=len(vocab) - 2,
+        eos_token_id=len(vocab) - 1,
+        pad_token_id=len(vocab) - 1,
+    )
+    with seeded(seed):
+        text_encoder = CLIPTextModel(text_config)
+        # SDXL's second encoder is wider than the first (1280 vs 768), which is how loaders tell them apart.
+        text_config_2 = CLIPTextConfig(**{**text_config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
+        if xl:
+            unet = UNet2DConditionModel(
+                sample_size=sample_size,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2),
+                cross_attention_dim=32 + 48,
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32,
+                norm_num_groups=8,
+            )
+        else:
+            unet = UNet2DConditionModel(
+                sample_size=sample_size,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32,
+                norm_num_groups=8,
+                attention_head_dim=8,
+            )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=2 * sample_size,
+        )
+        scheduler = DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+        parts = {
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizers[0],
+            "unet": unet,
+            "scheduler": scheduler,
+        }
+        if xl:
+            second = CLIPTextModelWithProjection(text_config_2)
+            pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=second, tokenizer_2=tokenizers[1])
+        else:
+            pipe = StableDiffusionPipeline(
+                **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

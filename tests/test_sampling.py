@@ -1,0 +1,68 @@
+"""``fullrange.sample`` and the sampling spec: the public entry point, recipe checks, step planning."""
+
+import pytest
+import torch
+
+import fullrange
+from fullrange import prediction, schedules
+from fullrange.samplers import SAMPLERS, STOCHASTIC
+from fullrange.sampling import STABLE_DIFFUSION, ZERO_TERMINAL_SNR, SamplingSpec
+
+SD = schedules.scaled_linear()
+ZTSNR = schedules.rescale_zero_terminal_snr(SD)
+
+
+def test_oracle_through_a_v_network_and_sample(gen):
+    """The public entry point with a diffusers-like network (``model(x_t, t)`` returns v) gives back x0 exactly."""
+    x0 = torch.randn(2, 3, 8, 8, generator=gen)
+
+    def model(x_t, t):
+        assert t.shape == (2,) and t.dtype == torch.float32
+        return prediction.to_v(x0, x_t, ZTSNR.alphas_cumprod_at(t[0].double()).float())
+
+    noise = torch.randn(2, 3, 8, 8, generator=gen)
+    for sampler in sorted(set(SAMPLERS) - STOCHASTIC):
+        out = fullrange.sample(model, noise, SamplingSpec(ZTSNR, "v_prediction"), sampler=sampler, steps=7)
+        torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+
+
+def test_sample_validates_its_options():
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    noise = torch.zeros(1, 3, 4, 4)
+    spec = SamplingSpec(SD, "epsilon")
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        fullrange.sample(model, noise, spec, sampler="plms")
+    with pytest.raises(ValueError, match="has no option eta"):
+        fullrange.sample(model, noise, spec, sampler="euler", eta=1.0)
+    with pytest.raises(ValueError, match="strictly descending"):
+        fullrange.sample(model, noise, spec, steps=torch.tensor([10, 500]))
+    out = fullrange.sample(model, noise, spec, sampler="ddim", eta=0.0, steps=3)
+    assert out.shape == noise.shape
+
+
+def test_spec_refuses_zero_terminal_snr_with_epsilon_and_warns_for_leading_steps():
+    with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
+        SamplingSpec(ZTSNR, "epsilon")
+    with pytest.raises(ValueError, match="unknown spacing 'uniform'"):
+        SamplingSpec(SD, "epsilon", "uniform")
+    with pytest.raises(ValueError, match="unknown prediction type 'noise'"):
+        SamplingSpec(SD, "noise")
+    spec = SamplingSpec(ZTSNR, "v_prediction", "trailing")
+    assert spec.plan(10).tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    with pytest.warns(UserWarning, match="leading spacing"):
+        spec.plan(10, "leading")
+
+
+def test_spec_plans_as_stable_diffusion_and_lin_et_al():
+    """SD samples leading steps + 1 (901 ... 1 for 10 steps); Lin et al.'s fix trailing ones from t = 999."""
+    assert STABLE_DIFFUSION.plan(10).tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert ZERO_TERMINAL_SNR.plan(10)[0].item() == 999 and ZERO_TERMINAL_SNR.schedule.alphas_cumprod[-1] == 0
+    karras = ZERO_TERMINAL_SNR.plan(12, "karras")
+    assert karras[0].item() == 999.0 and bool((karras[1:] < karras[:-1]).all())
+
+
+def test_describe_tells_schedules_apart():
+    a, b = STABLE_DIFFUSION.describe(), ZERO_TERMINAL_SNR.describe()
+    assert a["schedule"]["name"] == "scaled_linear" and b["schedule"]["zero_terminal_snr"]
+    assert a["alphas_cumprod_sha256"] != b["alphas_cumprod_sha256"]
+    assert SamplingSpec(schedules.scaled_linear(), "epsilon", "leading", 1).describe() == a

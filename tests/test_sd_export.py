@@ -1,0 +1,135 @@
+"""Export: our diffusers → LDM names against diffusers' own LDM → diffusers conversion on the full-size
+architectures, and tiny exports that reload with the same weights and the markers of their spec."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers.loaders import single_file_utils as dsf
+from typer.testing import CliRunner
+
+from fullrange.cli import app
+from fullrange.sampling import ZERO_TERMINAL_SNR
+from fullrange.sd import load_stable_diffusion, single_file
+from fullrange.sd.config import ModelConfig
+from fullrange.sd.export import FAMILIES, export
+from fullrange.sd.ldm import XL_OPENCLIP_PREFIX, text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
+
+VAE_NAMES = [
+    "decoder.up.3.upsample.conv",
+    "decoder.up.0.block.0.nin_shortcut",
+    "encoder.down.1.block.0.nin_shortcut",
+    "encoder.down.2.downsample.conv",
+    "encoder.mid.attn_1.proj_out",
+    "decoder.mid.block_2.conv1",
+    "quant_conv",
+]
+UNET_NAMES = {
+    "sd1": [
+        "time_embed.0",
+        "input_blocks.3.0.op",
+        "input_blocks.9.0.op",
+        "input_blocks.4.0.skip_connection",
+        "middle_block.1.proj_in",
+        "middle_block.2.emb_layers.1",
+        "output_blocks.2.1.conv",
+        "output_blocks.5.2.conv",
+        "output_blocks.8.2.conv",
+        "output_blocks.11.1.proj_out",
+        "out.2",
+    ],
+    "sdxl": [
+        "label_emb.0.0",
+        "label_emb.0.2",
+        "input_blocks.3.0.op",
+        "input_blocks.6.0.op",
+        "input_blocks.7.1.transformer_blocks.9.attn1.to_q",
+        "middle_block.1.transformer_blocks.9.ff.net.2",
+        "output_blocks.2.2.conv",
+        "output_blocks.5.2.conv",
+        "output_blocks.8.0.skip_connection",
+    ],
+}
+TEXT_NAMES = {
+    "sd1": ["cond_stage_model.transformer.text_model.final_layer_norm.weight"],
+    "sd2": [
+        "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight",
+        "cond_stage_model.model.ln_final.weight",
+    ],
+    "sdxl": [
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight",
+        "conditioner.embedders.1.model.text_projection",
+    ],
+}
+
+
+@pytest.mark.parametrize("name,model_type", [("sd1", "v1"), ("sd2", "v2"), ("sdxl", "xl_base")])
+def test_export_names_invert_diffusers_conversion_on_the_real_architectures(bundled, meta_models, name, model_type):
+    """Export the full-size networks' names (meta tensors) to LDM; diffusers recognises the family and its own
+    LDM → diffusers conversion gives back every tensor name and shape."""
+    model = meta_models(bundled[name])
+    second = model.text_encoder_2.state_dict() if model.is_xl else None
+    ldm = {
+        **unet_to_ldm(model.unet.state_dict(), model.unet.config),
+        **vae_to_ldm(model.vae.state_dict(), model.vae.config),
+        **text_encoders_to_ldm(name, model.text_encoder.state_dict(), second),
+    }
+    assert dsf.infer_diffusers_model_type(ldm) == model_type
+    expected = [f"model.diffusion_model.{n}.weight" for n in UNET_NAMES.get(name, UNET_NAMES["sd1"])]
+    expected += [f"first_stage_model.{n}.weight" for n in VAE_NAMES]
+    assert not {*expected, *TEXT_NAMES[name]} - ldm.keys()
+    assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    text = {
+        "sd1": lambda: dsf.convert_ldm_clip_checkpoint(ldm),
+        "sd2": lambda: dsf.convert_open_clip_checkpoint(model.text_encoder, ldm),
+        "sdxl": lambda: dsf.convert_ldm_clip_checkpoint(ldm),
+    }[name]()
+    pairs = [
+        (model.unet, dsf.convert_ldm_unet_checkpoint(ldm, dict(model.unet.config))),
+        (model.vae, dsf.convert_ldm_vae_checkpoint(ldm, dict(model.vae.config))),
+        (model.text_encoder, text),
+    ]
+    if model.is_xl:
+        prefix = XL_OPENCLIP_PREFIX
+        pairs.append((model.text_encoder_2, dsf.convert_open_clip_checkpoint(model.text_encoder_2, ldm, prefix)))
+    for network, back in pairs:  # transformers' CLIPTextModel has no text_model. prefix, ...WithProjection has
+        assert {k.removeprefix("text_model."): v.shape for k, v in back.items()} == {
+            k.removeprefix("text_model."): v.shape for k, v in network.state_dict().items()
+        }
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_export_reloads_with_the_same_weights_and_markers(tiny_sd, tiny_sdxl, tmp_path, name):
+    folder = tiny_sdxl if name == "sdxl" else tiny_sd
+    model = load_stable_diffusion(folder)
+    spec = ZERO_TERMINAL_SNR if name == "sd2" else replace(model.spec, prediction="v_prediction")
+    model = replace(model, spec=spec)
+    path = export(tmp_path / "model.safetensors", model, family=name, dtype=torch.float32)
+    header = single_file.read_header(path)
+    assert single_file.family(header, path) == name
+    assert single_file.markers(header) == {"v_prediction": True, "zero_terminal_snr": name == "sd2"}
+
+    loaded = load_stable_diffusion(ModelConfig(str(path), sha256=single_file.sha256(path), config=str(folder)))
+    assert loaded.is_xl == (name == "sdxl")
+    for component in ("unet", "vae", "text_encoder", *(("text_encoder_2",) if name == "sdxl" else ())):
+        ours, theirs = getattr(model, component).state_dict(), getattr(loaded, component).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), component
+    assert loaded.spec.prediction == "v_prediction" and loaded.spec.schedule.zero_terminal_snr == (name == "sd2")
+    assert loaded.spec.spacing == ("trailing" if name == "sd2" else "leading")
+
+
+def test_cli_export_then_sample_the_single_file(tiny_sd, tmp_path):
+    runner = CliRunner()
+    path = tmp_path / "tiny.safetensors"
+    result = runner.invoke(app, ["export", "--model", str(tiny_sd), "--out", str(path), "--family", "sd1"])
+    assert result.exit_code == 0, result.output
+    assert "prediction epsilon, zero terminal SNR False" in result.output
+    args = ["sample", "--model", str(path), "--model-config", str(tiny_sd), "--prompt", "a dark alley"]
+    args += ["--steps", "2", "--resolution", "16", "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--sha256", single_file.sha256(path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "grid.png").is_file()
+    result = runner.invoke(app, [*args, "--sha256", "f" * 64])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "SHA-256" in result.output
