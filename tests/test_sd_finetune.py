@@ -1,6 +1,7 @@
 """Fine-tuning and sampling a tiny Stable Diffusion built from configs (no downloads)."""
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -81,7 +82,14 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, d
 
 def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace, diffusers_images):
     config = _config(workspace, "full", adapter={"kind": "full"}, noise={"offset": 0.1})
-    outputs = finetune(config, progress=False, log=lambda _: None)
+    umask = os.umask(0o022)  # every output readable by a ComfyUI or A1111 running as another user
+    try:
+        outputs = finetune(config, progress=False, log=lambda _: None)
+    finally:
+        os.umask(umask)
+    written = [outputs["pipeline"] / "unet" / "diffusion_pytorch_model.safetensors"]
+    written += [workspace / "full" / "train" / "checkpoint.safetensors", workspace / "full" / "config.json"]
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
     pipe = StableDiffusionPipeline.from_pretrained(outputs["pipeline"], local_files_only=True)
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.set_alpha_to_one
     base = load_file(workspace / "sd" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -50,6 +50,19 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def share_like_new_files(folder: Path | str) -> None:
+    """Give every file under ``folder`` the permissions a new file gets (0666 less the umask): some writers
+    (safetensors' ``save_file``, which diffusers uses) leave 0600."""
+    folder = Path(folder)
+    probe = folder / f".mode.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def write_bytes(path: Path | str, data: bytes) -> None:
     """``data`` to ``path``, atomically."""
     with atomic_path(path) as tmp:

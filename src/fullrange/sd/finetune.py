@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import adapters, data, schedules
 from ..batches import Batches, with_prior
 from ..config import ConfigError
-from ..files import save_safetensors, write_bytes
+from ..files import save_safetensors, share_like_new_files, write_bytes
 from ..losses import Recipe
 from ..models import seeded
 from ..sampling import SamplingSpec
@@ -197,6 +197,7 @@ def save_pipeline(model: StableDiffusion, path: Path) -> Path:
     else:
         parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     pipeline_class(model)(**parts).save_pretrained(path, safe_serialization=True)
+    share_like_new_files(path)
     return path
 
 
@@ -211,6 +212,7 @@ def save_outputs(model: StableDiffusion, adapter: AdapterConfig, out: Path) -> d
         layers = adapters.adapter_state_dict(model.unet)
         pipeline_class(model).save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
         ddim_scheduler(model.spec).save_config(out / "lora")
+        share_like_new_files(out / "lora")
         outputs["lora"] = out / "lora"
     elif adapter.kind == "oft":
         oft = out / "oft"

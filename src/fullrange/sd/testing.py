@@ -18,10 +18,14 @@ def sd15_unet_config(**changes) -> dict:
     return {k: v for k, v in configs["unet"].items() if not k.startswith("_")} | changes
 
 
-def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: int = 8, xl: bool = False) -> Path:
+def save_tiny_stable_diffusion(
+    path: Path | str, *, seed: int = 0, sample_size: int = 8, xl: bool = False, unet_config: dict | None = None
+) -> Path:
     """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer; with ``xl`` an
     SDXL-shaped one: two text encoders, size conditioning, several transformer layers per block), built from
-    configs with random weights, as a diffusers folder: for tests and benchmarks, no download."""
+    configs with random weights, as a diffusers folder: for tests and benchmarks, no download. ``unet_config``
+    replaces the SD UNet by one of that config (e.g. :func:`sd15_unet_config`), the text encoder as wide as its
+    cross-attention."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -44,7 +48,7 @@ def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: 
         ]
     text_config = CLIPTextConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
+        hidden_size=unet_config["cross_attention_dim"] if unet_config else 32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -74,6 +78,8 @@ def save_tiny_stable_diffusion(path: Path | str, *, seed: int = 0, sample_size: 
                 projection_class_embeddings_input_dim=6 * 8 + 32,
                 norm_num_groups=8,
             )
+        elif unet_config is not None:
+            unet = UNet2DConditionModel(**unet_config)
         else:
             unet = UNet2DConditionModel(
                 sample_size=sample_size,
