@@ -23,7 +23,7 @@ from ..losses import Recipe
 from ..models import seeded
 from ..sampling import SamplingSpec
 from ..scheduler_config import ddim_scheduler
-from ..train import TrainResult, process_state, train
+from ..train import process_state, train
 from .config import AdapterConfig, DataConfig, FinetuneConfig, NoiseConfig
 from .latents import bucket_step, image_batches
 from .load import load_stable_diffusion
@@ -68,7 +68,9 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dic
     )
     if not process_state().is_main_process:  # under accelerate launch / torchrun, one process writes
         return {}
-    outputs = save_outputs(replace(tuned, unet=trained_unet(result)), config.adapter, out)
+    if result.ema is not None:
+        result.apply_ema()  # into tuned.unet, which is the model trained
+    outputs = save_outputs(tuned, config.adapter, out)
     for kind, path in outputs.items():
         log(f"wrote {kind}: {path}")
     return outputs
@@ -162,12 +164,6 @@ def attach_adapter(unet: torch.nn.Module, config: AdapterConfig, seed: int) -> i
         return adapters.add_oft(unet, block_size=config.block_size, coft=config.coft)
     unet.requires_grad_(True)
     return sum(p.numel() for p in unet.parameters())
-
-
-def trained_unet(result: TrainResult) -> torch.nn.Module:
-    """The trained UNet in eval mode, holding its EMA weights if an EMA was kept."""
-    unet = result.apply_ema() if result.ema is not None else result.model
-    return unet.eval()
 
 
 def validator(model: StableDiffusion, prompts: list[str], settings: SampleSettings, out: Path):
