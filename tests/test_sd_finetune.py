@@ -189,6 +189,14 @@ def test_train_cli_bad_options(workspace, tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_train_cli_data_problems_name_the_flag_once(workspace, tmp_path):
+    """An error found while loading (here a missing data folder) names its flag, once."""
+    args = ["train", "--model", str(workspace / "sd"), "--out", str(tmp_path / "o"), "--no-progress"]
+    result = runner.invoke(app, [*args, "--data", str(tmp_path / "none")])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last == f"error: --data {tmp_path / 'none'}: not a directory"
+
+
 def test_library_errors_speak_config_terms(workspace, tmp_path):
     base = {"model": {"path": "m"}, "data": {"path": "d"}, "output": {"path": "o"}}
     with pytest.raises(ValueError, match=r"^adapter\.rank must be positive, got 0$"):

@@ -72,7 +72,7 @@ def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[
     ``default_caption`` serves images that have none (class images for prior preservation)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"--data {folder}: not a directory")
+        raise DataError(f"{folder}: not a directory")
     captions = _captions_from_metadata(folder)
     items, problems = [], []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -94,7 +94,7 @@ def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[
             items.append(Item(path, caption, (width, height)))
     if not items:
         listed = "; ".join(f"{p.path.name}: {p.reason}" for p in problems[:5]) or "no image files"
-        raise DataError(f"--data {folder}: no usable image ({listed})")
+        raise DataError(f"{folder}: no usable image ({listed})")
     return items, problems
 
 
@@ -122,7 +122,7 @@ def buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tup
     """Aspect-ratio buckets (NovelAI / kohya): ``(width, height)``, multiples of ``step``, with at most
     ``resolution²`` pixels and aspect ratios up to ``max_ratio``, the square one included."""
     if resolution % step:
-        raise ValueError(f"--resolution {resolution} must be a multiple of the bucket step {step}")
+        raise ValueError(f"resolution {resolution} is not a multiple of the bucket step {step}")
     sizes = {(resolution, resolution)}
     width = resolution + step
     while True:

@@ -106,11 +106,16 @@ def recipe_for(noise: NoiseConfig, spec: SamplingSpec) -> Recipe:
 
 def training_batches(model: StableDiffusion, config: DataConfig, out: Path, progress: bool, log) -> Batches:
     """The image folder's batches (square or bucketed), paired with class images for prior preservation."""
-    min_size = (
-        min(min(wh) for wh in data.buckets(config.resolution, bucket_step(model)))
-        if config.buckets
-        else config.resolution
-    )
+    min_size = config.resolution
+    if config.buckets:
+        step = bucket_step(model)
+        if config.resolution % step:
+            raise ConfigError(
+                "data.resolution",
+                f"must be a multiple of {step} with buckets (the VAE's factor times the UNet's downsampling), "
+                f"got {config.resolution}",
+            )
+        min_size = min(min(wh) for wh in data.buckets(config.resolution, step))
     items = _scan(config.path, "data.path", min_size, log)
     log(f"{len(items)} images")
     batches = image_batches(model, items, config, out / "cache", progress)
