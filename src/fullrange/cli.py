@@ -243,8 +243,12 @@ TRAIN_FLAGS = {
 }
 FLAT_ALIASES = {"validation-prompts": "validation-prompt"}
 """Keys of flat --config files written before the flag and the key were spelled alike."""
-MODEL_FLAGS = {"model.path": "--model", "model.sha256": "--sha256", "model.config": "--model-config"}
-MODEL_FLAGS |= {"model.allow_pickle": "--allow-pickle"}
+MODEL_FLAGS = {
+    "model.path": "--model",
+    "model.sha256": "--sha256",
+    "model.config": "--model-config",
+    "model.allow_pickle": "--allow-pickle",
+}
 
 
 def fail_on(err: Exception, flags: dict[str, str]) -> NoReturn:
@@ -370,7 +374,6 @@ def train_command(
         "validation-prompt": validation_prompt or None,
         "out": out,
     }
-    from .data import DataError
     from .sd.config import finetune_config
     from .sd.finetune import finetune
     from .train import TrainingInterrupted
@@ -386,7 +389,7 @@ def train_command(
     except TrainingInterrupted as err:
         typer.echo(str(err) + " with --resume", err=True)
         raise typer.Exit(130) from None
-    except (ValueError, DataError, OSError) as err:
+    except (ValueError, OSError) as err:  # data.DataError and ConfigError are ValueErrors
         fail_on(err, field_flags)
 
 

@@ -20,8 +20,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     block succeeds, removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    tmp = _new_file(path.parent, path.name)
     mode = tmp.stat().st_mode  # 0666 less the umask, as for any new file
     try:
         yield tmp
@@ -36,6 +35,13 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def _new_file(folder: Path, name: str) -> Path:
+    """A new empty file ``.NAME.<random>.tmp`` in ``folder``, created with mode 0666 less the umask."""
+    tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -54,8 +60,7 @@ def share_like_new_files(folder: Path | str) -> None:
     """Give every file under ``folder`` the permissions a new file gets (0666 less the umask): some writers
     (safetensors' ``save_file``, which diffusers uses) leave 0600."""
     folder = Path(folder)
-    probe = folder / f".mode.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    probe = _new_file(folder, "mode")
     mode = probe.stat().st_mode & 0o777
     probe.unlink()
     for path in folder.rglob("*"):

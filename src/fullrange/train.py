@@ -179,9 +179,8 @@ class _State:
         if self.ema is not None:
             ckpt.load_into("ema", self.ema)
         self.optimizer.load_state_dict(ckpt.optimizer_state())
-        small = ckpt.group("rng") | ckpt.group("log")
-        self.generator.set_state(small["generator"])
-        self.losses = small["loss"].tolist()
+        self.generator.set_state(ckpt.group("rng")["generator"])
+        self.losses = ckpt.group("log")["loss"].tolist()
         return ckpt.step
 
 
