@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from . import leak as signal_leak
 from . import samplers, schedules
 from .denoiser import from_model
 from .guidance import cfg
@@ -96,6 +97,7 @@ def sample(
     guidance_rescale: float = 0.0,
     rescale_space: str = "v",
     callback: Callback | None = None,
+    leak: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """Sample x0 from ``noise`` (the x_t at the first step) with a network called like a diffusers UNet,
@@ -108,6 +110,9 @@ def sample(
     guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``.
     ``callback(StepInfo)`` runs after each step (progress bars). Other ``options`` are the sampler's own
     (``fullrange.samplers.knobs(name)``), e.g. ``eta`` for ddim.
+    ``leak``: the x0 content L the first step should carry (broadcast against ``noise``): the sampler starts
+    from ``sqrt(ᾱ_first) L + sqrt(1 - ᾱ_first) noise`` at its actual first step (Everaert et al. 2024). At
+    ᾱ_first = 0 (zero terminal SNR from t = T-1) it changes nothing, and a warning says so.
     """
     fn = samplers.get(sampler)
     unknown = set(options) - set(samplers.knobs(sampler))
@@ -117,6 +122,16 @@ def sample(
         )
     if isinstance(steps, int):
         steps = spec.plan(steps, spacing)
+    if leak is not None:
+        first = torch.as_tensor(steps, dtype=torch.float64).flatten()[:1].cpu()
+        alpha_cumprod = float(spec.schedule.alphas_cumprod_at(first)[0])
+        if alpha_cumprod == 0:
+            warnings.warn(
+                f"the first step (t = {float(first[0]):g}) is at zero SNR, where nothing leaks: the leak changes "
+                "nothing (the model starts from pure noise, as it was trained to)",
+                stacklevel=2,
+            )
+        noise = signal_leak.start(noise, leak, alpha_cumprod)
     denoiser = from_model(model, spec.prediction)
     if guidance_scale != 1.0:
         denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space)

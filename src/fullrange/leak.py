@@ -1,0 +1,102 @@
+"""The signal leak as a control (Everaert et al., WACV 2024, "Exploiting the Signal-Leak Bias in Diffusion Models").
+
+A schedule without zero terminal SNR leaks ``sqrt(ᾱ) x0`` into the x_t its model was trained on, and the model
+reads the image's low frequencies (its mean above all) from it. Starting the sampler at
+``x = sqrt(ᾱ_first) L + sqrt(1 - ᾱ_first) noise`` gives an unmodified model the content ``L`` it expects there.
+
+``L``'s low frequencies live in the orthonormal 2-D DCT-II, scaled by ``1 / sqrt(H W)`` so that a coefficient is
+the same at every size (the (0, 0) coefficient is the mean); :class:`ToneStats` is the paper's joint Gaussian of
+them, fitted to data and drawn per sample. The high-frequency rest stays iid noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def start(noise: torch.Tensor, leak: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
+    """``sqrt(ᾱ) L + sqrt(1 - ᾱ) noise``: the forward process at ᾱ with ``L`` in place of x0. ``leak`` broadcasts
+    against ``noise``: per-channel means (B, C, 1, 1), a low-frequency image or a whole x0."""
+    if not math.isfinite(alpha_cumprod) or not 0 <= alpha_cumprod <= 1:
+        raise ValueError(f"alpha_cumprod must be in [0, 1], got {alpha_cumprod}")
+    try:
+        torch.broadcast_shapes(leak.shape, noise.shape)
+    except RuntimeError:
+        shapes = f"{tuple(leak.shape)} does not broadcast to noise {tuple(noise.shape)}"
+        raise ValueError(f"leak of shape {shapes}") from None
+    if not bool(torch.isfinite(leak).all()):
+        raise ValueError("leak has non-finite values")
+    x = math.sqrt(alpha_cumprod) * leak.to(noise) + math.sqrt(1 - alpha_cumprod) * noise
+    return x.expand_as(noise) if x.shape != noise.shape else x
+
+
+def dct_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
+    """The orthonormal DCT-II of length ``n``: ``M[u, i] = w_u cos(π u (2i + 1) / 2n)``, ``w_0 = sqrt(1/n)``,
+    ``w_u = sqrt(2/n)``; ``M @ M.T = I``."""
+    u = torch.arange(n, dtype=dtype).unsqueeze(1)
+    i = torch.arange(n, dtype=dtype).unsqueeze(0)
+    m = torch.cos(math.pi * u * (2 * i + 1) / (2 * n)) * math.sqrt(2 / n)
+    m[0] = math.sqrt(1 / n)
+    return m
+
+
+def low_frequencies(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k × k`` lowest DCT coefficients of each channel of ``x`` (..., H, W), divided by ``sqrt(H W)``:
+    (..., k, k), size-independent (a constant image's (0, 0) coefficient is its value)."""
+    h, w = x.shape[-2:]
+    if not 1 <= k <= min(h, w):
+        raise ValueError(f"k must be between 1 and {min(h, w)} for a {h}×{w} image, got {k}")
+    mh, mw = dct_matrix(h)[:k].to(x), dct_matrix(w)[:k].to(x)
+    return mh @ x @ mw.T / math.sqrt(h * w)
+
+
+def from_low_frequencies(coefficients: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The image (..., H, W) whose DCT is ``coefficients`` (..., k, k) (as :func:`low_frequencies` scales them)
+    in its lowest frequencies and zero elsewhere."""
+    h, w = size
+    k = coefficients.shape[-1]
+    if coefficients.shape[-2] != k or k > min(h, w):
+        raise ValueError(f"coefficients of shape {tuple(coefficients.shape[-2:])} do not fit a {h}×{w} image")
+    mh, mw = dct_matrix(h)[:k].to(coefficients), dct_matrix(w)[:k].to(coefficients)
+    return mh.T @ coefficients @ mw * math.sqrt(h * w)
+
+
+@dataclass(frozen=True)
+class ToneStats:
+    """A joint Gaussian of the ``k × k`` lowest DCT coefficients of every channel (Everaert et al. §4): ``mean``
+    (C·k·k,) and ``covariance`` (C·k·k, C·k·k), flattened channel-major."""
+
+    mean: torch.Tensor
+    covariance: torch.Tensor
+    channels: int
+    k: int
+
+    def __post_init__(self) -> None:
+        d = self.channels * self.k**2
+        if self.mean.shape != (d,) or self.covariance.shape != (d, d):
+            raise ValueError(
+                f"tone statistics of {self.channels} channels and k = {self.k} need a mean of ({d},) and a "
+                f"covariance of ({d}, {d}); got {tuple(self.mean.shape)} and {tuple(self.covariance.shape)}"
+            )
+        if not bool(torch.isfinite(self.mean).all() and torch.isfinite(self.covariance).all()):
+            raise ValueError("tone statistics have non-finite values")
+
+    @classmethod
+    def fit(cls, x0: torch.Tensor, k: int = 3) -> ToneStats:
+        """Fit to samples ``x0`` (N, C, H, W): the mean and (maximum-likelihood) covariance of their coefficients."""
+        if x0.ndim != 4 or x0.shape[0] < 1:
+            raise ValueError(f"need samples of shape (N, C, H, W) with N >= 1, got {tuple(x0.shape)}")
+        c = low_frequencies(x0.double(), k).flatten(1)
+        centred = c - c.mean(0)
+        return cls(c.mean(0), centred.T @ centred / c.shape[0], x0.shape[1], k)
+
+    def draw(self, n: int, size: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` leaks (n, C, H, W) in float64: coefficients drawn from the Gaussian, all other frequencies zero."""
+        values, vectors = torch.linalg.eigh(self.covariance.double())
+        root = vectors * values.clamp(min=0).sqrt()  # root @ root.T = covariance, for any PSD covariance
+        z = torch.randn(n, self.mean.numel(), generator=generator, dtype=torch.float64)
+        coefficients = (self.mean.double() + z @ root.T).view(n, self.channels, self.k, self.k)
+        return from_low_frequencies(coefficients, size)
