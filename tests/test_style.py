@@ -16,7 +16,7 @@ def test_ruff_clean():
 def test_core_imports_only_torch():
     """ARCHITECTURE: the core never imports diffusers, transformers or peft."""
     core = ["schedules", "timesteps", "prediction", "denoiser", "guidance", "sampling", "noise", "losses", "toy"]
-    core += ["metrics"]
+    core += ["metrics", "leak"]
     files = [ROOT / "src" / "fullrange" / f"{name}.py" for name in core]
     files += sorted((ROOT / "src" / "fullrange" / "samplers").glob("*.py"))
     for path in files:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -403,6 +405,14 @@ SAMPLE_FLAGS = MODEL_FLAGS | {
     "seed": "--seed",
     "resolution": "--resolution",
     "negative_prompt": "--negative-prompt",
+    "tone": "--tone",
+    "tone_image": "--tone-image",
+    "tone_stats": "--tone-stats",
+}
+TONE_HELP = {
+    "tone": "Start from this brightness (0 black … 1 white) or colour (#1a1a1a): works on any model (signal leak).",
+    "tone_image": "Start from the lowest frequencies of this image's latent (its tones and layout).",
+    "tone_stats": "Start from tones drawn per image from a file of fullrange tone-stats.",
 }
 
 
@@ -435,6 +445,9 @@ def sample_command(
     seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
     num_images: int = typer.Option(1, help="Images per prompt."),
     resolution: int | None = typer.Option(None, help="Image side in pixels [default: the UNet's]."),
+    tone: str | None = typer.Option(None, help=TONE_HELP["tone"]),
+    tone_image: Path | None = typer.Option(None, help=TONE_HELP["tone_image"]),
+    tone_stats: Path | None = typer.Option(None, help=TONE_HELP["tone_stats"]),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (can run code)."),
     sha256: str | None = typer.Option(None, help=SHA256_HELP),
     model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
@@ -454,7 +467,15 @@ def sample_command(
         fail(f"--num-images must be positive, got {num_images}")
     try:
         settings = SampleSettings(
-            sampler, steps, spacing, guidance, guidance_rescale, seed, resolution, negative_prompt
+            sampler,
+            steps,
+            spacing,
+            guidance,
+            guidance_rescale,
+            seed,
+            resolution,
+            negative_prompt,
+            **_tones(tone, tone_image, tone_stats),
         )
         sd_model = _load(model, sha256, model_config, allow_pickle)
         if adapter is not None:
@@ -462,12 +483,64 @@ def sample_command(
         all_prompts = [p for p in prompts for _ in range(num_images)]
         from tqdm.auto import tqdm
 
-        with tqdm(total=steps, desc="sample") as bar:
+        with tqdm(total=steps, desc="sample") as bar, _warnings_as_lines():
             images = generate(sd_model, all_prompts, settings, callback=lambda info: bar.update(1))
         paths = save_images(images, all_prompts, settings, out)
     except (ValueError, OSError) as err:
         fail_on(err, SAMPLE_FLAGS)
     typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}", err=True)
+
+
+def _tones(tone: str | None, tone_image: Path | None, tone_stats: Path | None) -> dict:
+    paths = {"tone_image": tone_image, "tone_stats": tone_stats}
+    return {"tone": tone} | {k: None if v is None else str(v) for k, v in paths.items()}
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Library warnings (a leak at zero SNR, leading steps at zero SNR) as one ``warning:`` line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+                typer.echo(f"warning: {message}", err=True)
+
+
+@app.command("tone-stats")
+def tone_stats_command(
+    model: str = typer.Option(..., help="Diffusers folder or .safetensors: its VAE encodes the images."),
+    data: Path = typer.Option(..., help="A folder of images (captions are not needed)."),
+    out: Path = typer.Option(..., help="The .safetensors file to write, for sample --tone-stats."),
+    resolution: int | None = typer.Option(None, help="Image side in pixels [default: the UNet's]."),
+    sha256: str | None = typer.Option(None, help=SHA256_HELP),
+    model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
+) -> None:
+    """Measure the tones of a folder of images (Everaert et al.'s joint Gaussian of the latents' lowest
+    frequencies), to start samples from: fullrange sample --tone-stats FILE."""
+    from .sd.tone import fit_stats, save_stats
+
+    if out.suffix != ".safetensors":
+        fail(f"--out {out}: the file name must end in .safetensors")
+    if out.is_dir():
+        fail(f"--out {out}: is a directory, not a file name")
+    flags = MODEL_FLAGS | {"resolution": "--resolution"}
+    try:
+        sd_model = _load(model, sha256, model_config)
+        side = resolution or sd_model.unet.config.sample_size * sd_model.vae_scale_factor
+        stats, count, skipped = fit_stats(sd_model, data, side)
+        save_stats(out, stats, sd_model, count)
+    except (ValueError, OSError) as err:
+        fail_on(err, flags | {"data": "--data"})
+    for problem in skipped:
+        typer.echo(f"skipped {problem.path}: {problem.reason}", err=True)
+    brightness = stats.mean.view(stats.channels, stats.k, stats.k)[:, 0, 0] / sd_model.vae.config.scaling_factor
+    typer.echo(
+        f"wrote {out}: {count} images at {side} px, {stats.k}×{stats.k} DCT coefficients of {stats.channels} latent "
+        f"channels; channel means (unscaled) {', '.join(f'{v:.3f}' for v in brightness.tolist())}",
+        err=True,
+    )
 
 
 eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
@@ -487,10 +560,14 @@ def eval_brightness_command(
     num_images: int = typer.Option(4, help="Images per prompt."),
     resolution: int | None = typer.Option(None, help="Image side in pixels [default: the UNet's]."),
     seed: int = typer.Option(0, help="Seed of the first image."),
+    tone: str | None = typer.Option(None, help="Also sample --model with this tone, to compare. " + TONE_HELP["tone"]),
+    tone_image: Path | None = typer.Option(None, help="Also sample --model with this. " + TONE_HELP["tone_image"]),
+    tone_stats: Path | None = typer.Option(None, help="Also sample --model with this. " + TONE_HELP["tone_stats"]),
     sha256: str | None = typer.Option(None, help=SHA256_HELP),
     model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP + " Also used for --against."),
 ) -> None:
-    """Generate the seed documents' dark and bright prompts and report the brightness range reached."""
+    """Generate the seed documents' dark and bright prompts and report the brightness range reached; with a tone,
+    --model is sampled with and without it, on the same prompts and seeds."""
     from .sd import load_adapter
     from .sd.eval import evaluate, summarize, write
     from .sd.sample import SampleSettings
@@ -500,18 +577,28 @@ def eval_brightness_command(
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: is a file, not a directory")
     results = {}
+    tones = _tones(tone, tone_image, tone_stats)
     for name, path, lora, checksum in (("model", model, adapter, sha256), ("against", against, None, None)):
         if path is None:
             continue
         flags = SAMPLE_FLAGS if name == "model" else SAMPLE_FLAGS | {"model.path": "--against"}
         try:
             settings = SampleSettings(sampler, steps, None, guidance, guidance_rescale, seed, resolution)
+            variants = {"": settings}
+            given = {k: v for k, v in tones.items() if v is not None}
+            if name == "model" and given:
+                variants[" + " + ", ".join(f"{k.replace('_', ' ')} {Path(v).name}" for k, v in given.items())] = (
+                    SampleSettings(sampler, steps, None, guidance, guidance_rescale, seed, resolution, **tones)
+                )
             sd_model = _load(path, checksum, model_config)
             if lora is not None:
                 sd_model = load_adapter(sd_model, lora)
             label = f"{Path(path).name}{' + ' + lora.name if lora else ''}"
             label = label if label not in results else f"{label} ({name})"
-            results[label] = evaluate(sd_model, settings, out / name, num_images)
+            for suffix, variant in variants.items():
+                folder = out / (name + ("_tone" if suffix else ""))
+                with _warnings_as_lines():
+                    results[label + suffix] = evaluate(sd_model, variant, folder, num_images)
         except (ValueError, OSError) as err:
             fail_on(err, flags)
     try:

@@ -15,11 +15,14 @@ from ..samplers import SAMPLERS
 from ..sampling import sample
 from ..timesteps import LADDERS, SPACINGS
 from .model import StableDiffusion
+from .tone import leak_for, parse_tone
 
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """How to sample: ``spacing`` ``None`` takes the model's own (its spec's); ``resolution`` ``None`` the UNet's."""
+    """How to sample: ``spacing`` ``None`` takes the model's own (its spec's); ``resolution`` ``None`` the UNet's.
+    At most one of ``tone`` (a brightness or #rrggbb colour), ``tone_image`` and ``tone_stats`` (files) sets the
+    starting latent's leak (:mod:`fullrange.sd.tone`)."""
 
     sampler: str = "ddim"
     steps: int = 25
@@ -29,9 +32,17 @@ class SampleSettings:
     seed: int = 0
     resolution: int | None = None
     negative_prompt: str = ""
+    tone: str | None = None
+    tone_image: str | None = None
+    tone_stats: str | None = None
 
     def __post_init__(self) -> None:
         check_finite(self)
+        sources = [name for name in ("tone", "tone_image", "tone_stats") if getattr(self, name) is not None]
+        if len(sources) > 1:
+            raise ConfigError(sources[1], "is a second source of tone: give only one")
+        if self.tone is not None:
+            parse_tone(self.tone)
         check_choice("sampler", self.sampler, tuple(SAMPLERS))
         check_range("steps", self.steps, 0, open_low=True)
         if self.spacing is not None:
@@ -43,7 +54,8 @@ class SampleSettings:
 
 @torch.no_grad()
 def generate(model: StableDiffusion, prompts: list[str], settings: SampleSettings, callback=None) -> torch.Tensor:
-    """Images in [0, 1], shape (N, 3, H, W), one per prompt, seeds ``seed + i``; on the UNet's device."""
+    """Images in [0, 1], shape (N, 3, H, W), one per prompt, seeds ``seed + i``; on the UNet's device. A tone in
+    ``settings`` starts every sample from its leak (the same noise as without)."""
     size = (settings.resolution or model.unet.config.sample_size * model.vae_scale_factor) // model.vae_scale_factor
     channels = model.unet.config.in_channels
     noise = torch.stack(
@@ -62,6 +74,8 @@ def generate(model: StableDiffusion, prompts: list[str], settings: SampleSetting
     else:
         negative = model.encode_prompts([settings.negative_prompt] * len(prompts))
     to_device = lambda v: v.to(device)  # noqa: E731
+    tones = {"tone": settings.tone, "tone_image": settings.tone_image, "tone_stats": settings.tone_stats}
+    leak = leak_for(model, len(prompts), (size, size), settings.seed, **tones)
     latents = sample(
         model.unet,
         noise.to(device),
@@ -75,6 +89,7 @@ def generate(model: StableDiffusion, prompts: list[str], settings: SampleSetting
         guidance_rescale=settings.guidance_rescale,
         callback=callback,
         generator=torch.Generator().manual_seed(settings.seed),
+        leak=None if leak is None else leak.to(device),
     )
     latents = latents.to(model.vae.device, model.vae.dtype) / model.vae.config.scaling_factor
     images = model.vae.decode(latents).sample

@@ -1,0 +1,148 @@
+"""Where the leak of a Stable Diffusion sample comes from (:mod:`fullrange.leak`), in the latent space of the
+model's own VAE: a brightness or colour (a solid image, encoded: no statistics needed), a reference image's lowest
+DCT frequencies, or a folder's statistics (a :class:`~fullrange.leak.ToneStats` file, drawn per sample)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .. import data
+from ..config import ConfigError
+from ..files import save_safetensors
+from ..leak import ToneStats, from_low_frequencies, low_frequencies
+from .model import StableDiffusion
+
+K = 3
+"""DCT coefficients kept per side and channel (3 × 3): the mean and the slowest gradients, as Everaert et al."""
+STATS_FORMAT = "fullrange-tone-stats"
+SEED_STREAM = 2**32
+"""Image i's leak is drawn with seed ``SEED_STREAM + seed + i``: a stream apart from its noise's (``seed + i``)."""
+HEX = re.compile(r"#?([0-9a-fA-F]{6})")
+
+
+def parse_tone(text: str) -> tuple[float, float, float]:
+    """``"0.05"`` (a brightness in [0, 1], grey) or ``"#1a1a1a"`` (an sRGB colour) as RGB in [0, 1]."""
+    if match := HEX.fullmatch(text.strip()):
+        value = int(match.group(1), 16)
+        return tuple(((value >> shift) & 255) / 255 for shift in (16, 8, 0))
+    try:
+        level = float(text)
+    except ValueError:
+        level = float("nan")
+    if not 0 <= level <= 1:  # also refuses nan
+        raise ConfigError("tone", f"{text!r} is neither a brightness in [0, 1] nor a colour like #1a1a1a")
+    return (level,) * 3
+
+
+@torch.no_grad()
+def encode(model: StableDiffusion, pixels: torch.Tensor) -> torch.Tensor:
+    """The scaled VAE latents (posterior means times ``scaling_factor``, as the UNet sees them) of ``pixels`` in
+    [-1, 1], (N, 3, H, W); float32 on the CPU."""
+    dist = model.vae.encode(pixels.to(model.vae.device, model.vae.dtype)).latent_dist
+    return dist.mean.float().cpu() * model.vae.config.scaling_factor
+
+
+def colour_leak(model: StableDiffusion, rgb: tuple[float, float, float]) -> torch.Tensor:
+    """(1, C, 1, 1): the per-channel mean of the latent of a solid image of colour ``rgb`` (in [0, 1])."""
+    side = 8 * model.vae_scale_factor
+    pixels = (torch.tensor(rgb).view(1, 3, 1, 1) * 2 - 1).expand(1, 3, side, side)
+    return encode(model, pixels).mean((-2, -1), keepdim=True)
+
+
+def image_leak(model: StableDiffusion, path: Path | str, size: tuple[int, int], k: int = K) -> torch.Tensor:
+    """(1, C, h, w): the ``k × k`` lowest DCT frequencies of the latent of the image at ``path``, fitted (cover,
+    centre crop) to a latent of ``size`` (h, w)."""
+    pixels = _read_image(path, size, model.vae_scale_factor, "tone_image")
+    latent = encode(model, pixels.unsqueeze(0))
+    return from_low_frequencies(low_frequencies(latent.double(), k), size).float()
+
+
+def fit_stats(
+    model: StableDiffusion, folder: Path | str, resolution: int, k: int = K, progress: bool = True
+) -> tuple[ToneStats, int, list[data.Problem]]:
+    """The joint Gaussian of the lowest DCT coefficients of the latents of the images in ``folder`` at
+    ``resolution`` pixels (captions are not needed), the number of images it was fitted to, and the images
+    skipped, with their reasons."""
+    if resolution <= 0 or resolution % model.vae_scale_factor:
+        raise ConfigError("resolution", f"must be a positive multiple of {model.vae_scale_factor}, got {resolution}")
+    items, problems = data.scan(folder, min_size=1, default_caption="(captions are not used)")
+    latents = [
+        encode(model, data.load_image(item.path, resolution).unsqueeze(0)).double()
+        for item in tqdm(items, desc="encode images", disable=not progress)
+    ]
+    return ToneStats.fit(torch.cat(latents), k), len(items), problems
+
+
+def save_stats(path: Path | str, stats: ToneStats, model: StableDiffusion, count: int) -> None:
+    """Atomically, as safetensors: ``mean`` and ``covariance``, with the format, k, channels, image count and the
+    model they were measured on in the metadata."""
+    metadata = {
+        "format": STATS_FORMAT,
+        "k": str(stats.k),
+        "channels": str(stats.channels),
+        "images": str(count),
+        "model": str(model.source),
+    }
+    save_safetensors(path, {"mean": stats.mean.contiguous(), "covariance": stats.covariance.contiguous()}, metadata)
+
+
+def load_stats(path: Path | str) -> ToneStats:
+    """A file written by :func:`save_stats`; errors name the file (as ``tone_stats``)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("tone_stats", f"{path}: no such file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+        if meta.get("format") != STATS_FORMAT:
+            raise ValueError("not a tone statistics file (write one with fullrange tone-stats)")
+        return ToneStats(tensors["mean"], tensors["covariance"], int(meta["channels"]), int(meta["k"]))
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        detail = err if isinstance(err, ValueError) else f"unreadable ({type(err).__name__})"
+        raise ConfigError("tone_stats", f"{path}: {detail}") from None
+
+
+def leak_for(
+    model: StableDiffusion,
+    n: int,
+    size: tuple[int, int],
+    seed: int,
+    *,
+    tone: str | None = None,
+    tone_image: str | None = None,
+    tone_stats: str | None = None,
+) -> torch.Tensor | None:
+    """The leaks of ``n`` samples of latent ``size`` from whichever source is given (at most one), or ``None``."""
+    if tone is not None:
+        return colour_leak(model, parse_tone(tone))
+    if tone_image is not None:
+        return image_leak(model, tone_image, size)
+    if tone_stats is None:
+        return None
+    stats = load_stats(tone_stats)
+    channels = model.unet.config.in_channels
+    if stats.channels != channels:
+        raise ConfigError(
+            "tone_stats", f"{tone_stats}: statistics of {stats.channels} latent channels; this model has {channels}"
+        )
+    draws = [stats.draw(1, size, torch.Generator().manual_seed(SEED_STREAM + seed + i)) for i in range(n)]
+    return torch.cat(draws).float()
+
+
+def _read_image(path: Path | str, size: tuple[int, int], factor: int, field: str) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field, f"{path}: no such file")
+    try:
+        return data.load_image(path, (size[1] * factor, size[0] * factor))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ConfigError(field, f"{path}: not a readable image ({type(err).__name__})") from None
