@@ -31,6 +31,10 @@ def test_every_experiment_writes_json_pngs_and_the_report(micro_run):
             assert (out / name / image).read_bytes()[:8] == PNG, image
     text = report.read_text()
     assert "## Summary" in text and all(f"## {name}" in text for name in reproduce.EXPERIMENTS)
+    assert not [line for line in text.splitlines() if line.startswith("    ")]  # no docstring indent read as code
+    leak = json.loads((out / "training_free" / "results.json").read_text())["numbers"]
+    assert sorted(leak) == ["baseline", "baseline + leak", "ztsnr"]
+    assert sorted(leak["baseline + leak"]) == ["any", "solid black", "solid white"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,iVBOR") >= 6 and "<table>" in html
 

@@ -18,7 +18,7 @@ from .common import PRESETS, Context, Preset, write_json
 from .facts import exact_sweep, schedule_facts
 from .finetune import finetune
 from .report import write_report
-from .trained import from_scratch, guidance, sample_steps
+from .trained import from_scratch, guidance, sample_steps, training_free
 
 EXPERIMENTS: dict[str, Callable[[Context], dict]] = {
     "schedule_facts": schedule_facts,
@@ -27,6 +27,7 @@ EXPERIMENTS: dict[str, Callable[[Context], dict]] = {
     "finetune": finetune,
     "guidance": guidance,
     "sample_steps": sample_steps,
+    "training_free": training_free,
 }
 
 

@@ -153,8 +153,10 @@ def generate(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     seed: int = 1,
+    leak: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Raw samples (data units, not clamped) for ``labels`` from a trained model; same seed, same noise."""
+    """Raw samples (data units, not clamped) for ``labels`` from a trained model; same seed, same noise; ``leak``
+    as :func:`fullrange.sample` takes it."""
     p = ctx.preset
     noise = torch.randn(len(labels), p.channels, p.size, p.size, generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
@@ -169,6 +171,7 @@ def generate(
         uncond={"class_labels": torch.full_like(labels, NULL_LABEL).to(device)},
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
+        leak=None if leak is None else leak.to(device),
     )
     return out.float().cpu()
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import html
+import inspect
 import json
 from pathlib import Path
 
 from ..toy import LABELS
 
-ORDER = ("schedule_facts", "exact_sweep", "from_scratch", "finetune", "guidance", "sample_steps")
+ORDER = ("schedule_facts", "exact_sweep", "from_scratch", "finetune", "guidance", "sample_steps", "training_free")
 
 
 def _results(out: Path) -> list[dict]:
@@ -35,7 +36,7 @@ def write_report(out: Path) -> Path:
         for f in r["findings"]:
             md.append(f"| {r['name']} | {f['claim']} | **{f['verdict']}** | {f['evidence']} |")
     for r in results:
-        md += ["", f"## {r['name']}", "", (r.get("doc") or "").strip(), "", f"Ran in {r['seconds']} s.", ""]
+        md += ["", f"## {r['name']}", "", inspect.cleandoc(r.get("doc") or ""), "", f"Ran in {r['seconds']} s.", ""]
         for f in r["findings"]:
             md.append(f"- **{f['verdict']}**: {f['claim']}. {f['evidence']}.")
         for image in r.get("plots", []):
@@ -43,7 +44,7 @@ def write_report(out: Path) -> Path:
         for image in r.get("grids", []):
             md += [
                 "",
-                f"Samples `{image}`, one row per label: {', '.join(LABELS)}.",
+                f"Samples `{image}`, one row per label: {', '.join(r.get('grid_labels', LABELS))}.",
                 "",
                 f"![{image}]({r['name']}/{image})",
             ]
