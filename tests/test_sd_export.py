@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fullrange.cli import app
 from fullrange.sampling import ZERO_TERMINAL_SNR
-from fullrange.sd import load_stable_diffusion, single_file
+from fullrange.sd import load_stable_diffusion, markers, single_file
 from fullrange.sd.config import ModelConfig
 from fullrange.sd.export import FAMILIES, export
 from fullrange.sd.ldm import XL_OPENCLIP_PREFIX, text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
@@ -108,7 +108,8 @@ def test_tiny_export_reloads_with_the_same_weights_and_markers(tiny_sd, tiny_sdx
     path = export(tmp_path / "model.safetensors", model, family=name, dtype=torch.float32)
     header = single_file.read_header(path)
     assert single_file.family(header, path) == name
-    assert single_file.markers(header) == {"v_prediction": True, "zero_terminal_snr": name == "sd2"}
+    decision = markers.decide(markers.from_header(header, str(path)))
+    assert (decision.prediction, decision.zero_terminal_snr) == ("v_prediction", True if name == "sd2" else None)
 
     loaded = load_stable_diffusion(ModelConfig(str(path), sha256=single_file.sha256(path), config=str(folder)))
     assert loaded.is_xl == (name == "sdxl")

@@ -427,14 +427,15 @@ def test_config_file_values_are_type_checked(workspace, tmp_path):
 def test_export_merges_a_lora_and_marks_its_sampling(workspace, tmp_path):
     """`fullrange export --adapter` writes one file whose UNet is the LoRA merged in, with v_pred / ztsnr keys
     from the adapter's scheduler config; it reloads as a v-prediction, zero-terminal-SNR model."""
-    from fullrange.sd import single_file
+    from fullrange.sd import markers, single_file
     from fullrange.sd.config import ModelConfig
 
     path = tmp_path / "merged.safetensors"
     args = ["export", "--model", str(workspace / "sd"), "--adapter", str(workspace / "lora" / "lora")]
     result = runner.invoke(app, [*args, "--out", str(path), "--family", "sd1", "--precision", "fp32"])
     assert result.exit_code == 0, result.output
-    assert single_file.markers(single_file.read_header(path)) == {"v_prediction": True, "zero_terminal_snr": True}
+    decision = markers.decide(markers.from_header(single_file.read_header(path), str(path)))
+    assert (decision.prediction, decision.zero_terminal_snr) == ("v_prediction", True)
     merged = load_stable_diffusion(ModelConfig(str(path), config=str(workspace / "sd")))
     assert merged.spec.prediction == "v_prediction" and merged.spec.schedule.zero_terminal_snr
     adapted = load_adapter(load_stable_diffusion(workspace / "sd"), workspace / "lora" / "lora")

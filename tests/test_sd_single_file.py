@@ -10,7 +10,7 @@ from transformers import CLIPTokenizer
 from typer.testing import CliRunner
 
 from fullrange.cli import app
-from fullrange.sd import load_stable_diffusion, single_file
+from fullrange.sd import load_stable_diffusion, markers, single_file
 from fullrange.sd.config import ModelConfig
 from fullrange.sd.export import export
 
@@ -116,30 +116,31 @@ def test_family_refusals(tmp_path, keys, match):
 @pytest.mark.parametrize(
     "extra,metadata,expected",
     [
-        ({}, {}, {"v_prediction": False, "zero_terminal_snr": False}),
+        ({}, {}, (None, None)),
         (
             {
                 "v_pred": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
                 "ztsnr": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
             },
             {},
-            {"v_prediction": True, "zero_terminal_snr": True},
+            ("v_prediction", True),
         ),
         (
             {},
             {"ss_v_parameterization": "True", "ss_zero_terminal_snr": "False"},
-            {"v_prediction": True, "zero_terminal_snr": False},
+            ("v_prediction", False),
         ),
     ],
 )
 def test_single_file_markers(tmp_path, extra, metadata, expected):
     path = tmp_path / "model.safetensors"
     _write_safetensors(path, extra, metadata)
-    assert single_file.markers(single_file.read_header(path)) == expected
+    decision = markers.decide(markers.from_header(single_file.read_header(path), str(path)))
+    assert (decision.prediction, decision.zero_terminal_snr) == expected and not decision.conflicts
 
 
 def test_single_file_markers_on_garbage(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
-        single_file.markers(single_file.read_header(path))
+        single_file.read_header(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -448,11 +449,18 @@ def sample_command(
     tone: str | None = typer.Option(None, help=TONE_HELP["tone"]),
     tone_image: Path | None = typer.Option(None, help=TONE_HELP["tone_image"]),
     tone_stats: Path | None = typer.Option(None, help=TONE_HELP["tone_stats"]),
+    prediction: str | None = typer.Option(
+        None, help="What the model predicts: epsilon, v_prediction or sample [default: its markers' or config's]."
+    ),
+    zero_terminal_snr: bool | None = typer.Option(
+        None, help="Whether it was trained with zero terminal SNR [default: its markers' or config's]."
+    ),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (can run code)."),
     sha256: str | None = typer.Option(None, help=SHA256_HELP),
     model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
 ) -> None:
     """Sample Stable Diffusion with fullrange's samplers; PNGs carry their settings."""
+    from .sampling import retrained
     from .sd import load_adapter
     from .sd.sample import SampleSettings, generate, save_images
 
@@ -480,6 +488,12 @@ def sample_command(
         sd_model = _load(model, sha256, model_config, allow_pickle)
         if adapter is not None:
             sd_model = load_adapter(sd_model, adapter, adapter_strength)
+        if prediction is not None or zero_terminal_snr is not None:
+            try:
+                spec = retrained(sd_model.spec, prediction, zero_terminal_snr)
+            except ValueError as err:
+                fail(f"--prediction / --zero-terminal-snr: {err}")
+            sd_model = dataclasses.replace(sd_model, spec=spec)
         all_prompts = [p for p in prompts for _ in range(num_images)]
         from tqdm.auto import tqdm
 
@@ -541,6 +555,60 @@ def tone_stats_command(
         f"channels; channel means (unscaled) {', '.join(f'{v:.3f}' for v in brightness.tolist())}",
         err=True,
     )
+
+
+@app.command("inspect")
+def inspect_command(
+    model: str = typer.Argument(..., help="Diffusers folder or single .safetensors file."),
+    adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder (or adapter file) used with the model."),
+    probe: bool = typer.Option(False, "--probe", help="Run the probe even when the markers agree."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
+) -> None:
+    """Say how a checkpoint must be sampled: family, prediction type and zero terminal SNR from every convention
+    (diffusers, ComfyUI, kohya, modelspec), a probe where they are silent or disagree, and the settings to use."""
+    from .sd.inspection import inspect
+
+    if adapter is not None and not adapter.exists():
+        fail(f"--adapter {adapter}: no such file or directory")
+    try:
+        found = inspect(
+            model, None if adapter is None else str(adapter), model_config=_str(model_config), always_probe=probe
+        )
+    except (ValueError, OSError) as err:
+        fail_on(err, MODEL_FLAGS | {"model.path": "MODEL", "adapter": "--adapter"})
+    if as_json:
+        typer.echo(found.to_json())
+        return
+    lines = [f"family: {found.family}", "markers:"]
+    for m in found.found or ():
+        meaning = m.prediction if m.prediction is not None else f"zero terminal SNR {m.zero_terminal_snr}"
+        lines.append(f"  {m.convention:<9} {m.key} = {m.value} -> {meaning}  ({m.source})")
+    if not found.found:
+        lines.append("  none")
+    lines += [f"  disagree on {c}" for c in found.decision.conflicts]
+    if found.probe is not None:
+        lines.append(f"probe: {found.probe.describe()}")
+    lines += [
+        f"prediction: {found.prediction} (from the {found.how['prediction']})",
+        f"zero terminal SNR: {'on' if found.zero_terminal_snr else 'off'} ({found.how['zero_terminal_snr']})",
+        *(f"note: {note}" for note in found.notes),
+        f"sample with: fullrange sample --model {model} " + " ".join(_flag(k, v) for k, v in found.settings.items()),
+        "diffusers scheduler config:",
+        json.dumps(found.scheduler_config, indent=2),
+    ]
+    typer.echo("\n".join(lines))
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {value}"
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)

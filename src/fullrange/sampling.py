@@ -69,6 +69,18 @@ class SamplingSpec:
         }
 
 
+def retrained(spec: SamplingSpec, prediction: str | None = None, zero_terminal_snr: bool | None = None) -> SamplingSpec:
+    """``spec`` for a model that predicts ``prediction`` and was trained with or without zero terminal SNR (``None``
+    keeps the spec's): the schedule is rebuilt from its origin, and zero terminal SNR takes trailing steps."""
+    schedule = spec.schedule
+    if zero_terminal_snr is not None and zero_terminal_snr != schedule.zero_terminal_snr:
+        if schedule.origin is None:
+            raise ValueError("this schedule was not built by name, so it cannot be rebuilt with another terminal SNR")
+        schedule = schedules.from_origin(replace(schedule.origin, zero_terminal_snr=zero_terminal_snr))
+    spacing, offset = ("trailing", 0) if schedule.zero_terminal_snr else (spec.spacing, spec.steps_offset)
+    return SamplingSpec(schedule, prediction or spec.prediction, spacing, offset)
+
+
 STABLE_DIFFUSION = SamplingSpec(schedules.scaled_linear(), "epsilon", "leading", steps_offset=1)
 """Stable Diffusion 1.x / 2.x-base as published: scaled_linear betas, epsilon prediction, leading steps + 1."""
 

@@ -1,8 +1,8 @@
 """Reading single-file Stable Diffusion checkpoints, the original LDM layout that A1111, ComfyUI and kohya use.
 
 Verify (SHA-256), recognise the family from the header, load offline with bundled SD 1.x / 2.x / XL configs and CLIP
-tokenizer (diffusers' loader would fetch them from a hub), and read the ``v_pred`` / ``ztsnr`` markers diffusers
-ignores. Errors name the file; :mod:`fullrange.sd.load` says which option it came from.
+tokenizer (diffusers' loader would fetch them from a hub), and read the markers of prediction type and zero terminal
+SNR that diffusers ignores. Errors name the file; :mod:`fullrange.sd.load` says which option it came from.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import hashlib
 import json
 import struct
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from . import markers
 from .ldm import OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_OPENCLIP_PREFIX
 from .tokenizer import clip_tokenizer_files
 
@@ -60,20 +62,6 @@ def _pickle_header(path: Path) -> dict:
     except Exception as err:  # torch.load raises many kinds for a bad file
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     return {k: {"shape": list(v.shape)} for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def markers(header: dict) -> dict[str, bool]:
-    """What a single file says about its sampling: ``v_pred`` / ``ztsnr`` keys (ComfyUI) and kohya's
-    ``ss_v_parameterization`` / ``ss_zero_terminal_snr`` metadata; diffusers' own loader ignores both."""
-    meta = header.get("__metadata__", {}) or {}
-
-    def truthy(value) -> bool:
-        return str(value).strip().lower() in ("true", "1", "yes")
-
-    return {
-        "v_prediction": "v_pred" in header or truthy(meta.get("ss_v_parameterization")),
-        "zero_terminal_snr": "ztsnr" in header or truthy(meta.get("ss_zero_terminal_snr")),
-    }
 
 
 def family(header: dict, path: Path | str = "checkpoint") -> str:
@@ -138,7 +126,8 @@ def load(path: Path | str, *, config: Path | str | None = None, dtype=torch.floa
 
     ``config`` is a diffusers folder describing the architecture; by default the bundled SD 1.x, 2.x or SDXL
     configs, picked from the weights (SD 2.x files are taken as 768-v, v-prediction, as diffusers does). The
-    file's ``v_pred`` / ``ztsnr`` markers then set the prediction type and zero terminal SNR (trailing steps).
+    file's markers in every convention (:mod:`fullrange.sd.markers`) then set the prediction type and zero terminal
+    SNR (trailing steps); where they disagree, a warning says so.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -170,9 +159,15 @@ def load(path: Path | str, *, config: Path | str | None = None, dtype=torch.floa
         raise ValueError(f"{path}: {len(empty)} tensors missing from the file, e.g. {empty[0]}")
     parts = {k: getattr(pipe, k) for k in (*networks, "tokenizer", *(("tokenizer_2",) if name == "sdxl" else ()))}
     scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    found = markers(header)
-    if found["v_prediction"]:
-        scheduler_config["prediction_type"] = "v_prediction"
-    if found["zero_terminal_snr"]:
+    decision = markers.decide(markers.from_header(header, str(path)))
+    if decision.conflicts:
+        warnings.warn(
+            f"{path}: its markers disagree ({'; '.join(decision.conflicts)}); sampling it as {decision.prediction}, "
+            f"zero terminal SNR {bool(decision.zero_terminal_snr)} (fullrange inspect probes it)",
+            stacklevel=2,
+        )
+    if decision.prediction is not None:
+        scheduler_config["prediction_type"] = decision.prediction
+    if decision.zero_terminal_snr:
         scheduler_config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "steps_offset": 0}
     return parts, scheduler_config

@@ -1,0 +1,179 @@
+"""``fullrange inspect``: everything needed to sample a checkpoint right. Its family; its prediction type and zero
+terminal SNR read from every convention (:mod:`fullrange.sd.markers`) and, where they are silent or disagree, probed;
+the sampler settings to use and a diffusers scheduler config that says the same.
+
+The probe is one UNet call at t = T-1 on seeded noise x with the empty prompt. There x_t is (almost) pure noise, so an
+epsilon model returns about x itself, and a v model ``sqrt(ᾱ) eps - sqrt(1 - ᾱ) x0`` about minus its guess of the
+image, nearly unrelated to x. The cosine of output and input tells them apart; it cannot tell v from x0 prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..sampling import retrained
+from ..scheduler_config import config_from_spec
+from . import markers, single_file
+from .config import ModelConfig
+from .export import default_family
+from .load import load_adapter, load_stable_diffusion
+from .model import StableDiffusion
+
+EPSILON_ABOVE = 0.8
+"""A cosine above this says epsilon: the exact epsilon at t = T-1 is ``(x - sqrt(ᾱ) x0) / sqrt(1 - ᾱ)``, cosine
+about 1 with x."""
+V_BELOW = 0.5
+"""A cosine below this says v (or x0): the exact v, ``(sqrt(ᾱ) x - x0) / sqrt(1 - ᾱ)``, is dominated by the
+image; in between the probe is inconclusive."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    cosine: float
+    prediction: str | None
+
+    def describe(self) -> str:
+        reading = {
+            "epsilon": "the output is the input noise: epsilon",
+            "v_prediction": "the output is unrelated to the input noise: v (or x0) prediction",
+            None: "inconclusive",
+        }[self.prediction]
+        return f"cos(output, input) at t = T-1 is {self.cosine:.3f}: {reading}"
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """``family``; the ``found`` markers (adapter's first) and their ``decision``; the ``probe`` if run; the
+    ``prediction`` and ``zero_terminal_snr`` to sample with and ``how`` each was settled; ``settings`` for
+    ``fullrange sample`` and the diffusers ``scheduler_config`` that says the same; ``notes`` in words."""
+
+    family: str
+    found: tuple[markers.Marker, ...]
+    decision: markers.Decision
+    probe: Probe | None
+    prediction: str
+    zero_terminal_snr: bool
+    how: dict[str, str]
+    settings: dict
+    scheduler_config: dict
+    notes: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def read_markers(path: Path | str) -> list[markers.Marker]:
+    """The markers of a single file (its header), or of a folder: a diffusers pipeline's scheduler config, an
+    adapter folder's ``scheduler_config.json`` and the metadata of its safetensors files."""
+    path = Path(path)
+    if path.is_file():
+        return markers.from_header(single_file.read_header(path), str(path)) if path.suffix == ".safetensors" else []
+    found = []
+    for config in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+        if config.is_file():
+            found += markers.from_config(json.loads(config.read_text()), str(config))
+    for weights in sorted(path.glob("*.safetensors")):
+        found += markers.from_header(single_file.read_header(weights), str(weights))
+    return found
+
+
+@torch.no_grad()
+def probe(model: StableDiffusion, seed: int = 0) -> Probe:
+    """One UNet call at t = T-1 on seeded noise with the empty prompt (module docstring)."""
+    unet = model.unet
+    side = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(seed))
+    pixels = (side * model.vae_scale_factor,) * 2
+    time_ids = model.time_ids(pixels, (0, 0), pixels)
+    cond = model.condition(model.encode_prompts([""]), None if time_ids is None else time_ids.unsqueeze(0))
+    param = next(unet.parameters())
+    t = torch.full((1,), model.spec.schedule.num_train_timesteps - 1.0, device=param.device)
+    out = unet(x.to(param), t, **cond).sample.float().cpu()
+    cosine = float(torch.nn.functional.cosine_similarity(out.flatten(), x.flatten(), dim=0))
+    verdict = "epsilon" if cosine > EPSILON_ABOVE else "v_prediction" if cosine < V_BELOW else None
+    return Probe(cosine, verdict)
+
+
+def inspect(
+    model_path: str, adapter: str | None = None, *, model_config: str | None = None, always_probe: bool = False
+) -> Inspection:
+    """Inspect the checkpoint at ``model_path`` (with ``adapter``, whose markers come first: they describe the
+    combined model). The probe runs where the markers say nothing of the prediction type or disagree about it,
+    or with ``always_probe``."""
+    base = read_markers(model_path)
+    extra = read_markers(adapter) if adapter is not None else []
+    found = extra + base
+    base_decision, decision = markers.decide(base), markers.decide(extra)
+    decision = markers.Decision(
+        decision.prediction or base_decision.prediction,
+        decision.zero_terminal_snr if decision.zero_terminal_snr is not None else base_decision.zero_terminal_snr,
+        decision.conflicts + base_decision.conflicts,
+    )
+    with warnings.catch_warnings():  # the loader's warning about disagreeing markers: reported below instead
+        warnings.simplefilter("ignore")
+        model = load_stable_diffusion(ModelConfig(model_path, config=model_config))
+    if adapter is not None and Path(adapter).is_dir():
+        model = load_adapter(model, adapter)
+    notes = []
+    if extra and base_decision.prediction and decision.prediction != base_decision.prediction:
+        notes.append(
+            f"the adapter changes the prediction type from the base's {base_decision.prediction} to "
+            f"{decision.prediction}: it cannot be scaled or stacked meaningfully"
+        )
+    disputed = decision.prediction is None or any(c.startswith("prediction") for c in decision.conflicts)
+    result = probe(model) if (disputed or always_probe) else None
+    how = {}
+    if result is not None and result.prediction is not None:
+        prediction, how["prediction"] = result.prediction, "probe"
+        if decision.prediction is not None and decision.prediction != result.prediction and not disputed:
+            notes.append(f"the markers say {decision.prediction} but the probe says {result.prediction}")
+    elif decision.prediction is not None:
+        prediction, how["prediction"] = decision.prediction, "markers"
+    else:
+        prediction, how["prediction"] = model.spec.prediction, "default of the loader (no marker, probe inconclusive)"
+    ztsnr = bool(decision.zero_terminal_snr)
+    how["zero_terminal_snr"] = "markers" if decision.zero_terminal_snr is not None else "not marked: assumed off"
+    if ztsnr and prediction == "epsilon":
+        notes.append("zero terminal SNR is marked but the model predicts epsilon, which says nothing at SNR = 0")
+        ztsnr = False
+    spec = replace(retrained(model.spec, prediction, ztsnr), spacing="trailing", steps_offset=0)
+    settings = {"sampler": "dpmpp_2m", "steps": 25, "spacing": "trailing", "guidance_rescale": 0.7 if ztsnr else 0.0}
+    if (model.spec.prediction, model.spec.schedule.zero_terminal_snr) != (prediction, ztsnr):
+        settings |= {"prediction": prediction, "zero_terminal_snr": ztsnr}
+        notes.append(
+            f"fullrange loads this checkpoint as {model.spec.prediction}, zero terminal SNR "
+            f"{'on' if model.spec.schedule.zero_terminal_snr else 'off'}: sample it with --prediction and "
+            "--zero-terminal-snr as below"
+        )
+    if not ztsnr:
+        notes.append(
+            "trailing steps start at t = T-1 (Lin et al. §3.3); for images darker or brighter than mid-grey add "
+            "--tone (no fine-tuning) or fine-tune with zero terminal SNR"
+        )
+    return Inspection(
+        _family(model_path, model),
+        tuple(found),
+        decision,
+        result,
+        prediction,
+        ztsnr,
+        how,
+        settings,
+        config_from_spec(spec),
+        tuple(notes),
+    )
+
+
+def _family(path: str, model: StableDiffusion) -> str:
+    """sd1 / sd2 / sdxl: a single file's from its tensor names, a folder's from its networks."""
+    if Path(path).is_file() and Path(path).suffix == ".safetensors":
+        return single_file.family(single_file.read_header(path), path)
+    try:
+        return default_family(model)
+    except ValueError:
+        return f"unknown (UNet cross-attention width {model.unet.config.cross_attention_dim})"
