@@ -89,6 +89,8 @@ def test_folder_statistics_are_fitted_saved_and_drawn_per_sample(model, tmp_path
     for i, colour in enumerate([(250, 250, 250), (10, 10, 10), (200, 40, 90), (30, 200, 60), (90, 90, 250)]):
         write_gradient(folder / f"{i}.png", colour=colour)
     (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match=r"data .*nowhere: not a directory"):
+        tones.fit_stats(model, tmp_path / "nowhere", 16, progress=False)
     resolution = model.unet.config.sample_size * model.vae_scale_factor
     stats, count, skipped = tones.fit_stats(model, folder, resolution, progress=False)
     assert count == 5
@@ -122,7 +124,9 @@ def test_a_file_that_is_not_tone_statistics_is_named(tmp_path, tiny_sd):
         tones.load_stats(tmp_path / "missing.safetensors")
 
 
-def test_cli_tone_stats_then_sample_with_each_source(tiny_sd, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_cli_tone_stats_then_sample_with_each_source(family, request, tmp_path):
+    tiny_sd = request.getfixturevalue("tiny_sd" if family == "sd" else "tiny_sdxl")
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, colour in enumerate([(250, 250, 250), (10, 10, 10), (200, 40, 90)]):
@@ -132,7 +136,8 @@ def test_cli_tone_stats_then_sample_with_each_source(tiny_sd, tmp_path):
     result = runner.invoke(app, ["tone-stats", "--model", str(tiny_sd), "--data", str(folder), "--out", str(stats)])
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output and "notes.png" in result.output
-    assert f"wrote {stats}: 3 images at 16 px, 3×3 DCT coefficients of 4 latent channels" in result.output
+    side = load_stable_diffusion(tiny_sd).unet.config.sample_size * 2
+    assert f"wrote {stats}: 3 images at {side} px, 3×3 DCT coefficients of 4 latent channels" in result.output
     base = ["sample", "--model", str(tiny_sd), "--prompt", "night", "--steps", "3", "--num-images", "2"]
     images = {}
     for name, extra in {

@@ -89,9 +89,15 @@ class ToneStats:
         """Fit to samples ``x0`` (N, C, H, W): the mean and (maximum-likelihood) covariance of their coefficients."""
         if x0.ndim != 4 or x0.shape[0] < 1:
             raise ValueError(f"need samples of shape (N, C, H, W) with N >= 1, got {tuple(x0.shape)}")
-        c = low_frequencies(x0.double(), k).flatten(1)
+        return cls.from_coefficients(low_frequencies(x0.double(), k))
+
+    @classmethod
+    def from_coefficients(cls, coefficients: torch.Tensor) -> ToneStats:
+        """Fit to the coefficients (N, C, k, k) of N samples, as :func:`low_frequencies` gives them."""
+        n, channels, k, _ = coefficients.shape
+        c = coefficients.double().flatten(1)
         centred = c - c.mean(0)
-        return cls(c.mean(0), centred.T @ centred / c.shape[0], x0.shape[1], k)
+        return cls(c.mean(0), centred.T @ centred / n, channels, k)
 
     def draw(self, n: int, size: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` leaks (n, C, H, W) in float64: coefficients drawn from the Gaussian, all other frequencies zero."""

@@ -71,12 +71,15 @@ def fit_stats(
     skipped, with their reasons."""
     if resolution <= 0 or resolution % model.vae_scale_factor:
         raise ConfigError("resolution", f"must be a positive multiple of {model.vae_scale_factor}, got {resolution}")
-    items, problems = data.scan(folder, min_size=1, default_caption="(captions are not used)")
-    latents = [
-        encode(model, data.load_image(item.path, resolution).unsqueeze(0)).double()
+    try:
+        items, problems = data.scan(folder, min_size=1, default_caption="(captions are not used)")
+    except data.DataError as err:
+        raise ConfigError("data", str(err)) from None
+    coefficients = [
+        low_frequencies(encode(model, data.load_image(item.path, resolution).unsqueeze(0)).double(), k)
         for item in tqdm(items, desc="encode images", disable=not progress)
     ]
-    return ToneStats.fit(torch.cat(latents), k), len(items), problems
+    return ToneStats.from_coefficients(torch.cat(coefficients)), len(items), problems
 
 
 def save_stats(path: Path | str, stats: ToneStats, model: StableDiffusion, count: int) -> None:
