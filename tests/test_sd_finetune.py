@@ -396,6 +396,21 @@ def test_lora_strength_zero_is_the_base_model(workspace):
         load_adapter(base, workspace / "data")
 
 
+def test_inspect_names_an_adapter_that_changes_the_prediction_type(workspace):
+    from fullrange.sd.inspection import inspect
+
+    lora_dir = workspace / "lora" / "lora"
+    if not lora_dir.exists():
+        config = _config(workspace, "lora", adapter={"kind": "lora"}, noise={"zero_terminal_snr": True})
+        finetune(config, progress=False, log=lambda _: None)
+    found = inspect(str(workspace / "sd"), str(lora_dir))
+    assert (found.prediction, found.zero_terminal_snr, found.how["prediction"]) == ("v_prediction", True, "markers")
+    assert [m.convention for m in found.found] == ["diffusers", "diffusers", "diffusers", "diffusers"]
+    assert found.found[0].source == str(lora_dir / "scheduler_config.json")  # the adapter's come first
+    assert "the adapter changes the prediction type from the base's epsilon to v_prediction" in found.notes[0]
+    assert found.settings == {"sampler": "dpmpp_2m", "steps": 25, "spacing": "trailing", "guidance_rescale": 0.7}
+
+
 def test_buckets_keep_aspect_ratios(workspace, tmp_path):
     folder = tmp_path / "wide"
     folder.mkdir()

@@ -180,7 +180,7 @@ def _plot_schedule(schedule: schedules.Schedule, t, num_values: int, path: Path,
 def reproduce_command(
     out: Path = typer.Option(Path("fullrange-report"), help="Output folder: results, plots, report.md/html."),
     preset: str = typer.Option(
-        "quick", help="micro (seconds, smoke test), quick (~10 min on 2 CPU cores), full (GPU)."
+        "quick", help="micro (seconds, smoke test), quick (about 6 min on 2 CPU cores), full (GPU)."
     ),
     only: list[str] | None = typer.Option(None, help="Run only this experiment (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
