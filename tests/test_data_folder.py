@@ -78,9 +78,15 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
         data.scan(tmp_path, 16)
     with pytest.raises(data.DataError, match="not a directory"):
         data.scan(tmp_path / "missing", 16)
-    (tmp_path / "metadata.jsonl").write_text("{not json}\n")
-    with pytest.raises(data.DataError, match=r"metadata.jsonl:1: not a JSON object"):
-        data.scan(tmp_path, 16)
+    # A bad metadata row is a listed skip; the images it does not concern train.
+    (tmp_path / "metadata.jsonl").write_text('{not json}\n{"file_name": "good.png", "text": "grey"}\n')
+    Image.fromarray(np.full((20, 20, 3), 100, dtype=np.uint8)).save(tmp_path / "good.png")
+    items, problems = data.scan(tmp_path, 16)
+    assert [i.caption for i in items] == ["grey"]
+    assert [(p.path.name, p.reason.split(":")[0]) for p in problems] == [
+        ("metadata.jsonl", "line 1"),
+        ("bad.png", "unreadable"),
+    ]
 
 
 def test_cache_key_follows_content_and_model(messy):

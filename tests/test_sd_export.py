@@ -131,6 +131,6 @@ def test_cli_export_then_sample_the_single_file(tiny_sd, tmp_path):
     args += ["--steps", "2", "--resolution", "16", "--out", str(tmp_path / "out")]
     result = runner.invoke(app, [*args, "--sha256", single_file.sha256(path)])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "grid.png").is_file()
+    assert (tmp_path / "out" / "grid-000000.png").is_file()
     result = runner.invoke(app, [*args, "--sha256", "f" * 64])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "SHA-256" in result.output

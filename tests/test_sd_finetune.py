@@ -241,31 +241,40 @@ def test_zero_terminal_snr_with_epsilon_is_refused(workspace):
 
 
 def test_sample_cli_writes_pngs_with_settings(workspace, tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "sample",
-            "--model",
-            str(workspace / "sd"),
-            "--prompt",
-            "solid black",
-            "--prompt",
-            "a white background",
-            "--out",
-            str(tmp_path),
-            "--steps",
-            "3",
-            "--sampler",
-            "dpmpp_2m",
-            "--num-images",
-            "2",
-            "--resolution",
-            "16",
-        ],
-    )
+    args = [
+        "sample",
+        "--model",
+        str(workspace / "sd"),
+        "--prompt",
+        "solid black",
+        "--prompt",
+        "a white background",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "3",
+        "--sampler",
+        "dpmpp_2m",
+        "--num-images",
+        "2",
+        "--resolution",
+        "16",
+    ]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     pngs = sorted(tmp_path.glob("0*.png"))
-    assert len(pngs) == 4 and (tmp_path / "grid.png").exists()
+    assert [p.name for p in pngs] == [
+        "000000-solid-black.png",
+        "000001-solid-black.png",
+        "000002-a-white-background.png",
+        "000003-a-white-background.png",
+    ]
+    assert (tmp_path / "grid-000000.png").exists()
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    again = runner.invoke(app, args)  # the same command into the same folder: new names, nothing overwritten
+    assert again.exit_code == 0, again.output
+    assert all((tmp_path / name).read_bytes() == data for name, data in first.items())
+    assert (tmp_path / "000000-solid-black-2.png").exists() and (tmp_path / "grid-000000-2.png").exists()
     info = json.loads(Image.open(pngs[3]).text["fullrange"])
     assert info["prompt"] == "a white background" and info["sampler"] == "dpmpp_2m" and info["seed"] == 3
     bad = runner.invoke(
@@ -316,7 +325,7 @@ def test_validation_images_at_each_checkpoint_with_accumulation(workspace):
     finetune(config, progress=False, log=lambda _: None)
     steps = sorted(p.name for p in (workspace / "val" / "validation").iterdir())
     assert steps == ["step_000002", "step_000004"]
-    image = Image.open(workspace / "val" / "validation" / "step_000004" / "0001.png")
+    image = Image.open(workspace / "val" / "validation" / "step_000004" / "000001-a-white-background.png")
     assert image.size == (16, 16) and json.loads(image.text["fullrange"])["prompt"] == "a white background"
 
 

@@ -149,8 +149,8 @@ def test_cli_tone_stats_then_sample_with_each_source(family, request, tmp_path):
         out = tmp_path / name
         result = runner.invoke(app, [*base, "--out", str(out), *extra])
         assert result.exit_code == 0, result.output
-        images[name] = np.asarray(Image.open(out / "0001.png"), dtype=np.float64)
-        info = json.loads(Image.open(out / "0001.png").text["fullrange"])
+        images[name] = np.asarray(Image.open(out / "000001-night.png"), dtype=np.float64)
+        info = json.loads(Image.open(out / "000001-night.png").text["fullrange"])
         assert {"tone": "#000000", "image": None, "stats": None, "plain": None}[name] == info["tone"]
     for name in ("tone", "image", "stats"):
         assert np.abs(images[name] - images["plain"]).max() > 0, name  # the same seed, another start
@@ -182,7 +182,7 @@ def test_cli_a_tone_at_zero_terminal_snr_says_it_does_nothing(tiny_sd, tmp_path)
     toned = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--tone", "0"])
     assert toned.exit_code == 0, toned.output
     assert "warning: the first step (t = 999) is at zero SNR" in toned.output and "warning" not in plain.output
-    same = [np.asarray(Image.open(tmp_path / f / "0000.png")) for f in ("a", "b")]
+    same = [np.asarray(Image.open(tmp_path / f / "000000-x.png")) for f in ("a", "b")]
     assert np.array_equal(*same)
 
 

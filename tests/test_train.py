@@ -106,7 +106,9 @@ def test_resume_refuses_another_recipe(tmp_path, data):
         tmp_path,
         progress=False,
     )
-    with pytest.raises(ValueError, match="another recipe"):
+    with pytest.raises(
+        ValueError, match=r"differs from the checkpoint's in recipe.name \('baseline' in the checkpoint"
+    ):
         train.train(
             _model(),
             batches.labelled(images, labels, 5),
@@ -115,6 +117,51 @@ def test_resume_refuses_another_recipe(tmp_path, data):
             tmp_path,
             progress=False,
         )
+    with pytest.raises(ValueError, match=r"train.lr \(0.001 in the checkpoint, 0.002 now\)"):
+        train.train(
+            _model(),
+            batches.labelled(images, labels, 5),
+            losses.get_recipe("baseline"),
+            replace(CONFIG, steps=2, lr=2e-3),
+            tmp_path,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="at step 2, beyond the 1 steps asked for"):
+        train.train(
+            _model(),
+            batches.labelled(images, labels, 5),
+            losses.get_recipe("baseline"),
+            replace(CONFIG, steps=1),
+            tmp_path,
+            progress=False,
+        )
+    # More steps than the checkpoint's run: it continues from step 2.
+    longer = train.train(
+        _model(),
+        batches.labelled(images, labels, 5),
+        losses.get_recipe("baseline"),
+        replace(CONFIG, steps=4),
+        tmp_path,
+        progress=False,
+    )
+    assert len(longer.losses) == 4 and checkpoint.Checkpoint(tmp_path / "checkpoint.safetensors").step == 4
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    images, labels = data
+    good = batches.labelled(images, labels, 5)
+    calls = []
+
+    def poisoned(batch_size, generator):
+        calls.append(1)
+        batch = good(batch_size, generator)
+        return batch if len(calls) < 4 else batches.Batch(batch.x0 * float("nan"), batch.cond)
+
+    config = replace(CONFIG, steps=6, checkpoint_every=2)
+    with pytest.raises(train.TrainingDiverged, match=r"the loss is nan at step 3: .* last good checkpoint is step 2"):
+        train.train(_model(), poisoned, losses.get_recipe("baseline"), config, tmp_path, progress=False)
+    ckpt = checkpoint.Checkpoint(tmp_path / "checkpoint.safetensors")
+    assert ckpt.step == 2 and all(torch.isfinite(t).all() for t in ckpt.group("model").values())
 
 
 def test_validation_callback_and_loss_log(tmp_path, data):

@@ -13,12 +13,44 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from . import metrics, schedules, timesteps
 from .config import ConfigError
+from .files import read_text
+
+DEBUG_ENV = "FULLRANGE_DEBUG"
+
+
+class OneLineErrors(TyperGroup):
+    """Any exception a command lets through becomes one line on stderr naming the command (exit status 1); with
+    ``--debug`` or ``FULLRANGE_DEBUG=1`` the stack trace is shown instead."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as err:
+            if ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            command = ctx.invoked_subcommand or ctx.info_name
+            detail = (str(err).strip().splitlines() or [""])[0][:400]
+            hint = ""
+            if isinstance(err, MemoryError) or "out of memory" in detail or "allocate memory" in detail:
+                hint = "; out of memory: lower --resolution, --batch-size or --num-images"
+            typer.echo(
+                f"error: fullrange {command}: {type(err).__name__}: {detail}{hint} "
+                f"(--debug or {DEBUG_ENV}=1 shows the stack trace)",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="fullrange: diffusion models whose outputs reach the full brightness range.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -27,7 +59,9 @@ app = typer.Typer(
 
 
 @app.callback()
-def main() -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help=f"Show stack traces (also: {DEBUG_ENV}=1)."),
+) -> None:
     """fullrange: diffusion models whose outputs reach the full brightness range."""
     # transformers warns at import about optional image processors fullrange never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -381,7 +415,7 @@ def train_command(
     from .sd.finetune import finetune
     from .train import TrainingInterrupted
 
-    field_flags = {field: f"--{flag}" for flag, field in TRAIN_FLAGS.items()}
+    field_flags = {field: f"--{flag}" for flag, field in TRAIN_FLAGS.items()} | {"resume": "--resume"}
     try:
         options = finetune_config(train_tables(config, flags))
         if Path(options.output.path, "train", "checkpoint.safetensors").exists() and not resume:
@@ -432,7 +466,9 @@ def sample_command(
     model: str = typer.Option(..., help="Diffusers folder (a checkpoint or fullrange's output) or .safetensors."),
     prompt: list[str] | None = typer.Option(None, help="Prompt (repeatable)."),
     prompts_file: Path | None = typer.Option(None, help="A text file with one prompt per line."),
-    out: Path = typer.Option(..., help="Output folder for the PNGs and grid.png."),
+    out: Path = typer.Option(
+        ..., help="Output folder for the PNGs (SEED-PROMPT.png) and a grid; nothing is overwritten."
+    ),
     adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train."),
     adapter_strength: float = typer.Option(1.0, help="Strength of the adapter (LoRA scale; OFT rotation fraction)."),
     negative_prompt: str = typer.Option("", help="Negative prompt (the unconditional branch of guidance)."),
@@ -468,7 +504,10 @@ def sample_command(
     if prompts_file is not None:
         if not prompts_file.is_file():
             fail(f"--prompts-file {prompts_file}: no such file")
-        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            prompts += [line.strip() for line in read_text(prompts_file).splitlines() if line.strip()]
+        except ValueError as err:
+            fail(f"--prompts-file {err}")
     if not prompts:
         fail("give at least one --prompt or a --prompts-file")
     if num_images <= 0:
@@ -499,10 +538,10 @@ def sample_command(
 
         with tqdm(total=steps, desc="sample") as bar, _warnings_as_lines():
             images = generate(sd_model, all_prompts, settings, callback=lambda info: bar.update(1))
-        paths = save_images(images, all_prompts, settings, out)
+        paths, grid = save_images(images, all_prompts, settings, out)
     except (ValueError, OSError) as err:
         fail_on(err, SAMPLE_FLAGS)
-    typer.echo(f"wrote {len(paths)} images and {out / 'grid.png'}", err=True)
+    typer.echo(f"wrote {len(paths)} images ({paths[0].name} …) and {grid}", err=True)
 
 
 def _tones(tone: str | None, tone_image: Path | None, tone_stats: Path | None) -> dict:

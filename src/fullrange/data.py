@@ -1,23 +1,32 @@
 """Image + caption folders: validation up front, loading at a training resolution, and latent caching.
 
 Captions come from a sidecar ``NAME.txt`` or a ``metadata.jsonl`` with ``file_name`` and ``text`` (the
-Hugging Face imagefolder convention); a sidecar wins. Every file is checked before training: unreadable,
-truncated, too small and uncaptioned ones are listed with the reason and skipped.
+Hugging Face imagefolder convention); a sidecar wins. Text is UTF-8 (a byte-order mark is honoured); anything
+else is refused. Every file is checked before training, and each one that cannot be used is listed with its
+reason and skipped, the run training on the rest: a caption or metadata row that is not UTF-8 or not well-formed,
+a file that is not a regular file (a pipe would block), an image that is unreadable, truncated, a decompression
+bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``), in a format Pillow cannot decode, too small, or without a
+caption. EXIF orientation is applied; animated GIF and WebP give their first frame.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from .files import read_text
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif")
+"""Files the scan considers; those Pillow cannot decode here (HEIC without a plug-in) are listed as skipped."""
 
 
 @dataclass(frozen=True)
@@ -37,27 +46,47 @@ class DataError(ValueError):
     """No usable image in a data folder."""
 
 
-def _captions_from_metadata(folder: Path) -> dict[str, str]:
+def _captions_from_metadata(folder: Path) -> tuple[dict[str, str], list[Problem]]:
+    """Captions by file name from ``metadata.jsonl``, and its rows that cannot be used, each with its reason."""
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
-        return {}
-    captions = {}
-    for number, line in enumerate(meta.read_text().splitlines(), start=1):
+        return {}, []
+    try:
+        text = read_text(meta)
+    except ValueError as err:
+        return {}, [Problem(meta, f"{err}; no caption taken from it")]
+    captions, problems = {}, []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            captions[row["file_name"]] = str(row["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{meta}:{number}: not a JSON object with file_name and text") from None
-    return captions
+        except json.JSONDecodeError as err:
+            problems.append(Problem(meta, f"line {number}: not JSON ({err.msg}); row skipped"))
+            continue
+        name = row.get("file_name") if isinstance(row, dict) else None
+        caption = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(name, str) or not isinstance(caption, str):
+            problems.append(Problem(meta, f"line {number}: needs string file_name and text; row skipped"))
+            continue
+        captions[name] = caption
+    return captions, problems
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """An image as 8-bit RGB. 16-bit and 32-bit grey are rescaled (PIL's own conversion clips them at 255);
-    alpha is dropped, keeping the colour under it."""
-    with Image.open(path) as img:
+    """An image as 8-bit RGB, EXIF orientation applied, the first frame of an animation. 16-bit and 32-bit grey
+    are rescaled (PIL's own conversion clips them at 255); alpha is dropped, keeping the colour under it.
+    Decompression bombs raise (``PIL.Image.DecompressionBombError``, at any size above ``MAX_IMAGE_PIXELS``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombWarning as err:
+            raise Image.DecompressionBombError(str(err)) from None
+    with img:
+        img.seek(0)
         img.load()
+        img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             values = np.asarray(img, dtype=np.float64)
             peak = 65535.0 if img.mode != "I" or values.max() > 255 else 255.0
@@ -67,31 +96,54 @@ def open_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def _caption(path: Path, captions: dict[str, str], default: str) -> tuple[str, str | None]:
+    """The image's caption (sidecar first) and, if its sidecar cannot be read, why."""
+    sidecar = path.with_suffix(".txt")
+    if sidecar.is_file():
+        try:
+            return read_text(sidecar).strip() or default, None
+        except ValueError as err:
+            return "", f"caption {err}"
+    return captions.get(path.name, "").strip() or default, None
+
+
+def _image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """The image's (width, height) as trained (EXIF orientation applied), or why it cannot be used."""
+    if not path.is_file():  # a pipe, socket or device named like an image would block or never end
+        return None, "not a regular file"
+    try:
+        return open_rgb(path).size, None
+    except Image.DecompressionBombError as err:
+        return None, f"refused as a decompression bomb ({err})"
+    except UnidentifiedImageError:
+        suffix = path.suffix.lower()
+        if suffix not in Image.registered_extensions():
+            return None, f"Pillow has no decoder for {suffix} here; convert it, or install a plug-in (pillow-heif)"
+        return None, f"unreadable: not a {suffix} image Pillow can read"
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        return None, f"unreadable or truncated ({type(err).__name__}: {err})"
+
+
 def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[list[Item], list[Problem]]:
     """Check every image in ``folder``; returns the usable items and the problems, each with its reason.
     ``default_caption`` serves images that have none (class images for prior preservation)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory")
-    captions = _captions_from_metadata(folder)
-    items, problems = [], []
+    captions, problems = _captions_from_metadata(folder)
+    items = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text().strip() if sidecar.is_file() else captions.get(path.name, "").strip()
-        caption = caption or default_caption
-        try:
-            with Image.open(path) as img:
-                img.verify()
-            width, height = open_rgb(path).size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            problems.append(Problem(path, f"unreadable or truncated ({type(err).__name__}: {err})"))
-            continue
-        if min(width, height) < min_size:
-            problems.append(Problem(path, f"too small: {width}x{height}, the shorter side must be >= {min_size}"))
-        elif not caption:
-            problems.append(Problem(path, "no caption (NAME.txt or a metadata.jsonl row)"))
+        caption, caption_problem = _caption(path, captions, default_caption)
+        size, problem = _image_problem(path)
+        problem = problem or caption_problem
+        if problem is None and min(size) < min_size:
+            problem = f"too small: {size[0]}x{size[1]}, the shorter side must be >= {min_size}"
+        if problem is None and not caption:
+            problem = "no caption (NAME.txt or a metadata.jsonl row)"
+        if problem is None:
+            items.append(Item(path, caption, size))
         else:
-            items.append(Item(path, caption, (width, height)))
+            problems.append(Problem(path, problem))
     if not items:
         listed = "; ".join(f"{p.path.name}: {p.reason}" for p in problems[:5]) or "no image files"
         raise DataError(f"{folder}: no usable image ({listed})")
@@ -140,7 +192,18 @@ def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tup
     return min(sizes, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (never whole); remembered while the file's size and time stay."""
+    stat = path.stat()
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def cache_key(path: Path, model_id: str, resolution: int | tuple[int, int]) -> str:
     """Content hash of the file plus what the latent depends on: the same bytes give the same key anywhere."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return hashlib.sha256(f"{digest}:{model_id}:{resolution}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{file_digest(path)}:{model_id}:{resolution}".encode()).hexdigest()[:32]

@@ -79,3 +79,84 @@ def save_safetensors(path: Path | str, tensors: dict[str, torch.Tensor], metadat
     tensors' memory (no copy of CPU tensors; tensors on a device are copied to the host by the writer)."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
+def read_text(path: Path | str) -> str:
+    """A text file, decoded by fullrange's one rule: UTF-8, a byte-order mark honoured (and dropped); anything
+    else is refused with a ``ValueError`` naming the file and where decoding failed."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror or type(err).__name__})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+
+
+def read_json(path: Path | str):
+    """A JSON file (decoded as :func:`read_text`); a ``ValueError`` naming the file if it is not well-formed."""
+    import json
+
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+
+
+class Busy(ValueError):
+    """Another process holds the lock on an output folder."""
+
+
+@contextlib.contextmanager
+def lock(folder: Path | str, what: str) -> Iterator[None]:
+    """Hold ``folder/.fullrange.lock`` (an OS lock: released when the process ends, however it ends) for the block;
+    :class:`Busy` naming the holder (its pid, host, command and start time) if another process holds it."""
+    import fcntl
+    import json
+    import socket
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".fullrange.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            try:
+                info = json.loads(holder)
+                named = f"pid {info['pid']} on {info['host']}, {info['what']}, since {info['since']}"
+            except (ValueError, KeyError, TypeError):
+                named = "another process"
+            raise Busy(f"{folder}: in use by another fullrange run ({named})") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "what": what}
+        record["since"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def fingerprint(path: Path | str, suffixes: tuple[str, ...] = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")) -> str:
+    """A short identity of a weights file, or of the weight files under a folder, without reading them whole: each
+    file's relative name, size and SHA-256 of its first, middle and last MiB (which differ between two fine-tunes
+    of one architecture, whose headers and sizes agree)."""
+    import hashlib
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
+    digest = hashlib.sha256()
+    chunk = 2**20
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if file != path else file.name}:{size}:".encode())
+        with file.open("rb") as f:
+            for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+                f.seek(offset)
+                digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]

@@ -100,6 +100,10 @@ def swap(params: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> Non
             p.data, other[name].data = other[name].data, p.data
 
 
+class TrainingDiverged(ValueError):
+    """The loss became inf or nan; training stopped before the step that would have used it."""
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint of the step reached was written first."""
 
@@ -169,12 +173,9 @@ class _State:
         )
         write_bytes(path.parent / "loss.json", json.dumps(self.losses).encode())
 
-    def resume(self, path: Path) -> int:
-        """Load the checkpoint at ``path`` into the state, in place; returns its step."""
-        ckpt = Checkpoint(path)
-        for key, value in self.meta.items():
-            if ckpt.meta.get(key) != value:
-                raise ValueError(f"{path}: checkpoint was made with another {key}; use a new output directory")
+    def resume(self, path: Path, steps: int) -> int:
+        """Load the checkpoint at ``path`` into the state, in place (after :func:`check_resume`); returns its step."""
+        ckpt = check_resume(path, self.meta, steps)
         ckpt.load_into("model", self.trainable)
         if self.ema is not None:
             ckpt.load_into("ema", self.ema)
@@ -182,6 +183,38 @@ class _State:
         self.generator.set_state(ckpt.group("rng")["generator"])
         self.losses = ckpt.group("log")["loss"].tolist()
         return ckpt.step
+
+
+RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every")
+"""What a resumed run may change: train longer (the learning-rate schedule stretches to the new end), or checkpoint
+at other intervals."""
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def check_resume(path: Path, meta: dict, steps: int) -> Checkpoint:
+    """The checkpoint at ``path``, if a run described by ``meta`` training to ``steps`` may continue it: the same
+    recipe, config (but for :data:`RESUMABLE_CHANGES`) and whatever identity the caller put in ``meta`` (base
+    model, data, adapter). Otherwise a ``ValueError`` naming every key that differs and how to proceed."""
+    ckpt = Checkpoint(path)
+    saved, now = _flat(ckpt.meta), _flat(meta)
+    differ = [
+        f"{key} ({saved.get(key, 'absent')!r} in the checkpoint, {now.get(key, 'absent')!r} now)"
+        for key in sorted(set(saved) | set(now))
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key)
+    ]
+    if differ:
+        raise ValueError(
+            f"{path}: cannot resume, this run differs from the checkpoint's in {'; '.join(differ)}; resume with the "
+            "same options, or train into a new output folder"
+        )
+    if ckpt.step > steps:
+        raise ValueError(f"{path}: the checkpoint is at step {ckpt.step}, beyond the {steps} steps asked for")
+    return ckpt
 
 
 def train(
@@ -195,12 +228,16 @@ def train(
     progress: bool = True,
     description: str | None = None,
     on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
+    identity: dict | None = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad (all, or an adapter's) on ``batches``.
 
     Writes ``out_dir/checkpoint.safetensors`` (trained weights, their EMA, optimizer, RNG, step, loss log) every
     ``checkpoint_every`` steps and at the end, atomically, and the loss of every step so far to
-    ``out_dir/loss.json``; with ``resume`` an existing checkpoint is continued exactly.
+    ``out_dir/loss.json``; with ``resume`` an existing checkpoint is continued exactly, if :func:`check_resume`
+    finds it made by the same run (``identity``: what else the caller wants checked, e.g. base model and data).
+    A loss that is inf or nan stops the run with :class:`TrainingDiverged` before it changes any weight; the last
+    checkpoint written stays the last good one.
     ``on_checkpoint(step, model)`` runs after each checkpoint (validation at intervals) on the main process, the
     model in eval mode and holding the EMA weights if an EMA is kept (swapped in place, then back); it must not
     touch the training generator. SIGINT / SIGTERM stop the run between steps with a checkpoint and raise
@@ -224,9 +261,10 @@ def train(
         optimizer=torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=0.0),
         generator=torch.Generator().manual_seed(config.seed),
         losses=[],
-        meta={"recipe": recipe.describe(), "config": asdict(config)},
+        meta={"recipe": recipe.describe(), "train": asdict(config), **(identity or {})},
     )
-    start = state.resume(ckpt_path) if resume and ckpt_path.exists() else 0
+    start = state.resume(ckpt_path, config.steps) if resume and ckpt_path.exists() else 0
+    saved = [start] if start else []
     model, state.optimizer = accelerator.prepare(model, state.optimizer)
     if state.ema is not None:
         state.ema = {name: value.to(accelerator.device) for name, value in state.ema.items()}
@@ -235,6 +273,7 @@ def train(
         # Every process holds the same state (same draws, averaged gradients); the main one writes it.
         if accelerator.is_main_process:
             state.save(ckpt_path, step)
+            saved.append(step)
             if on_checkpoint is not None:
                 _call_with_ema(on_checkpoint, step, accelerator.unwrap_model(model), state)
         accelerator.wait_for_everyone()
@@ -283,6 +322,13 @@ def train(
                     )
                     accelerator.backward(micro / config.grad_accum)
                 loss += accelerator.reduce(micro.detach(), "mean") / config.grad_accum
+            if not math.isfinite(float(loss)):
+                bar.close()
+                kept = f"the last good checkpoint is step {saved[-1]}, {ckpt_path}" if saved else "no checkpoint yet"
+                raise TrainingDiverged(
+                    f"the loss is {float(loss)} at step {step}: training stopped before it changed a weight; {kept} "
+                    "(lower the learning rate, or check the data)"
+                )
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
             state.optimizer.step()

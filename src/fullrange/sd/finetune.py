@@ -8,6 +8,8 @@ sampled (prediction type, zero terminal SNR, trailing steps), LoRA weights for `
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -18,12 +20,12 @@ from tqdm.auto import tqdm
 from .. import adapters, data, schedules
 from ..batches import Batches, with_prior
 from ..config import ConfigError
-from ..files import save_safetensors, share_like_new_files, write_bytes
+from ..files import Busy, fingerprint, lock, save_safetensors, share_like_new_files, write_bytes
 from ..losses import Recipe
 from ..models import seeded
 from ..sampling import SamplingSpec
 from ..scheduler_config import ddim_scheduler
-from ..train import process_state, train
+from ..train import check_resume, process_state, train
 from .config import AdapterConfig, DataConfig, FinetuneConfig, NoiseConfig
 from .latents import bucket_step, image_batches
 from .load import load_stable_diffusion
@@ -32,11 +34,23 @@ from .sample import SampleSettings, generate, save_images
 
 
 def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dict[str, Path]:
-    """Run a fine-tune end to end; returns the written outputs by kind (on the main process; ``{}`` elsewhere)."""
+    """Run a fine-tune end to end; returns the written outputs by kind (on the main process; ``{}`` elsewhere).
+
+    The output folder is locked for the run (a second run into it is refused, naming the holder). An existing
+    checkpoint there is continued only if it was made from the same base model, data, adapter and recipe
+    (:func:`~fullrange.train.check_resume`), which is decided before anything is written."""
     out = Path(config.output.path)
     if out.exists() and not out.is_dir():
         raise ConfigError("output.path", f"{out}: is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    main = process_state().is_main_process
+    try:
+        with lock(out, "fullrange train") if main else contextlib.nullcontext():
+            return _finetune(config, out, progress, log)
+    except Busy as err:
+        raise ConfigError("output.path", str(err)) from None
+
+
+def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[str, Path]:
     # The VAE and text encoders go where accelerate puts this process's UNet.
     model = load_stable_diffusion(config.model)
     for encoder in (model.vae, model.text_encoder, model.text_encoder_2):
@@ -45,10 +59,24 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dic
     recipe = recipe_for(config.noise, model.spec)
     spec = recipe.spec
     log(f"recipe: {spec.prediction}, zero terminal SNR {spec.schedule.zero_terminal_snr}, noise {recipe.noise}")
+    items = _scan(config.data.path, "data.path", _min_size(model, config.data), log)
+    identity = {
+        "model": {"path": str(model.source), "fingerprint": fingerprint(model.source)},
+        "data": {"path": str(Path(config.data.path).resolve()), "fingerprint": data_fingerprint(items)},
+        "adapter": asdict(config.adapter),
+    }
+    checkpoint = out / "train" / "checkpoint.safetensors"
+    if checkpoint.exists():  # decided before anything is written
+        try:
+            check_resume(
+                checkpoint, {"recipe": recipe.describe(), "train": asdict(config.train), **identity}, config.train.steps
+            )
+        except ValueError as err:
+            raise ConfigError("resume", str(err)) from None
     write_bytes(
         out / "config.json", json.dumps({"config": asdict(config), "recipe": recipe.describe()}, indent=2).encode()
     )
-    batches = training_batches(model, config.data, out, progress, log)
+    batches = training_batches(model, config.data, items, out, progress, log)
     count = attach_adapter(model.unet, config.adapter, config.train.seed)
     log(f"{config.adapter.kind}: {count:,} trainable parameters")
     tuned = replace(model, spec=recipe.spec)
@@ -65,6 +93,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dic
         progress=progress,
         description="fine-tune",
         on_checkpoint=validate,
+        identity=identity,
     )
     if not process_state().is_main_process:  # under accelerate launch / torchrun, one process writes
         return {}
@@ -104,19 +133,33 @@ def recipe_for(noise: NoiseConfig, spec: SamplingSpec) -> Recipe:
     )
 
 
-def training_batches(model: StableDiffusion, config: DataConfig, out: Path, progress: bool, log) -> Batches:
-    """The image folder's batches (square or bucketed), paired with class images for prior preservation."""
-    min_size = config.resolution
-    if config.buckets:
-        step = bucket_step(model)
-        if config.resolution % step:
-            raise ConfigError(
-                "data.resolution",
-                f"must be a multiple of {step} with buckets (the VAE's factor times the UNet's downsampling), "
-                f"got {config.resolution}",
-            )
-        min_size = min(min(wh) for wh in data.buckets(config.resolution, step))
-    items = _scan(config.path, "data.path", min_size, log)
+def _min_size(model: StableDiffusion, config: DataConfig) -> int:
+    """The shortest image side the data config can use (its resolution, or the smallest bucket's side)."""
+    if not config.buckets:
+        return config.resolution
+    step = bucket_step(model)
+    if config.resolution % step:
+        raise ConfigError(
+            "data.resolution",
+            f"must be a multiple of {step} with buckets (the VAE's factor times the UNet's downsampling), "
+            f"got {config.resolution}",
+        )
+    return min(min(wh) for wh in data.buckets(config.resolution, step))
+
+
+def data_fingerprint(items: list[data.Item]) -> str:
+    """What the data is: every usable image's name, content hash and caption."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.path.name, data.file_digest(item.path), item.caption]).encode())
+    return digest.hexdigest()[:16]
+
+
+def training_batches(
+    model: StableDiffusion, config: DataConfig, items: list[data.Item], out: Path, progress: bool, log
+) -> Batches:
+    """The batches of the image folder's usable ``items`` (square or bucketed), paired with class images for prior
+    preservation."""
     log(f"{len(items)} images")
     batches = image_batches(model, items, config, out / "cache", progress)
     if not config.class_prompt:

@@ -7,7 +7,7 @@ files (``allow_pickle``). Errors name the option they come from in config terms 
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..files import read_json
 from ..scheduler_config import spec_from_config
 from . import single_file
 from .config import ModelConfig
@@ -100,7 +101,8 @@ def _load_folder(path: Path, allow_pickle: bool, dtype) -> StableDiffusion:
 
     if not (path / "model_index.json").is_file():
         raise bad("no model_index.json, so not a diffusers pipeline folder")
-    pipeline_class = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    index = _json(path / "model_index.json", "model.path")
+    pipeline_class = index.get("_class_name", "") if isinstance(index, dict) else ""
     xl = pipeline_class == "StableDiffusionXLPipeline"
     if not xl and pipeline_class != "StableDiffusionPipeline":
         raise bad(
@@ -123,27 +125,43 @@ def _load_folder(path: Path, allow_pickle: bool, dtype) -> StableDiffusion:
             )
         if not has_safetensors and not pickles:
             raise bad(f"{component}: no weight file")
+    scheduler_config = _json(path / "scheduler" / "scheduler_config.json", "model.path")
     try:
-        spec = spec_from_config(json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
-    except ValueError as err:
-        raise bad(str(err)) from None
+        spec = spec_from_config(scheduler_config)
+    except (ValueError, TypeError) as err:
+        raise bad(f"scheduler: {err}") from None
     # use_safetensors=None takes safetensors where a component has them and pickle files elsewhere (allowed here).
     kwargs = {"local_files_only": True, "use_safetensors": None if allow_pickle else True, "torch_dtype": dtype}
-    second = {}
-    if xl:
-        second = {
-            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kwargs),
-            "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True),
-        }
-    return StableDiffusion(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
-        spec=spec,
-        source=path,
-        **second,
-    )
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    classes |= {"text_encoder_2": CLIPTextModelWithProjection} if xl else {}
+    parts = {
+        name: _component(path, name, lambda c=cls, n=name: c.from_pretrained(path, subfolder=n, **kwargs))
+        for name, cls in classes.items()
+    }
+    for name in tokenizers:
+        tokenizer = _component(
+            path, name, lambda n=name: CLIPTokenizer.from_pretrained(path, subfolder=n, local_files_only=True)
+        )
+        if tokenizer is None or not len(tokenizer):
+            raise bad(f"{name}: an empty tokenizer")
+        parts[name] = tokenizer
+    return StableDiffusion(spec=spec, source=path, **parts)
+
+
+def _component(path: Path, name: str, load):
+    """``load()``, whatever a library raises for a broken component folder turned into one line naming it."""
+    try:
+        return load()
+    except Exception as err:  # diffusers, transformers and safetensors raise many kinds for a broken folder
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ConfigError("model.path", f"{path}: {name} cannot be loaded ({type(err).__name__}: {detail})") from None
+
+
+def _json(path: Path, field: str):
+    try:
+        return read_json(path)
+    except ValueError as err:
+        raise ConfigError(field, str(err)) from None
 
 
 def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0) -> StableDiffusion:
@@ -160,14 +178,26 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
     from ..adapters import load_oft
 
     path = Path(path)
+    if not math.isfinite(strength):
+        raise ConfigError("adapter_strength", f"must be a finite number, got {strength}")
     if (path / "pytorch_lora_weights.safetensors").is_file():
-        state = StableDiffusionPipeline.lora_state_dict(path)[0]
-        model.unet.load_lora_adapter(state, prefix="unet", adapter_name="fullrange")
-        model.unet.set_adapters(["fullrange"], weights=[strength])
+
+        def attach():
+            state = StableDiffusionPipeline.lora_state_dict(path)[0]
+            model.unet.load_lora_adapter(state, prefix="unet", adapter_name="fullrange")
+            model.unet.set_adapters(["fullrange"], weights=[strength])
+
+        _adapter(path, attach)
     elif (path / "adapter.json").is_file() and (path / "adapter_model.safetensors").is_file():
-        shape = json.loads((path / "adapter.json").read_text())
-        weights = load_file(path / "adapter_model.safetensors")
-        load_oft(model.unet, weights, shape["block_size"], shape["coft"], strength)
+        shape = _json(path / "adapter.json", "adapter")
+        if not isinstance(shape, dict) or not {"block_size", "coft"} <= set(shape):
+            raise ConfigError("adapter", f"{path / 'adapter.json'}: needs block_size and coft")
+        _adapter(
+            path,
+            lambda: load_oft(
+                model.unet, load_file(path / "adapter_model.safetensors"), shape["block_size"], shape["coft"], strength
+            ),
+        )
     else:
         raise ConfigError(
             "adapter",
@@ -178,6 +208,17 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
     if not config_path.is_file():
         return model
     try:
-        return replace(model, spec=spec_from_config(json.loads(config_path.read_text())))
-    except ValueError as err:
+        return replace(model, spec=spec_from_config(_json(config_path, "adapter")))
+    except (ValueError, TypeError) as err:
         raise ConfigError("adapter", f"{config_path}: {err}") from None
+
+
+def _adapter(path: Path, attach) -> None:
+    """``attach()``; what peft, diffusers or safetensors raise for an adapter that does not fit, as one line."""
+    try:
+        attach()
+    except ConfigError:
+        raise
+    except Exception as err:  # shape mismatches, missing keys, damaged files: many kinds
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ConfigError("adapter", f"{path}: does not fit this model ({type(err).__name__}: {detail})") from None

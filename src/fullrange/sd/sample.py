@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,8 +98,12 @@ def generate(model: StableDiffusion, prompts: list[str], settings: SampleSetting
     return ((images.float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def save_images(images: torch.Tensor, prompts: list[str], settings: SampleSettings, out: Path) -> list[Path]:
-    """One PNG per image with its prompt and settings in a ``fullrange`` text chunk, and ``grid.png``."""
+def save_images(
+    images: torch.Tensor, prompts: list[str], settings: SampleSettings, out: Path
+) -> tuple[list[Path], Path]:
+    """One PNG per image, named by its seed and a slug of its prompt, with the prompt and settings in a
+    ``fullrange`` text chunk; and a grid of them all. Nothing is overwritten: a name already taken gets ``-2``,
+    ``-3``, ... Returns the images' paths and the grid's."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -107,8 +113,28 @@ def save_images(images: torch.Tensor, prompts: list[str], settings: SampleSettin
     for i, (array, prompt) in enumerate(zip(arrays, prompts, strict=True)):
         info = PngInfo()
         info.add_text("fullrange", json.dumps({"prompt": prompt, **asdict(settings), "seed": settings.seed + i}))
-        path = out / f"{i:04d}.png"
-        Image.fromarray(array).save(path, pnginfo=info)
+        path, f = _new_file(out, f"{settings.seed + i:06d}-{_slug(prompt)}")
+        with f:
+            Image.fromarray(array).save(f, format="PNG", pnginfo=info)
         paths.append(path)
-    Image.fromarray(tile(torch.from_numpy(arrays).permute(0, 3, 1, 2), columns=4).numpy()).save(out / "grid.png")
-    return paths
+    grid, f = _new_file(out, f"grid-{settings.seed:06d}")
+    with f:
+        Image.fromarray(tile(torch.from_numpy(arrays).permute(0, 3, 1, 2), columns=4).numpy()).save(f, format="PNG")
+    return paths, grid
+
+
+def _slug(prompt: str, length: int = 40) -> str:
+    """``"A dark alley, in the rain!"`` → ``"a-dark-alley-in-the-rain"``; ``"image"`` when nothing is left."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:length].rstrip("-") or "image"
+
+
+def _new_file(folder: Path, stem: str):
+    """A PNG path in ``folder`` no file has, opened for writing (created exclusively, so two runs cannot both
+    take it): ``stem.png``, else ``stem-2.png``, ``stem-3.png``, ..."""
+    for n in itertools.count(1):
+        path = folder / f"{stem}{'' if n == 1 else f'-{n}'}.png"
+        try:
+            return path, path.open("xb")
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
