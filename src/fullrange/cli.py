@@ -418,10 +418,13 @@ def train_command(
     field_flags = {field: f"--{flag}" for flag, field in TRAIN_FLAGS.items()} | {"resume": "--resume"}
     try:
         options = finetune_config(train_tables(config, flags))
-        if Path(options.output.path, "train", "checkpoint.safetensors").exists() and not resume:
+        has_checkpoint = Path(options.output.path, "train", "checkpoint.safetensors").exists()
+        if has_checkpoint and not resume:
             fail(
                 f"--out {options.output.path} holds a checkpoint: pass --resume to continue it, or choose a new folder"
             )
+        if resume and not has_checkpoint:
+            typer.echo(f"--resume: {options.output.path} holds no checkpoint yet; starting at step 0", err=True)
         finetune(options, progress=progress, log=lambda line: typer.echo(line, err=True))
     except TrainingInterrupted as err:
         typer.echo(str(err) + " with --resume", err=True)
@@ -457,7 +460,10 @@ def _load(model: str, sha256: str | None, model_config: Path | None, allow_pickl
     from .sd.config import ModelConfig
     from .train import process_state
 
-    config = ModelConfig(model, sha256, None if model_config is None else str(model_config), allow_pickle)
+    try:
+        config = ModelConfig(model, sha256, None if model_config is None else str(model_config), allow_pickle)
+    except ConfigError as err:
+        raise err.within("model") from None
     return load_stable_diffusion(config).to(process_state().device)
 
 
@@ -512,6 +518,8 @@ def sample_command(
         fail("give at least one --prompt or a --prompts-file")
     if num_images <= 0:
         fail(f"--num-images must be positive, got {num_images}")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: is a file, not a directory")
     try:
         settings = SampleSettings(
             sampler,
@@ -578,6 +586,7 @@ def tone_stats_command(
         fail(f"--out {out}: the file name must end in .safetensors")
     if out.is_dir():
         fail(f"--out {out}: is a directory, not a file name")
+    _refuse_overwrite(out, {"--model": model, "--model-config": model_config})
     flags = MODEL_FLAGS | {"resolution": "--resolution"}
     try:
         sd_model = _load(model, sha256, model_config)
@@ -637,6 +646,15 @@ def inspect_command(
         json.dumps(found.scheduler_config, indent=2),
     ]
     typer.echo("\n".join(lines))
+
+
+def _refuse_overwrite(out: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Stop before ``--out`` would replace one of the command's ``inputs`` (flag → path), or a file inside one."""
+    from .files import overwrites
+
+    for flag, given in inputs.items():
+        if given is not None and overwrites(out, given):
+            fail(f"--out {out}: would overwrite {flag} {given}; write it elsewhere")
 
 
 def _flag(name: str, value) -> str:
@@ -745,6 +763,7 @@ def export_command(
         fail(f"--out {out}: the file name must end in .safetensors")
     if out.is_dir():
         fail(f"--out {out}: is a directory, not a file name")
+    _refuse_overwrite(out, {"--model": model, "--adapter": adapter, "--model-config": model_config})
     try:
         sd_model = _load(model, None, model_config)
         if adapter is not None:

@@ -81,6 +81,12 @@ def save_safetensors(path: Path | str, tensors: dict[str, torch.Tensor], metadat
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
+def overwrites(out: Path | str, given: Path | str) -> bool:
+    """Whether writing ``out`` would replace the file ``given`` or a file inside the folder ``given``."""
+    target, source = Path(out).resolve(), Path(given).resolve()
+    return target == source or (source.is_dir() and target.is_relative_to(source))
+
+
 def read_text(path: Path | str) -> str:
     """A text file, decoded by fullrange's one rule: UTF-8, a byte-order mark honoured (and dropped); anything
     else is refused with a ``ValueError`` naming the file and where decoding failed."""
@@ -105,6 +111,10 @@ def read_json(path: Path | str):
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
 
 
+LOCK = ".fullrange.lock"
+"""The lock file :func:`lock` keeps in an output folder."""
+
+
 class Busy(ValueError):
     """Another process holds the lock on an output folder."""
 
@@ -120,7 +130,7 @@ def lock(folder: Path | str, what: str) -> Iterator[None]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".fullrange.lock"
+    path = folder / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:

@@ -53,6 +53,7 @@ class TrainConfig:
             check_range(name, getattr(self, name), 0, open_low=True)
         check_range("lr", self.lr, 0, open_low=True)
         check_range("grad_clip", self.grad_clip, 0)
+        check_range("seed", self.seed, 0)
         if self.warmup is not None:
             check_range("warmup", self.warmup, 0)
         if not 0 <= self.ema_decay < 1:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import adapters, data, schedules
 from ..batches import Batches, with_prior
 from ..config import ConfigError
-from ..files import Busy, fingerprint, lock, save_safetensors, share_like_new_files, write_bytes
+from ..files import Busy, fingerprint, lock, overwrites, save_safetensors, share_like_new_files, write_bytes
 from ..losses import Recipe
 from ..models import seeded
 from ..sampling import SamplingSpec
@@ -42,6 +42,9 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dic
     out = Path(config.output.path)
     if out.exists() and not out.is_dir():
         raise ConfigError("output.path", f"{out}: is a file, not a directory")
+    for field, given in (("model.path", config.model.path), ("model.config", config.model.config)):
+        if given is not None and out.is_dir() and overwrites(given, out):
+            raise ConfigError("output.path", f"{out}: holds {field} {given}, which the run's outputs could overwrite")
     main = process_state().is_main_process
     try:
         with lock(out, "fullrange train") if main else contextlib.nullcontext():

@@ -1,5 +1,8 @@
 """From an image folder to training batches: VAE latents and caption states, cached on disk, drawn in batches
-(square or by aspect-ratio bucket) with caption dropout and SDXL's size conditioning."""
+(square or by aspect-ratio bucket) with caption dropout and SDXL's size conditioning.
+
+Cache entries are written atomically and checked when read (readable, the expected tensors and shapes, finite);
+a damaged one is encoded again and replaced."""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .. import data
 from ..batches import Batch, Batches, one_of
+from ..files import save_safetensors
 from .config import DataConfig
 from .model import StableDiffusion
 
@@ -38,17 +43,18 @@ def encode_latents(
     """Posterior mean and std of the VAE latents of every image at ``size`` (side or (width, height)), from
     ``cache`` where already encoded."""
     key = model_id(model)
+    width, height = (size, size) if isinstance(size, int) else size
+    factor = model.vae_scale_factor
+    shape = (model.vae.config.latent_channels, height // factor, width // factor)
     means, stds = [], []
     for item in tqdm(items, desc="encode images", disable=not progress):
         path = cache / f"latent_{data.cache_key(item.path, key, size)}.safetensors"
-        if path.exists():
-            stored = load_file(path)
-        else:
+        stored = _cached(path, {"mean": shape, "std": shape})
+        if stored is None:
             pixels = data.load_image(item.path, size).unsqueeze(0).to(model.vae.device, model.vae.dtype)
             dist = model.vae.encode(pixels).latent_dist
             stored = {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
-            cache.mkdir(parents=True, exist_ok=True)
-            save_file(stored, path)
+            save_safetensors(path, stored)
         means.append(stored["mean"])
         stds.append(stored["std"])
     return torch.stack(means), torch.stack(stds)
@@ -60,12 +66,26 @@ def encode_captions(model: StableDiffusion, captions: list[str], cache: Path) ->
     texts = [*captions, ""]
     key = hashlib.sha256(json.dumps([model_id(model), texts]).encode()).hexdigest()[:32]
     path = cache / f"text_{key}.safetensors"
-    if path.exists():
-        return load_file(path)
+    stored = _cached(path, None)
+    if stored is not None and all(v.shape[0] == len(texts) for v in stored.values()):
+        return stored
     states = {k: v.float().cpu().contiguous() for k, v in model.encode_prompts(texts).items()}
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file(states, path)
+    save_safetensors(path, states)
     return states
+
+
+def _cached(path: Path, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, torch.Tensor] | None:
+    """The cache entry at ``path`` if it is there, readable, finite and holds exactly ``shapes`` (any shapes if
+    ``None``); ``None`` otherwise (missing or damaged: the caller encodes it again)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = load_file(path)
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if not stored or (shapes is not None and {k: tuple(v.shape) for k, v in stored.items()} != shapes):
+        return None
+    return stored if all(bool(v.isfinite().all()) for v in stored.values()) else None
 
 
 def latent_batches(

@@ -138,12 +138,15 @@ def _load_folder(path: Path, allow_pickle: bool, dtype) -> StableDiffusion:
         name: _component(path, name, lambda c=cls, n=name: c.from_pretrained(path, subfolder=n, **kwargs))
         for name, cls in classes.items()
     }
-    for name in tokenizers:
+    for name, encoder in zip(tokenizers, ("text_encoder", "text_encoder_2"), strict=False):
+        if not any((path / name / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+            raise bad(f"{name}: no vocabulary (vocab.json or tokenizer.json)")
         tokenizer = _component(
             path, name, lambda n=name: CLIPTokenizer.from_pretrained(path, subfolder=n, local_files_only=True)
         )
-        if tokenizer is None or not len(tokenizer):
-            raise bad(f"{name}: an empty tokenizer")
+        positions = parts[encoder].config.max_position_embeddings
+        if tokenizer.model_max_length > positions:
+            raise bad(f"{name}: pads prompts to {tokenizer.model_max_length} tokens; {encoder} takes {positions}")
         parts[name] = tokenizer
     return StableDiffusion(spec=spec, source=path, **parts)
 
@@ -178,6 +181,8 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
     from ..adapters import load_oft
 
     path = Path(path)
+    if not path.exists():
+        raise ConfigError("adapter", f"{path}: no such file or directory")
     if not math.isfinite(strength):
         raise ConfigError("adapter_strength", f"must be a finite number, got {strength}")
     if (path / "pytorch_lora_weights.safetensors").is_file():

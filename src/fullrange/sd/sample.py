@@ -49,7 +49,9 @@ class SampleSettings:
         check_range("steps", self.steps, 0, open_low=True)
         if self.spacing is not None:
             check_choice("spacing", self.spacing, SPACINGS + LADDERS)
+        check_range("guidance", self.guidance, 0)
         check_range("guidance_rescale", self.guidance_rescale, 0, 1)
+        check_range("seed", self.seed, 0)
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ConfigError("resolution", f"must be a positive multiple of 8, got {self.resolution}")
 
