@@ -547,7 +547,8 @@ CORPUS = [(cause, name, build(cause)) for cause, table in CAUSES.items() for nam
 
 @pytest.fixture(scope="module")
 def ws_xl(ws, tiny_sdxl):
-    os.symlink(tiny_sdxl, ws / "xl") if not (ws / "xl").exists() else None
+    """The workspace with the tiny SDXL beside the tiny SD, as ``xl``."""
+    (ws / "xl").symlink_to(tiny_sdxl)
     return ws
 
 
