@@ -406,6 +406,11 @@ LIBRARY = {
         ],
         ("--model-config", "no model_index.json"),
     ),
+    "export of a layout it cannot tell": lambda c: Kind(
+        c,
+        lambda ws, tmp: ["export", "--model", ws / "sd", "--out", tmp / "x.safetensors"],
+        ("--family is needed", "give sd1 or sd2"),
+    ),
     "adapter missing": lambda c: Kind(
         c, lambda ws, tmp: [*sample_args(ws, tmp / "o"), "--adapter", tmp / "none"], ("--adapter", "none: no such")
     ),
@@ -455,10 +460,12 @@ CHECKPOINTS = {
         c, refused_resume("--offset-noise", "0.1"), ("cannot resume", "recipe.offset_strength")
     ),
     "resume on another base model of the same shape": lambda c: Kind(
-        c, refused_resume(model="sd_other"), ("cannot resume", "model.fingerprint", "--model (")
+        c, refused_resume(model="sd_other"), ("cannot resume", "the --model weights (", "--model (")
     ),
     "resume on changed data": lambda c: Kind(
-        c, refused_resume(data_change=lambda d: image(d / "0.png", 99, caption=None)), ("cannot resume", "data.finger")
+        c,
+        refused_resume(data_change=lambda d: image(d / "0.png", 99, caption=None)),
+        ("cannot resume", "the --data images and captions ("),
     ),
     "resume on a damaged checkpoint": lambda c: Kind(
         c, damaged_checkpoint, ("--resume", "checkpoint.safetensors: not a readable safetensors checkpoint")

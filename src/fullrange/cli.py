@@ -416,6 +416,7 @@ def train_command(
     from .train import TrainingInterrupted
 
     field_flags = {field: f"--{flag}" for flag, field in TRAIN_FLAGS.items()} | {"resume": "--resume"}
+    field_flags |= {"model.fingerprint": "the --model weights", "data.fingerprint": "the --data images and captions"}
     try:
         options = finetune_config(train_tables(config, flags))
         has_checkpoint = Path(options.output.path, "train", "checkpoint.safetensors").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import merge_adapters
+from ..config import ConfigError
 from ..files import save_safetensors
 from .ldm import text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
 from .model import StableDiffusion
@@ -23,8 +24,9 @@ def default_family(model: StableDiffusion) -> str:
     names = {768: "sd1", 1024: "sd2"}
     width = model.unet.config.cross_attention_dim
     if width not in names:
-        raise ValueError(
-            f"cross_attention_dim {width} is neither SD 1.x's 768 nor SD 2.x's 1024: name the layout, sd1 or sd2"
+        raise ConfigError(
+            "family",
+            f"is needed: cross_attention_dim {width} is neither SD 1.x's 768 nor SD 2.x's 1024; give sd1 or sd2",
         )
     return names[width]
 
