@@ -17,7 +17,7 @@ import _diffusers_loop
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
-from fullrange import metrics, prediction, schedules, timesteps, toy
+from fullrange import metrics, schedules, timesteps, toy
 from fullrange.samplers import SAMPLERS
 
 STEPS = (5, 10, 25, 50)
@@ -27,16 +27,6 @@ DIFFUSERS = {
     "DPM++ 2M": DPMSolverMultistepScheduler,
     "UniPC": UniPCMultistepScheduler,
 }
-
-
-def as_v_network(data, schedule):
-    """The toy's exact denoiser as a v-prediction network ``network(x_in, t)``."""
-
-    def network(x_in, t):
-        ac = float(schedule.alphas_cumprod_at(float(t)))
-        return prediction.to_v(data.denoise(x_in, float(t), ac), x_in, ac)
-
-    return network
 
 
 def main() -> None:
@@ -51,7 +41,7 @@ def main() -> None:
     noise = torch.randn(shape, generator=g, dtype=torch.float64)
     schedule = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
 
-    network = as_v_network(data, schedule)
+    network = _diffusers_loop.as_v_network(data, schedule)
     rows = {}
     for name, fn in SAMPLERS.items():
         rows[f"fullrange {name}"] = [

@@ -72,12 +72,14 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, d
 
     model = load_adapter(load_stable_diffusion(workspace / "sd"), outputs["lora"])
     assert model.spec.prediction == "v_prediction" and model.spec.schedule.zero_terminal_snr
-    ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0))
+    ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0))
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 
     # The adapter changed something: without it the same settings give other images.
     plain = replace(load_stable_diffusion(workspace / "sd"), spec=model.spec)
-    assert (generate(plain, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0)) - ours).abs().max() > 1e-4
+    assert (
+        generate(plain, PROMPTS, SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0)) - ours
+    ).abs().max() > 1e-4
 
 
 def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace, diffusers_images):
@@ -97,7 +99,9 @@ def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace, diffusers_
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
     pipe.set_progress_bar_config(disable=True)
     theirs = diffusers_images(pipe, PROMPTS, steps=5, guidance=3.0)
-    ours = generate(load_stable_diffusion(outputs["pipeline"]), PROMPTS, SampleSettings(steps=5, guidance=3.0))
+    ours = generate(
+        load_stable_diffusion(outputs["pipeline"]), PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0)
+    )
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     saved = json.loads((workspace / "full" / "config.json").read_text())
     assert saved["config"]["noise"]["offset"] == 0.1 and saved["recipe"]["noise"] == "offset"

@@ -76,7 +76,8 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, d
 
     model = load_adapter(load_stable_diffusion(workspace / "sdxl"), outputs["lora"])
     assert model.spec.prediction == "v_prediction" and model.spec.schedule.zero_terminal_snr
-    ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0, resolution=16))
+    settings = SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0, resolution=16)
+    ours = generate(model, PROMPTS, settings)
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 
 

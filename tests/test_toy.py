@@ -29,6 +29,29 @@ def test_mixture_denoiser_is_the_posterior_mean(ac, gen):
     torch.testing.assert_close(data.denoise(x, 0, ac), _tweedie(log_density, x, ac))
 
 
+@pytest.mark.parametrize("ac", [0.9, 0.2, 0.01, 0.0])
+def test_image_mixture_denoiser_is_the_posterior_mean(ac, gen):
+    means = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64)
+    data = toy.ImageMixtureToy(means, pixel_std=0.3)
+    x = torch.randn(5, 2, 3, 3, generator=gen, dtype=torch.float64)
+    if ac == 0:  # SNR = 0: the data mean, whatever x_t is
+        torch.testing.assert_close(data.denoise(x, 0, ac), means.mean(0).expand_as(x))
+        return
+    a, s = math.sqrt(ac), math.sqrt(1 - ac)
+    var = a**2 * 0.09 + s**2
+
+    def log_density(x_t):
+        sq = ((x_t.flatten(1)[:, None, :] - a * means.flatten(1)[None]) ** 2).sum(-1)
+        return torch.logsumexp(-sq / (2 * var), dim=1)
+
+    torch.testing.assert_close(data.denoise(x, 0, ac), _tweedie(log_density, x, ac))
+    # Flat components are MixtureToy.
+    flat = toy.MixtureToy(levels=(-0.5, 0.2, 0.7), pixel_std=0.3)
+    levels = torch.tensor(flat.levels, dtype=torch.float64).reshape(3, 1, 1, 1)
+    images = toy.ImageMixtureToy(levels.expand(3, 2, 3, 3), pixel_std=0.3)
+    torch.testing.assert_close(images.denoise(x, 0, ac), flat.denoise(x, 0, ac))
+
+
 def test_gaussian_denoiser_and_flow(gen):
     data = toy.GaussianToy(mean=0.3, std=0.5)
     x = torch.randn(6, 4, generator=gen, dtype=torch.float64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -240,6 +241,7 @@ def reproduce_command(
 
 MODEL_CONFIG_HELP = "Diffusers folder with the configs of a single-file --model [default: bundled SD 1.x / 2.x / XL]."
 SHA256_HELP = "Expected SHA-256 of a single-file --model, checked before loading."
+SAMPLER_HELP = "Any of fullrange's samplers [default: unipc, the fewest-evaluation winner; see the README]."
 
 # fullrange train: each flag (also a key of a flat --config file) and the config field it sets.
 TRAIN_FLAGS = {
@@ -479,10 +481,12 @@ def sample_command(
     adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train."),
     adapter_strength: float = typer.Option(1.0, help="Strength of the adapter (LoRA scale; OFT rotation fraction)."),
     negative_prompt: str = typer.Option("", help="Negative prompt (the unconditional branch of guidance)."),
-    sampler: str = typer.Option("ddim", help="Any of fullrange's samplers."),
+    sampler: str | None = typer.Option(None, help=SAMPLER_HELP),
     steps: int = typer.Option(25, help="Sample steps."),
     spacing: str | None = typer.Option(
-        None, help="leading, linspace, trailing, karras or exponential [default: the model's own]."
+        None,
+        help="leading, linspace, trailing, karras or exponential [default: at zero terminal SNR a Karras ladder "
+        "topped by the latent size, else the model's own].",
     ),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     guidance_rescale: float = typer.Option(0.0, help="Guidance rescale φ (Lin et al.; 0.7 recommended at zero SNR)."),
@@ -560,14 +564,33 @@ def _tones(tone: str | None, tone_image: Path | None, tone_stats: Path | None) -
 
 @contextlib.contextmanager
 def _warnings_as_lines():
-    """Library warnings (a leak at zero SNR, leading steps at zero SNR) as one ``warning:`` line each."""
+    """Library warnings (a leak at zero SNR, leading steps at zero SNR) as one ``warning:`` line each, and its
+    notes (what ``fullrange.sample`` picked) as one ``note:`` line each."""
+    notes = _Notes()
+    logger = logging.getLogger("fullrange")
+    level = logger.level
+    logger.addHandler(notes)
+    logger.setLevel(logging.INFO)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
             yield
         finally:
+            logger.removeHandler(notes)
+            logger.setLevel(level)
+            for message in dict.fromkeys(notes.messages):
+                typer.echo(f"note: {message}", err=True)
             for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
                 typer.echo(f"warning: {message}", err=True)
+
+
+class _Notes(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @app.command("tone-stats")
@@ -679,7 +702,7 @@ def eval_brightness_command(
     out: Path = typer.Option(..., help="Output folder: brightness.json, brightness.png, images per prompt."),
     adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train, on --model."),
     against: str | None = typer.Option(None, help="A second model to compare, side by side."),
-    sampler: str = typer.Option("ddim", help="Any of fullrange's samplers."),
+    sampler: str | None = typer.Option(None, help=SAMPLER_HELP),
     steps: int = typer.Option(25, help="Sample steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     guidance_rescale: float = typer.Option(0.0, help="Guidance rescale φ."),

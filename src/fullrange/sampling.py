@@ -4,6 +4,8 @@ plan the steps, wrap the network into a denoiser, apply guidance, run a solver."
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -15,7 +17,11 @@ from .denoiser import from_model
 from .guidance import cfg
 from .prediction import check_prediction
 from .samplers import Callback
-from .timesteps import SPACINGS, plan
+from .timesteps import SPACINGS, plan, resolution_sigma_max
+
+DEFAULT_SAMPLER = "unipc"
+"""The sampler ``fullrange.sample`` uses when none is given: UniPC had the lowest brightness error in
+``benchmarks/nfe_frontier.py`` from 6 to 16 model evaluations at every size measured (README)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,9 +50,10 @@ class SamplingSpec:
                 "use v_prediction (Lin et al. §3.2)"
             )
 
-    def plan(self, num_steps: int, spacing: str | None = None) -> torch.Tensor:
+    def plan(self, num_steps: int, spacing: str | None = None, num_values: int | None = None) -> torch.Tensor:
         """The steps to visit: ``num_steps`` spaced by ``spacing`` (default: the spec's; also a σ ladder,
-        "karras" or "exponential"). Leading steps at zero terminal SNR warn: they never visit t = T-1."""
+        "karras" or "exponential", topped by ``num_values``, the sample's C·H·W, at zero terminal SNR: see
+        :func:`fullrange.timesteps.ladder`). Leading steps at zero terminal SNR warn: they never visit t = T-1."""
         spacing = spacing or self.spacing
         if self.schedule.zero_terminal_snr and spacing == "leading":
             warnings.warn(
@@ -54,7 +61,7 @@ class SamplingSpec:
                 "noise; use trailing or linspace (Lin et al. §3.3)",
                 stacklevel=2,
             )
-        return plan(self.schedule, num_steps, spacing, self.steps_offset)
+        return plan(self.schedule, num_steps, spacing, self.steps_offset, num_values)
 
     def describe(self) -> dict:
         """JSON for files and checkpoints: the schedule's origin and a fingerprint of its ᾱ, and the rest."""
@@ -94,12 +101,37 @@ ZERO_TERMINAL_SNR = replace(
 trailing steps."""
 
 
+def pick(spec: SamplingSpec, shape: tuple[int, ...], sampler: str | None = None, spacing: str | None = None):
+    """``(sampler, spacing, note)``: what :func:`sample` uses for samples of ``shape`` (B, C, H, W) where
+    ``sampler`` / ``spacing`` are not given, and one line saying what it picked (``""`` if nothing was picked).
+
+    The defaults come from ``benchmarks/nfe_frontier.py``: :data:`DEFAULT_SAMPLER`, and at zero terminal SNR a
+    Karras σ ladder whose first finite step is at ``2 sqrt(C·H·W)`` (:func:`fullrange.timesteps.resolution_sigma_max`),
+    where the image mean is still undecided; other schedules keep the spec's own spacing.
+    """
+    picked = []
+    if sampler is None:
+        sampler = DEFAULT_SAMPLER
+        picked.append(f"sampler {sampler}")
+    if spacing is None:
+        spacing = "karras" if spec.schedule.zero_terminal_snr else spec.spacing
+        if spec.schedule.zero_terminal_snr:
+            values = math.prod(shape[1:])
+            top = min(resolution_sigma_max(values), float(spec.schedule.sigmas[-2]))
+            size = "×".join(map(str, shape[1:]))
+            picked.append(f"a Karras σ ladder from t = T-1, then from σ = {top:.0f} for {size} samples")
+        else:
+            picked.append(f"the model's own {spacing} spacing")
+    note = f"fullrange picked {' and '.join(picked)} (benchmarks/nfe_frontier.py)" if picked else ""
+    return sampler, spacing, note
+
+
 def sample(
     model,
     noise: torch.Tensor,
     spec: SamplingSpec,
     *,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int | torch.Tensor = 25,
     spacing: str | None = None,
     generator: torch.Generator | None = None,
@@ -115,8 +147,10 @@ def sample(
     """Sample x0 from ``noise`` (the x_t at the first step) with a network called like a diffusers UNet,
     ``model(x_t, t, **cond)``, sampled as ``spec`` says.
 
-    ``steps``: a count, spaced by ``spacing`` (default ``spec.spacing``; "leading" / "linspace" / "trailing", or a
-    σ ladder "karras" / "exponential"), or an explicit descending tensor of timesteps.
+    ``sampler``: a name of :data:`fullrange.samplers.SAMPLERS`; ``None`` picks one (:func:`pick`, logged at INFO).
+    ``steps``: a count, spaced by ``spacing`` ("leading" / "linspace" / "trailing", or a σ ladder "karras" /
+    "exponential", topped by the noise's C·H·W at zero terminal SNR; ``None`` picks one, :func:`pick`), or an
+    explicit descending tensor of timesteps.
     ``cond`` / ``uncond``: keyword arguments for the model (tensors, or dicts of them such as SDXL's
     ``added_cond_kwargs``); with ``guidance_scale != 1`` the model also runs on ``uncond`` (classifier-free
     guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``.
@@ -126,6 +160,10 @@ def sample(
     from ``sqrt(ᾱ_first) L + sqrt(1 - ᾱ_first) noise`` at its actual first step (Everaert et al. 2024). At
     ᾱ_first = 0 (zero terminal SNR from t = T-1) it changes nothing, and a warning says so.
     """
+    explicit_steps = not isinstance(steps, int)
+    sampler, spacing, note = pick(spec, tuple(noise.shape), sampler, spec.spacing if explicit_steps else spacing)
+    if note:
+        logging.getLogger("fullrange").info(note)
     fn = samplers.get(sampler)
     unknown = set(options) - set(samplers.knobs(sampler))
     if unknown:
@@ -133,7 +171,7 @@ def sample(
             f"sampler {sampler!r} has no option {', '.join(sorted(unknown))}; it takes {samplers.knobs(sampler)}"
         )
     if isinstance(steps, int):
-        steps = spec.plan(steps, spacing)
+        steps = spec.plan(steps, spacing, num_values=math.prod(noise.shape[1:]))
     if leak is not None:
         first = torch.as_tensor(steps, dtype=torch.float64).flatten()[:1].cpu()
         alpha_cumprod = float(spec.schedule.alphas_cumprod_at(first)[0])

@@ -25,6 +25,19 @@ std 0.5 the signal is then 4e-5 of the noise, so nothing is skipped (t ≈ 972 f
 """
 
 
+def resolution_sigma_max(num_values: int) -> float:
+    """Top of a σ ladder for samples of ``num_values`` values (C·H·W): ``2 sqrt(num_values)``.
+
+    The mean of D values of ``x_t`` has its own SNR, ``D · SNR(t)`` (the noise's mean has variance 1/D), so an
+    image's brightness is decided near ``D · SNR = 1``, i.e. σ = sqrt(D) for data of unit scale. A ladder whose
+    first finite step is at twice that σ (``D · SNR = 1/4``) leaves that decision to the model instead of to the
+    jump from SNR = 0; at 3×32×32 it is 111, at SD's 4×64×64 256, at SDXL's 4×128×128 512.
+    """
+    if num_values < 1:
+        raise ValueError(f"num_values must be positive, got {num_values}")
+    return 2.0 * math.sqrt(num_values)
+
+
 def spaced(num_train_timesteps: int, num_steps: int, spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:
     """Integer timesteps, descending, spaced as in Lin et al. Table 2 (and diffusers' ``timestep_spacing``).
 
@@ -76,12 +89,14 @@ def ladder(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     rho: float = 7.0,
+    num_values: int | None = None,
 ) -> torch.Tensor:
     """Fractional timesteps of a σ ladder on ``schedule``, descending.
 
     The range defaults to the schedule's own ``[σ(0), σ(T-1)]``. On a zero-terminal-SNR schedule the
     first step is t = T-1 (σ = ∞, pure noise) and the other ``num_steps - 1`` follow the ladder from
-    ``sigma_max`` (default :data:`ZTSNR_SIGMA_MAX`) down.
+    ``sigma_max`` down: by default :func:`resolution_sigma_max` of ``num_values`` (the sample's C·H·W) when
+    given, else :data:`ZTSNR_SIGMA_MAX`; never above the schedule's largest finite σ.
     """
     if kind not in LADDERS:
         raise ValueError(f"unknown ladder {kind!r}; choose one of {', '.join(LADDERS)}")
@@ -91,7 +106,8 @@ def ladder(
         sigma_min = float(sigmas[0])
     ztsnr = schedule.zero_terminal_snr
     if sigma_max is None:
-        sigma_max = min(ZTSNR_SIGMA_MAX, float(sigmas[-2])) if ztsnr else float(sigmas[-1])
+        top = ZTSNR_SIGMA_MAX if num_values is None else resolution_sigma_max(num_values)
+        sigma_max = min(top, float(sigmas[-2])) if ztsnr else float(sigmas[-1])
     n = num_steps - 1 if ztsnr else num_steps
     if n < 1:
         raise ValueError("a ladder on a zero-terminal-SNR schedule needs at least 2 steps")
@@ -105,11 +121,17 @@ def ladder(
     return t
 
 
-def plan(schedule: Schedule, num_steps: int, spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:
+def plan(
+    schedule: Schedule,
+    num_steps: int,
+    spacing: str = "trailing",
+    steps_offset: int = 0,
+    num_values: int | None = None,
+) -> torch.Tensor:
     """The steps a sampler visits: ``spaced`` for leading / linspace / trailing (``steps_offset`` applies to
-    leading only, as in diffusers), ``ladder`` for karras / exponential."""
+    leading only, as in diffusers), ``ladder`` for karras / exponential (topped by ``num_values``, see there)."""
     if spacing in LADDERS:
-        return ladder(schedule, num_steps, spacing)
+        return ladder(schedule, num_steps, spacing, num_values=num_values)
     offset = steps_offset if spacing == "leading" else 0
     return spaced(schedule.num_train_timesteps, num_steps, spacing, offset)
 

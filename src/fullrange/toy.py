@@ -4,6 +4,7 @@ With ``a = sqrt(ᾱ)``, ``s = sqrt(1 - ᾱ)`` and ``x_t = a x0 + s eps``:
 - Gaussian data ``x0 ~ N(mu, c² I)``: ``E[x0 | x_t] = mu + a c² / (a² c² + s²) · (x_t - a mu)``.
 - A mixture of flat images ``x0 = mu_k 1 + c z`` (weight w_k): each component is Gaussian as above, with
   responsibility ``∝ w_k exp((a mu_k Σx_t - a² mu_k² N / 2) / (a² c² + s²))`` over N values.
+- A mixture of arbitrary images ``x0 = m_k + c z``: the same with ``a <m_k, x_t> - a² |m_k|² / 2`` in the exponent.
 They let anyone see the seeds' brightness effect without training: the only way these denoisers learn a
 sample's brightness is through the image mean that ``a`` leaks into ``x_t``.
 """
@@ -74,6 +75,33 @@ class MixtureToy:
             + (a * mu * flat.sum(1, keepdim=True) - a**2 * mu**2 * n / 2) / var
         )
         mean = (logits.softmax(dim=1) * mu).sum(1).reshape(-1, *(1,) * (x.ndim - 1)).to(x.dtype)
+        return mean + (a * self.pixel_std**2 / var) * (x - a * mean)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageMixtureToy:
+    """Equally likely component images ``means`` (K, C, H, W) plus pixel noise ``pixel_std``: structure at every
+    scale, unlike :class:`MixtureToy`'s flat components."""
+
+    means: torch.Tensor
+    pixel_std: float = 0.2
+
+    def sample(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, dtype=torch.float64
+    ) -> torch.Tensor:
+        """``shape = (B, C, H, W)`` with ``(C, H, W)`` the components' shape."""
+        if tuple(shape[1:]) != tuple(self.means.shape[1:]):
+            raise ValueError(f"shape {tuple(shape)} does not match the components' {tuple(self.means.shape[1:])}")
+        k = torch.randint(len(self.means), (shape[0],), generator=generator)
+        return self.means[k].to(dtype) + self.pixel_std * torch.randn(shape, generator=generator, dtype=dtype)
+
+    def denoise(self, x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
+        a, s = _coefficients(alpha_cumprod)
+        var = a**2 * self.pixel_std**2 + s**2
+        means = self.means.flatten(1).to(device=x.device, dtype=torch.float64)
+        flat = x.flatten(1).to(torch.float64)
+        logits = (a * flat @ means.T - a**2 * means.pow(2).sum(1) / 2) / var
+        mean = (logits.softmax(dim=1) @ means).reshape(x.shape).to(x.dtype)
         return mean + (a * self.pixel_std**2 / var) * (x - a * mean)
 
 

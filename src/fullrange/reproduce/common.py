@@ -166,7 +166,7 @@ def generate(
         recipe.spec,
         sampler=p.sampler,
         steps=steps or p.sample_steps,
-        spacing=spacing,
+        spacing=spacing or recipe.spec.spacing,  # the recipe's own, as the seed documents sample
         cond={"class_labels": labels.to(device)},
         uncond={"class_labels": torch.full_like(labels, NULL_LABEL).to(device)},
         guidance_scale=guidance_scale,

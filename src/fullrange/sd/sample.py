@@ -22,11 +22,12 @@ from .tone import leak_for, parse_tone
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """How to sample: ``spacing`` ``None`` takes the model's own (its spec's); ``resolution`` ``None`` the UNet's.
+    """How to sample: ``sampler`` / ``spacing`` ``None`` take what :func:`fullrange.sampling.pick` picks for the latent
+    size; ``resolution`` ``None`` the UNet's.
     At most one of ``tone`` (a brightness or #rrggbb colour), ``tone_image`` and ``tone_stats`` (files) sets the
     starting latent's leak (:mod:`fullrange.sd.tone`)."""
 
-    sampler: str = "ddim"
+    sampler: str | None = None
     steps: int = 25
     spacing: str | None = None
     guidance: float = 7.5
@@ -45,7 +46,8 @@ class SampleSettings:
             raise ConfigError(sources[1], "is a second source of tone: give only one")
         if self.tone is not None:
             parse_tone(self.tone)
-        check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        if self.sampler is not None:
+            check_choice("sampler", self.sampler, tuple(SAMPLERS))
         check_range("steps", self.steps, 0, open_low=True)
         if self.spacing is not None:
             check_choice("spacing", self.spacing, SPACINGS + LADDERS)
