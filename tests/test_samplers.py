@@ -87,6 +87,28 @@ def test_convergence_order_on_gaussian_toy(sampler, report):
     assert abs(orders[-1] - EXPECTED_ORDER[sampler]) < 0.25
 
 
+@pytest.mark.parametrize(("sampler", "order"), [("ddim", 1), ("heun", 2), ("unipc", 3)])
+def test_order_from_zero_snr_on_the_latent_size_ladder(sampler, order, report):
+    """From pure noise at t = T-1 down the ladder topped by the latent size, against the exact flow from SNR = 0:
+    the error still falls as ``S^-p`` (Heun at least 2: its step from σ = ∞ is Euler's)."""
+    data = toy.GaussianToy(mean=0.3, std=0.5)
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = []
+    for S in (16, 32, 64, 128):
+        steps = timesteps.ladder(ZTSNR, S, "exponential", num_values=3 * 8 * 8)
+        ac_last = float(ZTSNR.alphas_cumprod_at(steps[-1:])[0])
+        exact = data.denoise(data.flow(x, 0.0, ac_last), 0.0, ac_last)
+        errors.append((SAMPLERS[sampler](data.denoise, x, ZTSNR, steps) - exact).abs().max().item())
+    orders = [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)]
+    report(
+        f"order from SNR = 0, {sampler}: errors {[f'{e:.2e}' for e in errors]}, orders {[round(o, 2) for o in orders]}"
+    )
+    if sampler == "heun":
+        assert min(orders) > 1.8
+    else:
+        assert abs(orders[-1] - order) < 0.25
+
+
 @pytest.mark.parametrize("plan", PLANS, ids=[p[0] for p in PLANS])
 def test_ddim_eta0_equals_euler_and_ancestral_forms_agree(plan):
     _, sched, steps = plan

@@ -1,10 +1,12 @@
 """``fullrange.sample`` and the sampling spec: the public entry point, recipe checks, step planning."""
 
+import logging
+
 import pytest
 import torch
 
 import fullrange
-from fullrange import prediction, schedules
+from fullrange import prediction, schedules, timesteps, toy
 from fullrange.samplers import SAMPLERS, STOCHASTIC
 from fullrange.sampling import STABLE_DIFFUSION, ZERO_TERMINAL_SNR, SamplingSpec
 
@@ -66,3 +68,26 @@ def test_describe_tells_schedules_apart():
     assert a["schedule"]["name"] == "scaled_linear" and b["schedule"]["zero_terminal_snr"]
     assert a["alphas_cumprod_sha256"] != b["alphas_cumprod_sha256"]
     assert SamplingSpec(schedules.scaled_linear(), "epsilon", "leading", 1).describe() == a
+
+
+def test_sample_picks_unipc_and_the_latent_size_ladder_and_says_so(caplog, gen):
+    """Without a sampler or spacing, zero terminal SNR samples with UniPC on the Karras ladder topped by C·H·W (the
+    winner of benchmarks/nfe_frontier.py); other schedules keep their own spacing. It logs what it picked."""
+    data = toy.MixtureToy()
+    noise = torch.randn(2, 4, 16, 16, generator=gen, dtype=torch.float64)
+
+    def model(x_t, t):
+        ac = float(ZTSNR.alphas_cumprod_at(float(t[0])))
+        return prediction.to_v(data.denoise(x_t, float(t[0]), ac), x_t, ac)
+
+    spec = SamplingSpec(ZTSNR, "v_prediction")
+    with caplog.at_level(logging.INFO, logger="fullrange"):
+        picked = fullrange.sample(model, noise, spec, steps=6)
+    assert "sampler unipc" in caplog.text and "σ = 64 for 4×16×16" in caplog.text
+    ladder = timesteps.ladder(ZTSNR, 6, "karras", num_values=4 * 16 * 16)
+    torch.testing.assert_close(picked, SAMPLERS["unipc"](data.denoise, noise, ZTSNR, ladder), atol=1e-5, rtol=0)
+    assert fullrange.sampling.pick(STABLE_DIFFUSION, (1, 4, 64, 64))[:2] == ("unipc", "leading")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fullrange"):
+        fullrange.sample(model, noise, spec, sampler="ddim", spacing="trailing", steps=3)
+    assert caplog.text == ""

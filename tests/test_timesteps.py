@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,30 @@ def test_plan_dispatches_and_offsets_leading_only():
     assert timesteps.plan(sd, 10, "trailing", steps_offset=1).tolist() == TABLE_2["trailing"]
     assert timesteps.plan(sd, 10, "linspace", steps_offset=1).tolist() == TABLE_2["linspace"]
     torch.testing.assert_close(timesteps.plan(sd, 12, "karras"), timesteps.ladder(sd, 12, "karras"))
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (4, 64, 64), (4, 128, 128)])
+def test_ladder_topped_by_the_latent_size(shape):
+    """At zero terminal SNR: t = T-1 first, then σ = 2 sqrt(C·H·W) (the image mean's SNR, D·SNR, is 1/4 there),
+    then the Karras or exponential ladder down to σ(0), strictly descending."""
+    z = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
+    D = math.prod(shape)
+    assert timesteps.resolution_sigma_max(D) == pytest.approx(2 * math.sqrt(D))
+    for kind in ("karras", "exponential"):
+        for n in (2, 6, 25):
+            t = timesteps.ladder(z, n, kind, num_values=D)
+            assert len(t) == n and t[0].item() == 999.0 and bool((t[1:] < t[:-1]).all())
+            sigmas = z.alphas_cumprod_at(t[1:]).pow(-1).sub(1).sqrt()
+            assert sigmas[-1].item() == pytest.approx(z.sigmas[0].item(), rel=1e-6)  # one finite step: σ(0)
+            if n > 2:
+                assert sigmas[0].item() == pytest.approx(2 * math.sqrt(D), rel=1e-6)
+                assert D / sigmas[0].item() ** 2 == pytest.approx(0.25, rel=1e-6)
+    # The bigger the latent, the more of the ladder sits where the mean is decided (σ > sqrt(D) / 2).
+    assert timesteps.ladder(z, 10, num_values=4 * 128 * 128)[1] > timesteps.ladder(z, 10, num_values=3 * 32 * 32)[1]
+
+
+def test_latent_size_leaves_schedules_without_zero_terminal_snr_alone():
+    sd = schedules.scaled_linear()
+    torch.testing.assert_close(timesteps.ladder(sd, 10, num_values=16384), timesteps.ladder(sd, 10))
+    with pytest.raises(ValueError, match="num_values must be positive"):
+        timesteps.resolution_sigma_max(0)

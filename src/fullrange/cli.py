@@ -549,7 +549,7 @@ def sample_command(
         all_prompts = [p for p in prompts for _ in range(num_images)]
         from tqdm.auto import tqdm
 
-        with tqdm(total=steps, desc="sample") as bar, _warnings_as_lines():
+        with _warnings_as_lines(), tqdm(total=steps, desc="sample") as bar:
             images = generate(sd_model, all_prompts, settings, callback=lambda info: bar.update(1))
         paths, grid = save_images(images, all_prompts, settings, out)
     except (ValueError, OSError) as err:
