@@ -142,7 +142,12 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--plot", default=None, help="PNG of the best error per family against NFE")
     parser.add_argument("--json", default=None, help="write every run's numbers here")
+    parser.add_argument("--markdown-from", default=None, help="print the README table of a --json file and stop")
     args = parser.parse_args()
+    if args.markdown_from:
+        with open(args.markdown_from, encoding="utf-8") as f:
+            print(markdown(json.load(f)))
+        return
     kd = _kdiffusion.load_sampling()
     started = time.perf_counter()
     table: dict[str, dict] = {}
@@ -204,6 +209,24 @@ def print_size(size: str, batch: int, converged: tuple[float, float], rows: list
             r = best(rows, family, budget)
             cells.append("—" if r is None else f"{r['error']:.3f} / {r['rmse']:.3f} ({r['config']}, {r['nfe']})")
         print(f"  ≤{budget:>2}: " + " | ".join(f"{f}: {c}" for f, c in zip(FAMILIES, cells, strict=True)))
+
+
+def markdown(table: dict) -> str:
+    """Per size and budget: fullrange's default at exactly that NFE; each peer family's best within it."""
+    peers = ("diffusers", "ComfyUI", "fullrange")
+    lines = [
+        "| size | NFE | fullrange default | best diffusers | best k-diffusion (ComfyUI's way) | fullrange before |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, entry in table.items():
+        for budget in BUDGETS:
+            exact = [r for r in entry["rows"] if r["family"] == "fullrange default" and r["nfe"] == budget]
+            cells = [f"{exact[0]['error']:.3f} / {exact[0]['rmse']:.3f}" if exact else "—"]
+            for family in peers:
+                r = best(entry["rows"], family, budget)
+                cells.append("—" if r is None else f"{r['error']:.3f} / {r['rmse']:.3f} ({r['config']}, {r['nfe']})")
+            lines.append(f"| {size.replace('x', '×')} | {budget} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(table: dict, path: str, kind: str) -> None:

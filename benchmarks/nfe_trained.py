@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="noise seeds per configuration")
     args = parser.parse_args()
     started = time.perf_counter()
-    ctx = Context(args.out, PRESETS[args.preset])
+    ctx = Context(args.out, PRESETS[args.preset], progress=False)
     images, _ = ctx.data
     data_b = metrics.brightness(images)
     labels = balanced_labels(ctx.preset.num_samples)

@@ -20,12 +20,10 @@ from .samplers import Callback
 from .timesteps import SPACINGS, plan, resolution_sigma_max
 
 DEFAULT_SAMPLER = "unipc"
-"""The sampler ``fullrange.sample`` uses when none is given: with the latent-size ladders below, UniPC had the lowest
-or near-lowest brightness error in ``benchmarks/nfe_frontier.py`` from 6 to 16 model evaluations at every size."""
-KARRAS_UP_TO = 7
-"""At zero terminal SNR the default ladder is Karras up to this many steps and exponential above: in
-``benchmarks/nfe_frontier.py`` UniPC's error at 7 steps was 0.026-0.041 on Karras against 0.091-0.157 on
-exponential, at 8 steps 0.022-0.037 against 0.005-0.033 (3×32×32 to 4×128×128)."""
+"""The sampler ``fullrange.sample`` uses when none is given: on the latent-size Karras ladder, UniPC had the lowest
+or near-lowest brightness error in ``benchmarks/nfe_frontier.py`` from 6 to 16 model evaluations at every size.
+(The exponential ladder did better from 8 evaluations on the flat-level toy and worse on the toy of structured
+images, up to 2× at 4×128×128; Karras is the default for its worst case.)"""
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,21 +103,14 @@ ZERO_TERMINAL_SNR = replace(
 trailing steps."""
 
 
-def pick(
-    spec: SamplingSpec,
-    shape: tuple[int, ...],
-    num_steps: int,
-    sampler: str | None = None,
-    spacing: str | None = None,
-):
-    """``(sampler, spacing, note)``: what :func:`sample` uses for ``num_steps`` steps on samples of ``shape``
-    (B, C, H, W) where ``sampler`` / ``spacing`` are not given, and one line saying what it picked (``""`` if
-    nothing was picked).
+def pick(spec: SamplingSpec, shape: tuple[int, ...], sampler: str | None = None, spacing: str | None = None):
+    """``(sampler, spacing, note)``: what :func:`sample` uses for samples of ``shape`` (B, C, H, W) where
+    ``sampler`` / ``spacing`` are not given, and one line saying what it picked (``""`` if nothing was picked).
 
     The defaults come from ``benchmarks/nfe_frontier.py`` (README): :data:`DEFAULT_SAMPLER`, and at zero terminal
-    SNR a σ ladder whose first finite step is at ``2 sqrt(C·H·W)`` (:func:`fullrange.timesteps.resolution_sigma_max`),
-    where the image mean is still undecided: Karras up to :data:`KARRAS_UP_TO` steps, exponential (even in log
-    SNR) from there on. Other schedules keep the spec's own spacing.
+    SNR a Karras σ ladder whose first finite step is at ``2 sqrt(C·H·W)``
+    (:func:`fullrange.timesteps.resolution_sigma_max`), where the image mean is still undecided. Other schedules keep
+    the spec's own spacing.
     """
     picked = []
     if sampler is None:
@@ -129,11 +120,10 @@ def pick(
         spacing = spec.spacing
         picked.append(f"the model's own {spacing} spacing")
     elif spacing is None:
-        spacing = "karras" if num_steps <= KARRAS_UP_TO else "exponential"
+        spacing = "karras"
         top = min(resolution_sigma_max(math.prod(shape[1:])), float(spec.schedule.sigmas[-2]))
         size = "×".join(map(str, shape[1:]))
-        kind = "a Karras" if spacing == "karras" else "an exponential"
-        picked.append(f"{kind} σ ladder from t = T-1, then from σ = {top:.0f} for {size} samples")
+        picked.append(f"a Karras σ ladder from t = T-1, then from σ = {top:.0f} for {size} samples")
     note = f"fullrange picked {' and '.join(picked)} (benchmarks/nfe_frontier.py)" if picked else ""
     return sampler, spacing, note
 
@@ -173,10 +163,7 @@ def sample(
     ᾱ_first = 0 (zero terminal SNR from t = T-1) it changes nothing, and a warning says so.
     """
     explicit_steps = not isinstance(steps, int)
-    num_steps = len(steps) if explicit_steps else steps
-    sampler, spacing, note = pick(
-        spec, tuple(noise.shape), num_steps, sampler, spec.spacing if explicit_steps else spacing
-    )
+    sampler, spacing, note = pick(spec, tuple(noise.shape), sampler, spec.spacing if explicit_steps else spacing)
     if note:
         logging.getLogger("fullrange").info(note)
     fn = samplers.get(sampler)
