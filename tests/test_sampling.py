@@ -83,7 +83,7 @@ def test_sample_picks_unipc_and_the_latent_size_ladder_and_says_so(caplog, gen):
     spec = SamplingSpec(ZTSNR, "v_prediction")
     with caplog.at_level(logging.INFO, logger="fullrange"):
         picked = fullrange.sample(model, noise, spec, steps=6)
-    assert "sampler unipc" in caplog.text and "σ = 64 for 4×16×16" in caplog.text
+    assert "sampler unipc" in caplog.text and "σ = 64 for latents of 4×16×16 values" in caplog.text
     ladder = timesteps.ladder(ZTSNR, 6, "karras", num_values=4 * 16 * 16)
     torch.testing.assert_close(picked, SAMPLERS["unipc"](data.denoise, noise, ZTSNR, ladder), atol=1e-5, rtol=0)
     assert fullrange.sampling.pick(STABLE_DIFFUSION, (1, 4, 64, 64))[:2] == ("unipc", "leading")

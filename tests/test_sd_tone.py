@@ -184,7 +184,7 @@ def test_cli_a_tone_at_zero_terminal_snr_says_it_does_nothing(tiny_sd, tmp_path)
     assert "warning: the first step (t = 999) is at zero SNR" in toned.output and "warning" not in plain.output
     # What it picked for a zero-terminal-SNR model, said once: UniPC on the ladder topped by the 4×8×8 latent.
     assert plain.output.count("note: fullrange picked sampler unipc and a Karras σ ladder") == 1
-    assert "then from σ = 32 for 4×8×8 samples" in plain.output, plain.output
+    assert "then from σ = 32 for latents of 4×8×8 values" in plain.output, plain.output
     same = [np.asarray(Image.open(tmp_path / f / "000000-x.png")) for f in ("a", "b")]
     assert np.array_equal(*same)
 

@@ -123,7 +123,7 @@ def pick(spec: SamplingSpec, shape: tuple[int, ...], sampler: str | None = None,
         spacing = "karras"
         top = min(resolution_sigma_max(math.prod(shape[1:])), float(spec.schedule.sigmas[-2]))
         size = "×".join(map(str, shape[1:]))
-        picked.append(f"a Karras σ ladder from t = T-1, then from σ = {top:.0f} for {size} samples")
+        picked.append(f"a Karras σ ladder from t = T-1, then from σ = {top:.0f} for latents of {size} values")
     note = f"fullrange picked {' and '.join(picked)} (benchmarks/nfe_frontier.py)" if picked else ""
     return sampler, spacing, note
 

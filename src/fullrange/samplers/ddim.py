@@ -9,7 +9,7 @@ import torch
 from ..denoiser import Denoiser
 from ..prediction import to_eps
 from ..schedules import Schedule
-from ._common import Callback, prepare, randn_like, report
+from ._common import Callback, Ladder, prepare, randn_like, report
 
 
 def ddim(
@@ -35,13 +35,21 @@ def ddim(
         report(callback, lad, i, x, x0)
         if i == lad.num_steps - 1:
             return x0
-        eps = to_eps(x0, x, lad.alphas_cumprod[i])
-        a, s, a_next, s_next = lad.alpha[i], lad.sigma[i], lad.alpha[i + 1], lad.sigma[i + 1]
-        sigma_eta = eta * (s_next / s) * math.sqrt(1 - (a / a_next) ** 2)
-        x = a_next * x0 + math.sqrt(max(s_next**2 - sigma_eta**2, 0.0)) * eps
-        if sigma_eta > 0:
-            x = x + sigma_eta * randn_like(x, generator)
+        x = ddim_step(lad, i, x, x0, eta, generator)
     raise AssertionError("unreachable")
+
+
+def ddim_step(
+    lad: Ladder, i: int, x: torch.Tensor, x0: torch.Tensor, eta: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One DDIM step from point i to i+1 of ``lad``, given the model's ``x0`` at ``x``."""
+    eps = to_eps(x0, x, lad.alphas_cumprod[i])
+    a, s, a_next, s_next = lad.alpha[i], lad.sigma[i], lad.alpha[i + 1], lad.sigma[i + 1]
+    sigma_eta = eta * (s_next / s) * math.sqrt(1 - (a / a_next) ** 2)
+    x = a_next * x0 + math.sqrt(max(s_next**2 - sigma_eta**2, 0.0)) * eps
+    if sigma_eta > 0:
+        x = x + sigma_eta * randn_like(x, generator)
+    return x
 
 
 def ddpm(

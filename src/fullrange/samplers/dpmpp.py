@@ -13,7 +13,7 @@ import torch
 
 from ..denoiser import Denoiser
 from ..schedules import Schedule
-from ._common import Callback, prepare, randn_like, report
+from ._common import Callback, Ladder, prepare, randn_like, report
 
 
 def dpmpp_2m(
@@ -48,21 +48,36 @@ def dpmpp_2m_sde(
     """
     lad = prepare(schedule, steps)
     cond = cond or {}
-    x0_prev, h_prev = None, math.inf
+    x0_prev = None
     for i in range(lad.num_steps):
         x0 = denoiser(x, lad.t[i], lad.alphas_cumprod[i], **cond)
         report(callback, lad, i, x, x0)
         if i == lad.num_steps - 1:
             return x0
-        h = lad.lam[i + 1] - lad.lam[i]
-        eta_h = eta * h if eta > 0 else 0.0
-        ratio = lad.sigma[i + 1] / lad.sigma[i]
-        data = x0
-        if x0_prev is not None and math.isfinite(h_prev):
-            r = h_prev / h
-            data = x0 + (x0 - x0_prev) / (2 * r)
-        x = ratio * math.exp(-eta_h) * x + lad.alpha[i + 1] * (-math.expm1(-h - eta_h)) * data
-        if eta > 0:
-            x = x + lad.sigma[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * randn_like(x, generator)
-        x0_prev, h_prev = x0, h
+        x = dpmpp_step(lad, i, x, x0, x0_prev, eta, generator)
+        x0_prev = x0
     raise AssertionError("unreachable")
+
+
+def dpmpp_step(
+    lad: Ladder,
+    i: int,
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    x0_prev: torch.Tensor | None,
+    eta: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One (SDE-)DPM-Solver++(2M) step from point i to i+1, given the model's x0 here and at point i-1."""
+    h = lad.lam[i + 1] - lad.lam[i]
+    eta_h = eta * h if eta > 0 else 0.0
+    ratio = lad.sigma[i + 1] / lad.sigma[i]
+    data = x0
+    h_prev = lad.lam[i] - lad.lam[i - 1] if i > 0 else math.inf
+    if x0_prev is not None and math.isfinite(h_prev):
+        r = h_prev / h
+        data = x0 + (x0 - x0_prev) / (2 * r)
+    x = ratio * math.exp(-eta_h) * x + lad.alpha[i + 1] * (-math.expm1(-h - eta_h)) * data
+    if eta > 0:
+        x = x + lad.sigma[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * randn_like(x, generator)
+    return x

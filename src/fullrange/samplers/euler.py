@@ -17,7 +17,7 @@ from ..schedules import Schedule
 from ._common import Callback, Ladder, prepare, randn_like, report
 
 
-def _euler_step(lad: Ladder, i: int, x: torch.Tensor, x0: torch.Tensor, d: torch.Tensor, sigma_to: float):
+def euler_step(lad: Ladder, i: int, x: torch.Tensor, x0: torch.Tensor, d: torch.Tensor, sigma_to: float):
     """``x̃' = x̃ + (σ_to - σ_i) d`` in VP coordinates at step i+1 (σ_to may be below σ_{i+1})."""
     sigma = lad.ve_sigma(i)
     x_ve = x0 + sigma_to * d if math.isinf(sigma) else x / lad.alpha[i] + (sigma_to - sigma) * d
@@ -43,7 +43,7 @@ def euler(
         if i == lad.num_steps - 1:
             return x0
         d = to_eps(x0, x, lad.alphas_cumprod[i])
-        x = _euler_step(lad, i, x, x0, d, lad.ve_sigma(i + 1))
+        x = euler_step(lad, i, x, x0, d, lad.ve_sigma(i + 1))
     raise AssertionError("unreachable")
 
 
@@ -73,7 +73,7 @@ def euler_ancestral(
         sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(1 - ratio**2))
         sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
         d = to_eps(x0, x, lad.alphas_cumprod[i])
-        x = _euler_step(lad, i, x, x0, d, sigma_down)
+        x = euler_step(lad, i, x, x0, d, sigma_down)
         if sigma_up > 0:
             x = x + lad.alpha[i + 1] * sigma_up * randn_like(x, generator)
     raise AssertionError("unreachable")
@@ -102,11 +102,11 @@ def heun(
             return x0
         d = to_eps(x0, x, lad.alphas_cumprod[i])
         sigma, sigma_next = lad.ve_sigma(i), lad.ve_sigma(i + 1)
-        x_euler = _euler_step(lad, i, x, x0, d, sigma_next)
+        x_euler = euler_step(lad, i, x, x0, d, sigma_next)
         if math.isinf(sigma):
             x = x_euler
             continue
         x0_next = denoiser(x_euler, lad.t[i + 1], lad.alphas_cumprod[i + 1], **cond)
         d_next = to_eps(x0_next, x_euler, lad.alphas_cumprod[i + 1])
-        x = _euler_step(lad, i, x, x0, (d + d_next) / 2, sigma_next)
+        x = euler_step(lad, i, x, x0, (d + d_next) / 2, sigma_next)
     raise AssertionError("unreachable")

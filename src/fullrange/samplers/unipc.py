@@ -9,6 +9,7 @@ step is DDIM's and no clamp is needed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,19 +84,41 @@ def unipc(
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
     lad = prepare(schedule, steps)
     cond = cond or {}
-    history: list[tuple[float, torch.Tensor]] = []
-    used: list[tuple[float, torch.Tensor]] = []
-    x_prev = x
+    state = UniPCState()
     for i in range(lad.num_steps):
         x0 = denoiser(x, lad.t[i], lad.alphas_cumprod[i], **cond)
-        if corrector and used:
-            x = _uni_update(lad, i - 1, x_prev, used, x0_new=x0)
+        if corrector:
+            x = unipc_correct(lad, i, x, x0, state)
         report(callback, lad, i, x, x0)
         if i == lad.num_steps - 1:
             return x0
-        history.append((lad.lam[i], x0))
-        finite = [p for p in history if math.isfinite(p[0])] or history[-1:]
-        used = finite[-min(order, lad.num_steps - i, len(finite)) :]
-        x_prev = x
-        x = _uni_update(lad, i, x, used)
+        x = unipc_predict(lad, i, x, x0, state, order)
     raise AssertionError("unreachable")
+
+
+@dataclass
+class UniPCState:
+    """What UniPC carries between steps: the (λ, x0) history, the part of it the last predictor used, and the
+    point it started from."""
+
+    history: list[tuple[float, torch.Tensor]] = field(default_factory=list)
+    used: list[tuple[float, torch.Tensor]] = field(default_factory=list)
+    x_prev: torch.Tensor | None = None
+
+
+def unipc_correct(lad: Ladder, i: int, x: torch.Tensor, x0: torch.Tensor, state: UniPCState) -> torch.Tensor:
+    """UniC: point i again, from point i-1 with the model's x0 at i (no extra evaluation); ``x`` at the start."""
+    if not state.used:
+        return x
+    return _uni_update(lad, i - 1, state.x_prev, state.used, x0_new=x0)
+
+
+def unipc_predict(
+    lad: Ladder, i: int, x: torch.Tensor, x0: torch.Tensor, state: UniPCState, order: int
+) -> torch.Tensor:
+    """UniP: point i+1 from point i, with up to ``order`` finite-λ history points (fewer at the start and end)."""
+    state.history.append((lad.lam[i], x0))
+    finite = [p for p in state.history if math.isfinite(p[0])] or state.history[-1:]
+    state.used = finite[-min(order, lad.num_steps - i, len(finite)) :]
+    state.x_prev = x
+    return _uni_update(lad, i, x, state.used)

@@ -1,0 +1,184 @@
+"""fullrange's samplers as a diffusers scheduler: :class:`FullrangeScheduler` runs inside diffusers' pipelines.
+
+It reads the schedule, prediction type and spacing from any diffusers scheduler config (zero terminal SNR
+included, exactly: no clamp of ᾱ_T) and steps in variance-preserving coordinates, like DDIM: ``init_noise_sigma``
+is 1 and ``scale_model_input`` is the identity. Each ``step`` reads the next point from the ladder, never from
+``t - T // S``, uses the ``sample`` the pipeline passes (so blends and callbacks that edit the latents between
+steps are respected), and the last step returns the model's x0.
+
+    from fullrange.diffusers import FullrangeScheduler
+    pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler="dpmpp_2m", spacing="trailing")
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from .prediction import to_eps, to_x0
+from .samplers import SAMPLERS, knobs
+from .samplers._common import Ladder, prepare
+from .samplers.ddim import ddim_step
+from .samplers.dpmpp import dpmpp_step
+from .samplers.euler import euler_step
+from .samplers.unipc import UniPCState, unipc_correct, unipc_predict
+from .sampling import pick
+from .scheduler_config import spec_from_config
+from .timesteps import LADDERS, SPACINGS
+
+STEPWISE = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+"""The samplers the scheduler runs so far (Heun and Euler ancestral are still to come)."""
+
+
+@dataclass
+class FullrangeSchedulerOutput(BaseOutput):
+    """``prev_sample``: x at the next point (x0 after the last step); ``pred_original_sample``: the model's x0."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class FullrangeScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that runs a fullrange sampler (``sampler``, with ``sampler_options`` such as
+    ``{"eta": 1.0}``) on any spacing or σ ladder (``spacing``). ``None`` picks as :func:`fullrange.sampling.pick`
+    does for latents of ``num_values`` values (C·H·W; SD 1.x/2.x at 512 px by default; SDXL at 1024 px is
+    4·128·128): UniPC, and at zero terminal SNR a Karras ladder topped by that size. The other arguments are
+    diffusers' own scheduler config keys."""
+
+    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        sampler: str | None = None,
+        spacing: str | None = None,
+        sampler_options: dict | None = None,
+        num_values: int = 4 * 64 * 64,
+    ):
+        self.spec = spec_from_config(
+            {
+                "num_train_timesteps": num_train_timesteps,
+                "beta_start": beta_start,
+                "beta_end": beta_end,
+                "beta_schedule": beta_schedule,
+                "prediction_type": prediction_type,
+                "timestep_spacing": timestep_spacing,
+                "steps_offset": steps_offset,
+                "rescale_betas_zero_snr": rescale_betas_zero_snr,
+            }
+        )
+        if spacing is not None and spacing not in SPACINGS + LADDERS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + LADDERS)}")
+        self.sampler, self.spacing, self.note = pick(self.spec, (1, num_values), sampler, spacing)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.sampler not in STEPWISE:
+            raise ValueError(f"sampler {self.sampler!r} does not run in the diffusers scheduler yet; use {STEPWISE}")
+        if self.note:
+            logging.getLogger("fullrange").info(self.note)
+        self.options = knobs(self.sampler) | dict(sampler_options or {})
+        unknown = set(self.options) - set(knobs(self.sampler))
+        if unknown:
+            raise ValueError(f"sampler {self.sampler!r} has no option {', '.join(sorted(unknown))}")
+        self.init_noise_sigma = 1.0
+        self.timesteps = torch.empty(0)
+        self.num_inference_steps: int | None = None
+        self._ladder: Ladder | None = None
+        self._begin_index: int | None = None
+        self._step_index: int | None = None
+        self._x0_prev: torch.Tensor | None = None
+        self._unipc = UniPCState()
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Plan ``num_inference_steps`` steps with the scheduler's spacing (fractional timesteps on a σ ladder)."""
+        steps = self.spec.plan(num_inference_steps, self.spacing, num_values=self.config.num_values)
+        self._ladder = prepare(self.spec.schedule, steps)
+        self.timesteps = (steps if steps.dtype == torch.int64 else steps.float()).to(device)
+        self.num_inference_steps = num_inference_steps
+        self._begin_index = self._step_index = self._x0_prev = None
+        self._unipc = UniPCState()
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at step ``begin_index`` (img2img's strength): its history is empty, so a multistep sampler begins
+        first-order there."""
+        self._begin_index = begin_index
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The identity: the samples are variance-preserving ``x_t``, what the network takes."""
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise`` at (possibly fractional) ``timesteps``, one per sample or shared."""
+        t = torch.as_tensor(timesteps).detach().flatten().cpu().to(torch.float64)
+        ac = self.spec.schedule.alphas_cumprod_at(t).to(original_samples.device, torch.float32)
+        ac = ac.reshape(-1, *(1,) * (original_samples.ndim - 1))
+        mixed = ac.sqrt() * original_samples.float() + (1 - ac).sqrt() * noise.float()
+        return mixed.to(original_samples.dtype)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> FullrangeSchedulerOutput | tuple:
+        """One step of the sampler from ``sample`` at ``timestep`` to the next point of the ladder (in float32)."""
+        if self._ladder is None:
+            raise ValueError("call set_timesteps before step")
+        if self._step_index is None:
+            self._step_index = self._index_of(timestep) if self._begin_index is None else self._begin_index
+        lad, i = self._ladder, self._step_index
+        x = sample.float()
+        x0 = to_x0(self.spec.prediction, model_output.float(), x, lad.alphas_cumprod[i])
+        if i == lad.num_steps - 1:
+            prev = x0
+        elif self.sampler in ("ddim", "ddpm"):
+            eta = 1.0 if self.sampler == "ddpm" else self.options["eta"]
+            prev = ddim_step(lad, i, x, x0, eta, generator)
+        elif self.sampler == "euler":
+            prev = euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), lad.ve_sigma(i + 1))
+        elif self.sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+            eta = 0.0 if self.sampler == "dpmpp_2m" else self.options["eta"]
+            prev = dpmpp_step(lad, i, x, x0, self._x0_prev, eta, generator)
+        else:  # unipc
+            if self.options["corrector"]:
+                x = unipc_correct(lad, i, x, x0, self._unipc)
+            prev = unipc_predict(lad, i, x, x0, self._unipc, self.options["order"])
+        self._x0_prev = x0
+        self._step_index = i + 1
+        out = (prev.to(sample.dtype), x0.to(sample.dtype))
+        return FullrangeSchedulerOutput(*out) if return_dict else out
+
+    def _index_of(self, timestep: float | torch.Tensor) -> int:
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        matches = (self.timesteps.double().cpu() - t).abs() < 1e-3
+        if not bool(matches.any()):
+            raise ValueError(f"timestep {t:g} is not one of this scheduler's steps {self.timesteps.tolist()}")
+        return int(matches.nonzero()[0])
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

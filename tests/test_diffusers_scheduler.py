@@ -1,0 +1,141 @@
+"""``fullrange.diffusers.FullrangeScheduler``: fullrange's samplers, step by step, inside diffusers' pipelines."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+import fullrange
+from fullrange import prediction, schedules, timesteps, toy
+from fullrange.diffusers import STEPWISE, FullrangeScheduler
+from fullrange.samplers import STOCHASTIC
+from fullrange.sampling import SamplingSpec
+
+SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+ZTSNR = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
+DATA = toy.MixtureToy()
+
+
+def _config(zero_terminal_snr: bool) -> dict:
+    prediction_type = "v_prediction" if zero_terminal_snr else "epsilon"
+    return DDIMScheduler(**SD_CONFIG, rescale_betas_zero_snr=zero_terminal_snr, prediction_type=prediction_type).config
+
+
+def _network(spec: SamplingSpec):
+    """The toy's exact denoiser as a network predicting what ``spec`` says, called like a UNet."""
+
+    def network(x_t, t):
+        t = float(torch.as_tensor(t).flatten()[0])
+        ac = float(spec.schedule.alphas_cumprod_at(t))
+        x0 = DATA.denoise(x_t, t, ac)
+        out = prediction.to_v(x0, x_t, ac) if spec.prediction == "v_prediction" else prediction.to_eps(x0, x_t, ac)
+        return out.to(x_t.dtype)
+
+    return network
+
+
+def _run(scheduler, network, x, steps, begin=None, seed=0):
+    """A pipeline's loop: set_timesteps, then model + step at each timestep (from ``begin`` on, as img2img)."""
+    scheduler.set_timesteps(steps)
+    ts = scheduler.timesteps
+    if begin is not None:
+        scheduler.set_begin_index(begin)
+        ts = ts[begin:]
+    g = torch.Generator().manual_seed(seed)
+    for t in ts:
+        x = scheduler.step(network(scheduler.scale_model_input(x, t), t), t, x, generator=g).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+@pytest.mark.parametrize("spacing", ["trailing", "karras"])
+@pytest.mark.parametrize("sampler", STEPWISE)
+def test_scheduler_steps_as_fullrange_sample(sampler, spacing, zero_terminal_snr):
+    """Driven like a pipeline, the scheduler gives fullrange.sample's result (same ladder, same noise draws)."""
+    config = _config(zero_terminal_snr)
+    scheduler = FullrangeScheduler.from_config(config, sampler=sampler, spacing=spacing, num_values=3 * 8 * 8)
+    spec = scheduler.spec
+    assert spec.schedule.zero_terminal_snr == zero_terminal_snr
+    network = _network(spec)
+    noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = _run(scheduler, network, noise, 7)
+    g = torch.Generator().manual_seed(0)
+    expected = fullrange.sample(network, noise, spec, sampler=sampler, steps=7, spacing=spacing, generator=g)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("strength", [0.3, 0.7, 1.0])
+def test_img2img_begins_first_order_at_its_start(sampler, strength):
+    """img2img: the pipeline noises the image to the step strength picks and starts there; the result is
+    fullrange.sample on the remaining steps from that point (a multistep sampler has no history before it)."""
+    scheduler = FullrangeScheduler.from_config(_config(True), sampler=sampler, spacing="trailing")
+    network = _network(scheduler.spec)
+    image = DATA.sample((2, 3, 8, 8), torch.Generator().manual_seed(2)).float()
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    scheduler.set_timesteps(10)
+    begin = 10 - min(int(10 * strength), 10)
+    start = scheduler.add_noise(image, noise, scheduler.timesteps[begin : begin + 1])
+    ours = _run(scheduler, network, start, 10, begin=begin)
+    steps = scheduler.timesteps[begin:]
+    expected = fullrange.sample(network, start, scheduler.spec, sampler=sampler, steps=steps)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    if strength == 1.0:  # at zero terminal SNR the start is pure noise: the image is gone
+        torch.testing.assert_close(start, noise)
+
+
+def test_default_picks_for_the_latent_size_and_saves_with_its_config(tmp_path):
+    scheduler = FullrangeScheduler.from_config(_config(True), num_values=4 * 128 * 128)
+    assert (scheduler.sampler, scheduler.spacing) == ("unipc", "karras") and "σ = 512" in scheduler.note
+    scheduler.set_timesteps(6)
+    expected = timesteps.ladder(ZTSNR, 6, "karras", num_values=4 * 128 * 128).float()
+    torch.testing.assert_close(scheduler.timesteps, expected)
+    scheduler = FullrangeScheduler.from_config(_config(True), sampler="ddim", sampler_options={"eta": 0.5})
+    scheduler.save_config(tmp_path)
+    loaded = FullrangeScheduler.from_pretrained(tmp_path)
+    assert (loaded.sampler, loaded.options, loaded.spec.prediction) == ("ddim", {"eta": 0.5}, "v_prediction")
+    assert loaded.spec.schedule.zero_terminal_snr
+
+
+def test_bad_settings_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        FullrangeScheduler.from_config(_config(True), sampler="plms")
+    with pytest.raises(ValueError, match="does not run in the diffusers scheduler yet"):
+        FullrangeScheduler.from_config(_config(True), sampler="heun")
+    with pytest.raises(ValueError, match="has no option order"):
+        FullrangeScheduler.from_config(_config(True), sampler="ddim", sampler_options={"order": 2})
+    with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
+        FullrangeScheduler.from_config(_config(True) | {"prediction_type": "epsilon"})
+    scheduler = FullrangeScheduler.from_config(_config(True), sampler="ddim")
+    with pytest.raises(ValueError, match="call set_timesteps"):
+        scheduler.step(torch.zeros(1), 999, torch.zeros(1))
+
+
+def test_finite_where_diffusers_fails_at_zero_terminal_snr():
+    """diffusers #12771: DPM++ with Karras sigmas and zero terminal SNR fails at 25 steps or more; fullrange's
+    Karras ladder starts at σ = ∞ exactly and stays finite."""
+    config = DPMSolverMultistepScheduler(
+        **SD_CONFIG, rescale_betas_zero_snr=True, prediction_type="v_prediction", use_karras_sigmas=True
+    ).config
+    scheduler = FullrangeScheduler.from_config(config, sampler="dpmpp_2m", spacing="karras")
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    out = _run(scheduler, _network(scheduler.spec), noise, 30)
+    assert torch.isfinite(out).all() and scheduler.timesteps[0].item() == 999.0
+
+
+def test_in_a_stable_diffusion_pipeline_it_gives_fullrange_sample_images(tiny_sd, diffusers_images):
+    """The tiny SD pipeline with the scheduler gives the images of ``fullrange sample`` with the same settings."""
+    from diffusers import StableDiffusionPipeline
+
+    from fullrange.sd import load_stable_diffusion
+    from fullrange.sd.sample import SampleSettings, generate
+
+    prompts = ["a dark room", "a bright beach"]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    for sampler in ("ddim", "dpmpp_2m", "unipc"):
+        pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler=sampler, spacing="trailing")
+        theirs = diffusers_images(pipe, prompts, 5, 3.0)
+        settings = SampleSettings(sampler=sampler, steps=5, spacing="trailing", guidance=3.0)
+        ours = generate(load_stable_diffusion(tiny_sd), prompts, settings)
+        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+    assert set(STEPWISE) - STOCHASTIC  # the pipeline comparison covers deterministic samplers
