@@ -139,3 +139,48 @@ def test_in_a_stable_diffusion_pipeline_it_gives_fullrange_sample_images(tiny_sd
         ours = generate(load_stable_diffusion(tiny_sd), prompts, settings)
         torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     assert set(STEPWISE) - STOCHASTIC  # the pipeline comparison covers deterministic samplers
+
+
+def test_inpainting_blends_between_steps_and_keeps_the_unmasked_latents(tiny_sd):
+    """A 4-channel UNet in diffusers' inpainting pipeline: the pipeline replaces the unmasked latents with the
+    image's, noised to the next step, after every step. The scheduler steps from what it is given: the result
+    keeps the image's latents outside the mask exactly and is finite inside, at zero terminal SNR too."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config | {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    image = Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(5)) * 255).byte().numpy())
+    mask = torch.zeros(16, 16, dtype=torch.uint8)
+    mask[:, 8:] = 255
+    for sampler in ("ddim", "dpmpp_2m", "unipc"):
+        pipe.scheduler = FullrangeScheduler.from_config(config, sampler=sampler, spacing="trailing")
+        kwargs = {"prompt": "x", "image": image, "mask_image": Image.fromarray(mask.numpy()), "height": 16, "width": 16}
+        g = torch.Generator().manual_seed(8)
+        latents = pipe(**kwargs, num_inference_steps=5, strength=0.7, output_type="latent", generator=g).images
+        # The pipeline's first draw from the generator is its VAE sample of the image.
+        image_latents = pipe._encode_vae_image(pipe.image_processor.preprocess(image), torch.Generator().manual_seed(8))
+        assert torch.isfinite(latents).all()
+        torch.testing.assert_close(latents[..., :4], image_latents[..., :4], atol=1e-5, rtol=0)
+
+
+def test_controlnet_pipeline_with_ddim_equals_diffusers_ddim(tiny_sd):
+    """In a ControlNet pipeline (a tiny ControlNet from the UNet's config), fullrange's DDIM on trailing steps gives
+    diffusers' DDIMScheduler images (10 trailing steps end at t = -1 there, i.e. on x0, as ours do)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32))
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    config = pipe.scheduler.config | {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}
+    images = []
+    for scheduler in (DDIMScheduler.from_config(config), FullrangeScheduler.from_config(config, sampler="ddim")):
+        pipe.scheduler = scheduler
+        kwargs = {"prompt": "x", "image": control, "height": 16, "width": 16, "latents": latents}
+        images.append(pipe(**kwargs, num_inference_steps=10, guidance_scale=3.0, output_type="pt").images)
+    torch.testing.assert_close(images[1], images[0], atol=2e-4, rtol=0)
