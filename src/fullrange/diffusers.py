@@ -26,14 +26,14 @@ from .samplers import SAMPLERS, knobs
 from .samplers._common import Ladder, prepare
 from .samplers.ddim import ddim_step
 from .samplers.dpmpp import dpmpp_step
-from .samplers.euler import euler_step
+from .samplers.euler import euler_ancestral_step, euler_step
 from .samplers.unipc import UniPCState, unipc_correct, unipc_predict
 from .sampling import pick
 from .scheduler_config import spec_from_config
 from .timesteps import LADDERS, SPACINGS
 
-STEPWISE = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
-"""The samplers the scheduler runs so far (Heun and Euler ancestral are still to come)."""
+STEPWISE = ("ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+"""The samplers the scheduler runs so far (Heun, two evaluations per step, is still to come)."""
 
 
 @dataclass
@@ -161,6 +161,8 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
             prev = ddim_step(lad, i, x, x0, eta, generator)
         elif self.sampler == "euler":
             prev = euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), lad.ve_sigma(i + 1))
+        elif self.sampler == "euler_ancestral":
+            prev = euler_ancestral_step(lad, i, x, x0, self.options["eta"], generator)
         elif self.sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
             eta = 0.0 if self.sampler == "dpmpp_2m" else self.options["eta"]
             prev = dpmpp_step(lad, i, x, x0, self._x0_prev, eta, generator)

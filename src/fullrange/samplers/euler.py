@@ -67,16 +67,23 @@ def euler_ancestral(
         report(callback, lad, i, x, x0)
         if i == lad.num_steps - 1:
             return x0
-        sigma_next = lad.ve_sigma(i + 1)
-        # σ'/σ in VP terms, 0 at σ = ∞.
-        ratio = (lad.sigma[i + 1] * lad.alpha[i]) / (lad.alpha[i + 1] * lad.sigma[i])
-        sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(1 - ratio**2))
-        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
-        d = to_eps(x0, x, lad.alphas_cumprod[i])
-        x = euler_step(lad, i, x, x0, d, sigma_down)
-        if sigma_up > 0:
-            x = x + lad.alpha[i + 1] * sigma_up * randn_like(x, generator)
+        x = euler_ancestral_step(lad, i, x, x0, eta, generator)
     raise AssertionError("unreachable")
+
+
+def euler_ancestral_step(
+    lad: Ladder, i: int, x: torch.Tensor, x0: torch.Tensor, eta: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One Euler ancestral step from point i to i+1: Euler to ``σ_down``, then noise of std ``σ_up``."""
+    sigma_next = lad.ve_sigma(i + 1)
+    # σ'/σ in VP terms, 0 at σ = ∞.
+    ratio = (lad.sigma[i + 1] * lad.alpha[i]) / (lad.alpha[i + 1] * lad.sigma[i])
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(1 - ratio**2))
+    sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+    x = euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), sigma_down)
+    if sigma_up > 0:
+        x = x + lad.alpha[i + 1] * sigma_up * randn_like(x, generator)
+    return x
 
 
 def heun(
