@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
 import fullrange
 from fullrange import prediction, schedules, timesteps, toy
@@ -100,8 +100,6 @@ def test_default_picks_for_the_latent_size_and_saves_with_its_config(tmp_path):
 def test_bad_settings_are_refused_in_one_line():
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         FullrangeScheduler.from_config(_config(True), sampler="plms")
-    with pytest.raises(ValueError, match="does not run in the diffusers scheduler yet"):
-        FullrangeScheduler.from_config(_config(True), sampler="heun")
     with pytest.raises(ValueError, match="has no option order"):
         FullrangeScheduler.from_config(_config(True), sampler="ddim", sampler_options={"order": 2})
     with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
@@ -132,7 +130,7 @@ def test_in_a_stable_diffusion_pipeline_it_gives_fullrange_sample_images(tiny_sd
 
     prompts = ["a dark room", "a bright beach"]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    for sampler in ("ddim", "dpmpp_2m", "unipc"):
+    for sampler in ("ddim", "dpmpp_2m", "unipc", "heun"):
         pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler=sampler, spacing="trailing")
         theirs = diffusers_images(pipe, prompts, 5, 3.0)
         settings = SampleSettings(sampler=sampler, steps=5, spacing="trailing", guidance=3.0)
@@ -184,3 +182,29 @@ def test_controlnet_pipeline_with_ddim_equals_diffusers_ddim(tiny_sd):
         kwargs = {"prompt": "x", "image": control, "height": 16, "width": 16, "latents": latents}
         images.append(pipe(**kwargs, num_inference_steps=10, guidance_scale=3.0, output_type="pt").images)
     torch.testing.assert_close(images[1], images[0], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+def test_sdxl_base_hands_off_to_the_refiner_at_denoising_end(tiny_sdxl, sampler):
+    """SDXL's ensemble of experts: the base stops at denoising_end = 0.6 with noisy latents, the img2img pipeline
+    goes on from denoising_start = 0.6 on the same ladder. With the same UNet, a one-step sampler gives the
+    single run's result exactly; a multistep one restarts its history (first order) and stays close."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    base.set_progress_bar_config(disable=True)
+    config = base.scheduler.config | {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    base.scheduler = FullrangeScheduler.from_config(config, sampler=sampler, spacing="trailing")
+    refiner = StableDiffusionXLImg2ImgPipeline(**base.components)
+    refiner.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    kwargs = {"prompt": "x", "num_inference_steps": 8, "guidance_scale": 1.0, "output_type": "latent"}
+    whole = base(**kwargs, latents=latents, height=16, width=16).images
+    handed = base(**kwargs, latents=latents, height=16, width=16, denoising_end=0.6).images
+    assert not torch.allclose(handed, whole)  # it did stop early, with noise left
+    refined = refiner(**kwargs, image=handed, denoising_start=0.6).images
+    assert torch.isfinite(refined).all()
+    if sampler == "ddim":
+        torch.testing.assert_close(refined, whole, atol=1e-5, rtol=0)
+    else:
+        assert (refined - whole).abs().max() < 0.25 * whole.abs().max()

@@ -32,8 +32,8 @@ from .sampling import pick
 from .scheduler_config import spec_from_config
 from .timesteps import LADDERS, SPACINGS
 
-STEPWISE = ("ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
-"""The samplers the scheduler runs so far (Heun, two evaluations per step, is still to come)."""
+STEPWISE = tuple(SAMPLERS)
+"""The samplers the scheduler runs: all of fullrange's."""
 
 
 @dataclass
@@ -87,14 +87,13 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
         self.sampler, self.spacing, self.note = pick(self.spec, (1, num_values), sampler, spacing)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.sampler not in STEPWISE:
-            raise ValueError(f"sampler {self.sampler!r} does not run in the diffusers scheduler yet; use {STEPWISE}")
         if self.note:
             logging.getLogger("fullrange").info(self.note)
         self.options = knobs(self.sampler) | dict(sampler_options or {})
         unknown = set(self.options) - set(knobs(self.sampler))
         if unknown:
             raise ValueError(f"sampler {self.sampler!r} has no option {', '.join(sorted(unknown))}")
+        self.order = 2 if self.sampler == "heun" else 1  # diffusers' pipelines read it for img2img's start
         self.init_noise_sigma = 1.0
         self.timesteps = torch.empty(0)
         self.num_inference_steps: int | None = None
@@ -103,14 +102,23 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._x0_prev: torch.Tensor | None = None
         self._unipc = UniPCState()
+        self._points: list[int] = []
+        self._heun: tuple | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Plan ``num_inference_steps`` steps with the scheduler's spacing (fractional timesteps on a σ ladder)."""
         steps = self.spec.plan(num_inference_steps, self.spacing, num_values=self.config.num_values)
         self._ladder = prepare(self.spec.schedule, steps)
+        # Heun evaluates twice per step, at the step's start and at its Euler end: after the first point each
+        # point is visited twice (once only after a start at σ = ∞, where the step is Euler's).
+        self._points = list(range(len(steps)))
+        if self.sampler == "heun":
+            twice = [i for i in self._points[1:] for _ in range(2)]
+            self._points = [0, *(twice[1:] if self._ladder.alpha[0] == 0 else twice)]
+        steps = steps[self._points]
         self.timesteps = (steps if steps.dtype == torch.int64 else steps.float()).to(device)
         self.num_inference_steps = num_inference_steps
-        self._begin_index = self._step_index = self._x0_prev = None
+        self._begin_index = self._step_index = self._x0_prev = self._heun = None
         self._unipc = UniPCState()
 
     def set_begin_index(self, begin_index: int = 0) -> None:
@@ -151,15 +159,23 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
             self._step_index = self._index_of(timestep) if self._begin_index is None else self._begin_index
-        lad, i = self._ladder, self._step_index
+        lad, i = self._ladder, self._points[self._step_index]
         x = sample.float()
         x0 = to_x0(self.spec.prediction, model_output.float(), x, lad.alphas_cumprod[i])
-        if i == lad.num_steps - 1:
+        if self._heun is not None:  # Heun's second evaluation, at the end of its Euler step from point j
+            j, x_j, x0_j, d_j = self._heun
+            d = (d_j + to_eps(x0, x, lad.alphas_cumprod[i])) / 2
+            prev, self._heun = euler_step(lad, j, x_j, x0_j, d, lad.ve_sigma(j + 1)), None
+        elif i == lad.num_steps - 1:
             prev = x0
         elif self.sampler in ("ddim", "ddpm"):
             eta = 1.0 if self.sampler == "ddpm" else self.options["eta"]
             prev = ddim_step(lad, i, x, x0, eta, generator)
-        elif self.sampler == "euler":
+        elif self.sampler == "heun" and lad.alpha[i] > 0:
+            d = to_eps(x0, x, lad.alphas_cumprod[i])
+            prev = euler_step(lad, i, x, x0, d, lad.ve_sigma(i + 1))
+            self._heun = (i, x, x0, d)
+        elif self.sampler in ("euler", "heun"):
             prev = euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), lad.ve_sigma(i + 1))
         elif self.sampler == "euler_ancestral":
             prev = euler_ancestral_step(lad, i, x, x0, self.options["eta"], generator)
@@ -171,7 +187,7 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
                 x = unipc_correct(lad, i, x, x0, self._unipc)
             prev = unipc_predict(lad, i, x, x0, self._unipc, self.options["order"])
         self._x0_prev = x0
-        self._step_index = i + 1
+        self._step_index += 1
         out = (prev.to(sample.dtype), x0.to(sample.dtype))
         return FullrangeSchedulerOutput(*out) if return_dict else out
 
