@@ -134,3 +134,77 @@ def test_cli_export_then_sample_the_single_file(tiny_sd, tmp_path):
     assert (tmp_path / "out" / "grid-000000.png").is_file()
     result = runner.invoke(app, [*args, "--sha256", "f" * 64])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "SHA-256" in result.output
+
+
+def test_kohya_lora_loads_in_diffusers_with_every_weight_and_the_same_images(tiny_sd, tmp_path):
+    """A LoRA on attention, feed-forward and ResNet layers, trained as zero-SNR v-prediction on an epsilon base,
+    exported in kohya's format: diffusers' kohya loader takes every weight (counted), and the pipeline samples what
+    ``fullrange sample --adapter`` samples from the LoRA folder."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from fullrange import adapters
+    from fullrange.diffusers import FullrangeScheduler
+    from fullrange.sampling import retrained
+    from fullrange.sd import load_adapter, load_stable_diffusion
+    from fullrange.sd.config import AdapterConfig
+    from fullrange.sd.export import export_kohya_lora
+    from fullrange.sd.finetune import save_outputs
+    from fullrange.sd.sample import SampleSettings, generate
+
+    trained = load_stable_diffusion(tiny_sd)
+    adapters.add_lora(trained.unet, rank=2)
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    trained = replace(trained, spec=retrained(trained.spec, "v_prediction", zero_terminal_snr=True))
+    lora = save_outputs(trained, AdapterConfig("lora", rank=2), tmp_path)["lora"]
+    out = export_kohya_lora(tmp_path / "kohya.safetensors", lora, load_stable_diffusion(tiny_sd), family="sd1")
+
+    with safe_open(out, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    downs = {k for k in keys if k.endswith(".lora_down.weight")}
+    assert keys == downs | {k.replace("lora_down", "lora_up") for k in downs} | {
+        k.replace(".lora_down.weight", ".alpha") for k in downs
+    }
+    assert all(k.startswith("lora_unet_") for k in keys) and alphas == {2.0}
+    assert any("_attn2_to_k." in k for k in downs) and any("_resnets_0_conv1." in k for k in downs)
+    assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "2" and meta["ss_v_parameterization"] == "True"
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_base_model_version"] == "sd_v1"
+    assert "mixes two prediction types" in meta["modelspec.description"]
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(out), adapter_name="kohya")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="kohya")
+    assert len(loaded) == 2 * len(downs)  # every lora_down and lora_up, none skipped
+    spec_config = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    pipe.scheduler = FullrangeScheduler.from_config(
+        pipe.scheduler.config | spec_config, sampler="ddim", spacing="trailing"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a dark room", "a bright beach"]
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    kwargs = {"num_inference_steps": 5, "guidance_scale": 3.0, "height": 16, "width": 16, "output_type": "pt"}
+    theirs = pipe(prompts, latents=noise, **kwargs).images
+    settings = SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0)
+    ours = generate(load_adapter(load_stable_diffusion(tiny_sd), lora), prompts, settings)
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+
+
+def test_cli_export_kohya_needs_a_lora_and_writes_one(tiny_sd, tmp_path):
+    from typer.testing import CliRunner
+
+    from fullrange.cli import app
+
+    runner = CliRunner()
+    args = ["export", "--model", str(tiny_sd), "--format", "kohya", "--family", "sd1"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "x.safetensors")])
+    assert result.exit_code != 0 and "error: --format kohya writes a LoRA: give it with --adapter" in result.output
+    result = runner.invoke(app, [*args, "--adapter", str(tiny_sd), "--out", str(tmp_path / "x.safetensors")])
+    assert result.exit_code != 0 and "not a LoRA folder" in result.output
+    assert not (tmp_path / "x.safetensors").exists()

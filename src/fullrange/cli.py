@@ -773,12 +773,24 @@ def export_command(
     family: str | None = typer.Option(None, help="Layout: sd1, sd2 or sdxl [default: from the model]."),
     precision: str = typer.Option("fp16", help="fp16, bf16 or fp32 weights in the file."),
     model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP),
+    file_format: str = typer.Option(
+        "single-file",
+        "--format",
+        help="single-file: the model (adapter merged in) in the LDM layout; kohya: the --adapter LoRA alone, in "
+        "kohya's format (--model is its base) [default: single-file].",
+    ),
 ) -> None:
-    """Write one single-file checkpoint (LDM layout, as A1111 / ComfyUI load) with v_pred / ztsnr markers."""
+    """Write one file A1111 / ComfyUI load: a single-file checkpoint (LDM layout) with v_pred / ztsnr markers, or a
+    LoRA in kohya's format with its ss_* / modelspec metadata."""
     import torch
 
     from .sd import load_adapter
-    from .sd.export import export
+    from .sd.export import export, export_kohya_lora
+
+    if file_format not in ("single-file", "kohya"):
+        fail(f"--format {file_format!r}: choose single-file or kohya")
+    if file_format == "kohya" and adapter is None:
+        fail("--format kohya writes a LoRA: give it with --adapter (a LoRA folder written by fullrange train)")
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if precision not in dtypes:
@@ -790,6 +802,10 @@ def export_command(
     _refuse_overwrite(out, {"--model": model, "--adapter": adapter, "--model-config": model_config})
     try:
         sd_model = _load(model, None, model_config)
+        if file_format == "kohya":
+            export_kohya_lora(out, adapter, sd_model, family=family)
+            typer.echo(f"wrote {out}: the LoRA {adapter} in kohya's format", err=True)
+            return
         if adapter is not None:
             sd_model = load_adapter(sd_model, adapter, adapter_strength)
         export(out, sd_model, family=family, dtype=dtypes[precision])

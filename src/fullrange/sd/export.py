@@ -59,3 +59,65 @@ def export(path: Path | str, model: StableDiffusion, *, family: str | None = Non
         metadata["ss_zero_terminal_snr"] = "true"
     save_safetensors(path, state, metadata)
     return Path(path)
+
+
+KOHYA_BASE_MODEL = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
+
+
+def export_kohya_lora(path: Path | str, lora: Path | str, model: StableDiffusion, *, family: str | None = None) -> Path:
+    """Write the LoRA folder ``lora`` (``fullrange train``'s, diffusers' format) as one kohya-format ``.safetensors``
+    file, atomically: ``lora_unet_…`` names with ``.lora_down`` / ``.lora_up`` / ``.alpha``, and kohya's ``ss_*``
+    and ``modelspec.*`` metadata, so A1111, ComfyUI and diffusers' kohya loader take it. ``model`` is the base it
+    was trained on; the spec the LoRA's folder records (prediction type, zero terminal SNR) goes into the metadata.
+
+    ``.alpha`` is the trained alpha: the one in the file's metadata if it has one, else the rank, which is what
+    ``fullrange train`` uses.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    from .load import adapter_spec
+
+    family = family or default_family(model)
+    if family not in FAMILIES:
+        raise ConfigError("family", f"{family!r} is not one of {', '.join(FAMILIES)}")
+    lora = Path(lora)
+    if not (lora / "pytorch_lora_weights.safetensors").is_file():
+        raise ConfigError("adapter", f"{lora}: not a LoRA folder (no pytorch_lora_weights.safetensors)")
+    state, _, metadata = StableDiffusionPipeline.lora_state_dict(lora, return_lora_metadata=True)
+    alpha = (metadata or {}).get("lora_alpha")
+    kohya = convert_state_dict_to_kohya(state)
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        rank = kohya[key.removesuffix(".alpha") + ".lora_down.weight"].shape[0]
+        kohya[key] = torch.tensor(float(alpha if alpha is not None else rank))
+    spec, base = adapter_spec(lora, model.spec), model.spec
+    rank = max(int(v.shape[0]) for k, v in kohya.items() if k.endswith(".lora_down.weight"))
+    v = spec.prediction == "v_prediction"
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha if alpha is not None else rank),
+        "ss_base_model_version": KOHYA_BASE_MODEL[family],
+        "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(v),
+        "ss_zero_terminal_snr": str(spec.schedule.zero_terminal_snr),  # fullrange's; kohya has no key for it
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": lora.name,
+        "modelspec.prediction_type": "v" if v else "epsilon",
+    }
+    ztsnr = spec.schedule.zero_terminal_snr
+    if spec.prediction != base.prediction or ztsnr != base.schedule.zero_terminal_snr:
+        meta["modelspec.description"] = (
+            f"Trained as {spec.prediction}{' with zero terminal SNR' if ztsnr else ''} on a {base.prediction} "
+            "base: sample it at strength 1 with those settings; a lower strength or another LoRA on top mixes two "
+            "prediction types and has no meaning."
+        )
+    save_safetensors(path, {k: t.detach().to("cpu").contiguous() for k, t in kohya.items()}, meta)
+    return Path(path)

@@ -16,6 +16,7 @@ import torch
 
 from ..config import ConfigError
 from ..files import read_json
+from ..sampling import SamplingSpec
 from ..scheduler_config import spec_from_config
 from . import single_file
 from .config import ModelConfig
@@ -209,11 +210,17 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
             f"{path}: neither a LoRA (pytorch_lora_weights.safetensors) nor an OFT folder (adapter.json, "
             "adapter_model.safetensors)",
         )
+    return replace(model, spec=adapter_spec(path, model.spec))
+
+
+def adapter_spec(path: Path, base: SamplingSpec) -> SamplingSpec:
+    """The spec an adapter folder's scheduler config records (how the model with it must be sampled); ``base``
+    when it has none."""
     config_path = path / "scheduler_config.json"
     if not config_path.is_file():
-        return model
+        return base
     try:
-        return replace(model, spec=spec_from_config(_json(config_path, "adapter")))
+        return spec_from_config(_json(config_path, "adapter"))
     except (ValueError, TypeError) as err:
         raise ConfigError("adapter", f"{config_path}: {err}") from None
 
