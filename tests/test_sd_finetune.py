@@ -402,9 +402,14 @@ def test_lora_strength_zero_is_the_base_model(workspace):
         config = _config(workspace, "lora", adapter={"kind": "lora"}, noise={"zero_terminal_snr": True})
         finetune(config, progress=False, log=lambda _: None)
     settings = SampleSettings(steps=3, guidance=3.0)
+    base = load_stable_diffusion(workspace / "sd")
     off = load_adapter(load_stable_diffusion(workspace / "sd"), lora_dir, strength=0.0)
-    base = replace(load_stable_diffusion(workspace / "sd"), spec=off.spec)
+    # Strength 0 is the epsilon base, sampled with the base's own settings, not as the LoRA's v-prediction.
+    assert off.spec.prediction == base.spec.prediction == "epsilon" and not off.spec.schedule.zero_terminal_snr
     torch.testing.assert_close(generate(off, PROMPTS, settings), generate(base, PROMPTS, settings), atol=1e-6, rtol=0)
+    with pytest.warns(UserWarning, match="at strength 0.5 it mixes two prediction types"):
+        half = load_adapter(load_stable_diffusion(workspace / "sd"), lora_dir, strength=0.5)
+    assert half.spec.prediction == "v_prediction"
     with pytest.raises(ValueError, match="neither a LoRA"):
         load_adapter(base, workspace / "data")
 

@@ -539,7 +539,8 @@ def sample_command(
         )
         sd_model = _load(model, sha256, model_config, allow_pickle)
         if adapter is not None:
-            sd_model = load_adapter(sd_model, adapter, adapter_strength)
+            with _warnings_as_lines():
+                sd_model = load_adapter(sd_model, adapter, adapter_strength)
         if prediction is not None or zero_terminal_snr is not None:
             try:
                 spec = retrained(sd_model.spec, prediction, zero_terminal_snr)
@@ -807,7 +808,8 @@ def export_command(
             typer.echo(f"wrote {out}: the LoRA {adapter} in kohya's format", err=True)
             return
         if adapter is not None:
-            sd_model = load_adapter(sd_model, adapter, adapter_strength)
+            with _warnings_as_lines():
+                sd_model = load_adapter(sd_model, adapter, adapter_strength)
         export(out, sd_model, family=family, dtype=dtypes[precision])
     except (ValueError, OSError) as err:
         fail_on(err, SAMPLE_FLAGS | {"family": "--family"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -171,7 +172,9 @@ def _json(path: Path, field: str):
 def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0) -> StableDiffusion:
     """``model`` with a LoRA folder (diffusers' ``save_lora_weights`` format) or an OFT folder written by
     ``fullrange train`` added to its UNet at ``strength``. A scheduler config saved beside the adapter sets the
-    returned model's spec (prediction type, zero terminal SNR).
+    returned model's spec (prediction type, zero terminal SNR), except at strength 0, which is the base model and
+    keeps the base's spec. An adapter that changes the prediction type or the terminal SNR has no meaning at
+    another strength (it mixes two targets): that is warned about.
 
     The UNet is shared, not copied: the adapter's layers are added to it in place, so ``model`` itself should not
     be sampled afterwards.
@@ -210,7 +213,18 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
             f"{path}: neither a LoRA (pytorch_lora_weights.safetensors) nor an OFT folder (adapter.json, "
             "adapter_model.safetensors)",
         )
-    return replace(model, spec=adapter_spec(path, model.spec))
+    spec = adapter_spec(path, model.spec)
+    ztsnr = spec.schedule.zero_terminal_snr
+    if strength == 0:
+        return model
+    if strength != 1 and (spec.prediction != model.spec.prediction or ztsnr != model.spec.schedule.zero_terminal_snr):
+        warnings.warn(
+            f"{path} was trained as {spec.prediction}{' with zero terminal SNR' if ztsnr else ''} on a "
+            f"{model.spec.prediction} base: at strength {strength:g} it mixes two prediction types, and no sampling "
+            "setting is right for the result; use strength 1 (or 0 for the base)",
+            stacklevel=2,
+        )
+    return replace(model, spec=spec)
 
 
 def adapter_spec(path: Path, base: SamplingSpec) -> SamplingSpec:
