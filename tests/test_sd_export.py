@@ -110,6 +110,9 @@ def test_tiny_export_reloads_with_the_same_weights_and_markers(tiny_sd, tiny_sdx
     assert single_file.family(header, path) == name
     decision = markers.decide(markers.from_header(header, str(path)))
     assert (decision.prediction, decision.zero_terminal_snr) == ("v_prediction", True if name == "sd2" else None)
+    found = markers.from_header(header, str(path))
+    # Every convention that can say it agrees: ComfyUI's tensors, kohya's keys and modelspec's.
+    assert {m.convention for m in found if m.prediction == "v_prediction"} == {"comfyui", "kohya", "modelspec"}
 
     loaded = load_stable_diffusion(ModelConfig(str(path), sha256=single_file.sha256(path), config=str(folder)))
     assert loaded.is_xl == (name == "sdxl")

@@ -33,8 +33,9 @@ def default_family(model: StableDiffusion) -> str:
 
 def export(path: Path | str, model: StableDiffusion, *, family: str | None = None, dtype=torch.float16) -> Path:
     """Write ``model`` (UNet with any adapter merged in, VAE, text encoders) as one LDM-layout ``.safetensors``
-    file, atomically, that A1111 / ComfyUI load. ``v_pred`` / ``ztsnr`` marker keys and kohya's metadata say what
-    its spec says about prediction type and zero terminal SNR. ``family``: ``sd1`` / ``sd2`` / ``sdxl`` layout
+    file, atomically, that A1111 / ComfyUI load. Every convention says what its spec says about prediction type
+    and zero terminal SNR: ComfyUI's ``v_pred`` / ``ztsnr`` marker keys, kohya's ``ss_*`` metadata and
+    ``modelspec.prediction_type``. ``family``: ``sd1`` / ``sd2`` / ``sdxl`` layout
     (default: :func:`default_family`). An adapter is merged into the UNet's weights in place."""
     family = family or default_family(model)
     if family not in FAMILIES:
@@ -50,8 +51,14 @@ def export(path: Path | str, model: StableDiffusion, *, family: str | None = Non
     }
     # In the file's dtype: an fp16 export of fp32 weights holds a half-size copy while the file is written.
     state = {k: v.detach().to("cpu", dtype) for k, v in ldm.items()}
-    metadata = {"format": "pt"}
-    if model.spec.prediction == "v_prediction":
+    v = model.spec.prediction == "v_prediction"
+    metadata = {
+        "format": "pt",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family].removesuffix("/lora"),
+        "modelspec.prediction_type": "v" if v else "epsilon",
+    }
+    if v:
         state["v_pred"] = torch.tensor([])
         metadata["ss_v_parameterization"] = "true"
     if model.spec.schedule.zero_terminal_snr:
