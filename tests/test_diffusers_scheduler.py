@@ -208,3 +208,80 @@ def test_sdxl_base_hands_off_to_the_refiner_at_denoising_end(tiny_sdxl, sampler)
         torch.testing.assert_close(refined, whole, atol=1e-5, rtol=0)
     else:
         assert (refined - whole).abs().max() < 0.25 * whole.abs().max()
+
+
+def test_sample_img2img_equals_diffusers_img2img_pipeline_with_the_scheduler(tiny_sd, tmp_path):
+    """``fullrange sample --image --strength`` gives the images of diffusers' img2img pipeline with the same
+    scheduler, image latents and per-image seeds (the pipeline is handed the latents, since it draws the VAE's
+    posterior where fullrange takes its mean); strength 1 at zero terminal SNR is plain text-to-image."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from fullrange.sampling import retrained
+    from fullrange.sd import load_stable_diffusion
+    from fullrange.sd.sample import SampleSettings, generate
+    from fullrange.sd.tone import encode, read_image
+
+    model = load_stable_diffusion(tiny_sd)
+    model = replace(model, spec=retrained(model.spec, "v_prediction", zero_terminal_snr=True))
+    path = tmp_path / "in.png"
+    Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(10)) * 255).byte().numpy()).save(
+        path
+    )
+    latents = encode(model, read_image(path, (8, 8), model.vae_scale_factor, "image")[None]).expand(2, -1, -1, -1)
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config | {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    pipe.scheduler = FullrangeScheduler.from_config(config, sampler="dpmpp_2m", spacing="trailing")
+    prompts = ["a dark room", "a bright beach"]
+    for strength in (0.3, 0.7):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        kwargs = {"strength": strength, "num_inference_steps": 10, "guidance_scale": 3.0, "output_type": "pt"}
+        theirs = pipe(prompts, image=latents, generator=gens, **kwargs).images
+        settings = SampleSettings("dpmpp_2m", 10, "trailing", guidance=3.0, image=str(path), strength=strength)
+        torch.testing.assert_close(generate(model, prompts, settings), theirs, atol=2e-4, rtol=0)
+    plain = SampleSettings("dpmpp_2m", 10, "trailing", guidance=3.0)
+    full = SampleSettings("dpmpp_2m", 10, "trailing", guidance=3.0, image=str(path), strength=1.0)
+    torch.testing.assert_close(generate(model, prompts, full), generate(model, prompts, plain))
+
+
+def test_sample_with_a_controlnet_equals_diffusers_controlnet_pipeline(tiny_sd, tmp_path):
+    """``fullrange sample --controlnet --control-image`` gives the images of diffusers' ControlNet pipeline with the
+    same scheduler and noise; the CLI loads a ControlNet folder and refuses half of the pair."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from fullrange.cli import app
+    from fullrange.sd import load_stable_diffusion
+    from fullrange.sd.sample import SampleSettings, generate
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32))
+    controlnet.save_pretrained(tmp_path / "cn")
+    control = tmp_path / "edges.png"
+    Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(11)) * 255).byte().numpy()).save(
+        control
+    )
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler="unipc", spacing="trailing")
+    prompts = ["a dark room", "a bright beach"]
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    kwargs = {"num_inference_steps": 6, "guidance_scale": 3.0, "height": 16, "width": 16, "output_type": "pt"}
+    theirs = pipe(prompts, image=Image.open(control), latents=noise, controlnet_conditioning_scale=0.8, **kwargs).images
+    settings = SampleSettings("unipc", 6, "trailing", guidance=3.0, control_image=str(control), control_scale=0.8)
+    ours = generate(load_stable_diffusion(tiny_sd), prompts, settings, controlnet=controlnet)
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+
+    runner = CliRunner()
+    args = ["sample", "--model", str(tiny_sd), "--prompt", "x", "--steps", "3"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--controlnet", str(tmp_path / "cn")])
+    assert result.exit_code != 0 and "--controlnet and --control-image go together" in result.output
+    cli = [*args, "--out", str(tmp_path / "o"), "--controlnet", str(tmp_path / "cn"), "--control-image", str(control)]
+    result = runner.invoke(app, cli)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "o").glob("000000-x*.png"))) == 1

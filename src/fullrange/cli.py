@@ -449,6 +449,11 @@ SAMPLE_FLAGS = MODEL_FLAGS | {
     "tone": "--tone",
     "tone_image": "--tone-image",
     "tone_stats": "--tone-stats",
+    "image": "--image",
+    "strength": "--strength",
+    "controlnet": "--controlnet",
+    "control_image": "--control-image",
+    "control_scale": "--control-scale",
 }
 TONE_HELP = {
     "tone": "Start from this brightness (0 black … 1 white) or colour (#1a1a1a): works on any model (signal leak).",
@@ -496,6 +501,13 @@ def sample_command(
     tone: str | None = typer.Option(None, help=TONE_HELP["tone"]),
     tone_image: Path | None = typer.Option(None, help=TONE_HELP["tone_image"]),
     tone_stats: Path | None = typer.Option(None, help=TONE_HELP["tone_stats"]),
+    image: Path | None = typer.Option(None, help="img2img: start from this image, noised as --strength says."),
+    strength: float = typer.Option(
+        1.0, help="img2img: how much of the ladder to run, 0 < s <= 1 (1 at zero terminal SNR: from pure noise)."
+    ),
+    controlnet: Path | None = typer.Option(None, help="A ControlNet (diffusers folder, safetensors) to condition on."),
+    control_image: Path | None = typer.Option(None, help="The ControlNet's condition image (edges, depth, ...)."),
+    control_scale: float = typer.Option(1.0, help="How strongly the ControlNet's residuals are added."),
     prediction: str | None = typer.Option(
         None, help="What the model predicts: epsilon, v_prediction or sample [default: its markers' or config's]."
     ),
@@ -536,8 +548,15 @@ def sample_command(
             resolution,
             negative_prompt,
             **_tones(tone, tone_image, tone_stats),
+            image=None if image is None else str(image),
+            strength=strength,
+            control_image=None if control_image is None else str(control_image),
+            control_scale=control_scale,
         )
+        if (controlnet is None) != (control_image is None):
+            fail("--controlnet and --control-image go together: give both or neither")
         sd_model = _load(model, sha256, model_config, allow_pickle)
+        control_model = None if controlnet is None else _load_controlnet(controlnet, sd_model, allow_pickle)
         if adapter is not None:
             with _warnings_as_lines():
                 sd_model = load_adapter(sd_model, adapter, adapter_strength)
@@ -551,11 +570,27 @@ def sample_command(
         from tqdm.auto import tqdm
 
         with _warnings_as_lines(), tqdm(total=steps, desc="sample") as bar:
-            images = generate(sd_model, all_prompts, settings, callback=lambda info: bar.update(1))
+            images = generate(
+                sd_model, all_prompts, settings, callback=lambda info: bar.update(1), controlnet=control_model
+            )
         paths, grid = save_images(images, all_prompts, settings, out)
     except (ValueError, OSError) as err:
         fail_on(err, SAMPLE_FLAGS)
     typer.echo(f"wrote {len(paths)} images ({paths[0].name} …) and {grid}", err=True)
+
+
+def _load_controlnet(path: Path, sd_model, allow_pickle: bool):
+    """A diffusers ControlNet folder, on the UNet's device and dtype (safetensors only unless pickle is allowed)."""
+    from diffusers import ControlNetModel
+
+    if not path.is_dir():
+        raise ConfigError("controlnet", f"{path}: not a folder (a diffusers ControlNet has config.json and weights)")
+    try:
+        controlnet = ControlNetModel.from_pretrained(path, use_safetensors=not allow_pickle)
+    except (OSError, ValueError) as err:
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError("controlnet", f"{path}: not a loadable ControlNet ({detail})") from None
+    return controlnet.to(sd_model.unet.device, sd_model.unet.dtype).eval().requires_grad_(False)
 
 
 def _tones(tone: str | None, tone_image: Path | None, tone_stats: Path | None) -> dict:

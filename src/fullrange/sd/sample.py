@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,17 +15,20 @@ import torch
 from ..config import ConfigError, check_choice, check_finite, check_range
 from ..denoiser import map_cond
 from ..images import tile
+from ..prediction import add_noise
 from ..samplers import SAMPLERS
-from ..sampling import sample
+from ..sampling import pick, sample
 from ..timesteps import LADDERS, SPACINGS
 from .model import StableDiffusion
-from .tone import leak_for, parse_tone
+from .tone import encode, leak_for, parse_tone, read_image
 
 
 @dataclass(frozen=True)
 class SampleSettings:
     """How to sample: ``sampler`` / ``spacing`` ``None`` take what :func:`fullrange.sampling.pick` picks for the latent
-    size; ``resolution`` ``None`` the UNet's.
+    size; ``resolution`` ``None`` the UNet's. ``image``: img2img from that file, starting at the step ``strength``
+    picks as diffusers does (the last ``int(steps · strength)`` steps, at least one). ``control_image``: the
+    ControlNet's condition, with ``control_scale``.
     At most one of ``tone`` (a brightness or #rrggbb colour), ``tone_image`` and ``tone_stats`` (files) sets the
     starting latent's leak (:mod:`fullrange.sd.tone`)."""
 
@@ -38,6 +43,10 @@ class SampleSettings:
     tone: str | None = None
     tone_image: str | None = None
     tone_stats: str | None = None
+    image: str | None = None
+    strength: float = 1.0
+    control_image: str | None = None
+    control_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -46,6 +55,11 @@ class SampleSettings:
             raise ConfigError(sources[1], "is a second source of tone: give only one")
         if self.tone is not None:
             parse_tone(self.tone)
+        if sources and self.image is not None:
+            raise ConfigError(
+                sources[0], "sets the start of a sample drawn from noise; with image the start is the image"
+            )
+        check_range("strength", self.strength, 0, 1, open_low=True)
         if self.sampler is not None:
             check_choice("sampler", self.sampler, tuple(SAMPLERS))
         check_range("steps", self.steps, 0, open_low=True)
@@ -58,10 +72,46 @@ class SampleSettings:
             raise ConfigError("resolution", f"must be a positive multiple of 8, got {self.resolution}")
 
 
+class ControlledUNet(torch.nn.Module):
+    """A UNet with a ControlNet's residuals added, called as the UNet is, plus ``controlnet_cond`` (images in
+    [0, 1], batched with the rest so guidance sees it in both branches)."""
+
+    def __init__(self, unet: torch.nn.Module, controlnet: torch.nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.unet, self.controlnet, self.scale = unet, controlnet, scale
+
+    def forward(self, x, t, controlnet_cond, encoder_hidden_states, added_cond_kwargs=None):
+        down, mid = self.controlnet(
+            x,
+            t,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=self.scale,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )
+        extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+        return self.unet(
+            x,
+            t,
+            encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            **extra,
+        )
+
+
 @torch.no_grad()
-def generate(model: StableDiffusion, prompts: list[str], settings: SampleSettings, callback=None) -> torch.Tensor:
+def generate(
+    model: StableDiffusion,
+    prompts: list[str],
+    settings: SampleSettings,
+    callback=None,
+    controlnet: torch.nn.Module | None = None,
+) -> torch.Tensor:
     """Images in [0, 1], shape (N, 3, H, W), one per prompt, seeds ``seed + i``; on the UNet's device. A tone in
-    ``settings`` starts every sample from its leak (the same noise as without)."""
+    ``settings`` starts every sample from its leak (the same noise as without); an ``image`` starts it from that
+    image noised to the step ``strength`` picks (img2img); a ``controlnet`` is conditioned on ``control_image``."""
     size = (settings.resolution or model.unet.config.sample_size * model.vae_scale_factor) // model.vae_scale_factor
     channels = model.unet.config.in_channels
     noise = torch.stack(
@@ -82,15 +132,33 @@ def generate(model: StableDiffusion, prompts: list[str], settings: SampleSetting
     to_device = lambda v: v.to(device)  # noqa: E731
     tones = {"tone": settings.tone, "tone_image": settings.tone_image, "tone_stats": settings.tone_stats}
     leak = leak_for(model, len(prompts), (size, size), settings.seed, **tones)
+    sampler, spacing, note = pick(model.spec, tuple(noise.shape), settings.sampler, settings.spacing)
+    if note:
+        logging.getLogger("fullrange").info(note)
+    steps = model.spec.plan(settings.steps, spacing, num_values=math.prod(noise.shape[1:]))
+    start = noise
+    if settings.image is not None:  # img2img: the last int(steps · strength) steps (at least one), as diffusers
+        begin = min(settings.steps - int(settings.steps * settings.strength), settings.steps - 1)
+        steps = steps[begin:]
+        image = encode(model, read_image(settings.image, (size, size), model.vae_scale_factor, "image")[None])
+        start = add_noise(image, noise, float(model.spec.schedule.alphas_cumprod_at(steps[:1].double())[0]))
+    cond, uncond = model.condition(text, time_ids), model.condition(negative, time_ids)
+    network = model.unet
+    if controlnet is not None:
+        if settings.control_image is None:
+            raise ConfigError("control_image", "is needed with a ControlNet")
+        control = read_image(settings.control_image, (size, size), model.vae_scale_factor, "control_image")
+        control = ((control + 1) / 2).expand(len(prompts), -1, -1, -1).to(device, model.unet.dtype)
+        cond, uncond = cond | {"controlnet_cond": control}, uncond | {"controlnet_cond": control}
+        network = ControlledUNet(model.unet, controlnet, settings.control_scale)
     latents = sample(
-        model.unet,
-        noise.to(device),
+        network,
+        start.to(device),
         model.spec,
-        sampler=settings.sampler,
-        steps=settings.steps,
-        spacing=settings.spacing,
-        cond=map_cond(to_device, model.condition(text, time_ids)),
-        uncond=map_cond(to_device, model.condition(negative, time_ids)),
+        sampler=sampler,
+        steps=steps,
+        cond=map_cond(to_device, cond),
+        uncond=map_cond(to_device, uncond),
         guidance_scale=settings.guidance,
         guidance_rescale=settings.guidance_rescale,
         callback=callback,

@@ -58,7 +58,7 @@ def colour_leak(model: StableDiffusion, rgb: tuple[float, float, float]) -> torc
 def image_leak(model: StableDiffusion, path: Path | str, size: tuple[int, int], k: int = K) -> torch.Tensor:
     """(1, C, h, w): the ``k × k`` lowest DCT frequencies of the latent of the image at ``path``, fitted (cover,
     centre crop) to a latent of ``size`` (h, w)."""
-    pixels = _read_image(path, size, model.vae_scale_factor, "tone_image")
+    pixels = read_image(path, size, model.vae_scale_factor, "tone_image")
     latent = encode(model, pixels.unsqueeze(0))
     return from_low_frequencies(low_frequencies(latent.double(), k), size).float()
 
@@ -141,7 +141,9 @@ def leak_for(
     return torch.cat(draws).float()
 
 
-def _read_image(path: Path | str, size: tuple[int, int], factor: int, field: str) -> torch.Tensor:
+def read_image(path: Path | str, size: tuple[int, int], factor: int, field: str) -> torch.Tensor:
+    """The image at ``path`` in [-1, 1], (3, H, W), fitted (cover, centre crop) to a latent of ``size`` (h, w) times
+    ``factor``; a missing or unreadable file is a one-line error naming ``field``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(field, f"{path}: no such file")
