@@ -283,3 +283,58 @@ def test_sample_with_a_controlnet_equals_diffusers_controlnet_pipeline(tiny_sd, 
     result = runner.invoke(app, cli)
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "o").glob("000000-x*.png"))) == 1
+
+
+def test_sample_inpaints_with_a_9_channel_unet_as_diffusers_inpainting_pipeline(tmp_path):
+    """``fullrange sample --image --mask`` on an inpainting UNet (4 latent + 1 mask + 4 masked-image channels) gives
+    diffusers' inpainting pipeline's images with the same scheduler, noise and masked-image latents; a 4-channel
+    UNet is refused in one line that says what to use instead."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from fullrange.cli import app
+    from fullrange.sd import load_stable_diffusion
+    from fullrange.sd.sample import SampleSettings, generate, inpaint_channels
+    from fullrange.sd.testing import save_tiny_stable_diffusion
+
+    folder = save_tiny_stable_diffusion(tmp_path / "inpaint", in_channels=9)
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(12)) * 255).byte().numpy()).save(
+        image
+    )
+    white = torch.zeros(16, 16, dtype=torch.uint8)
+    white[4:12, 6:] = 255
+    Image.fromarray(white.numpy()).save(mask)
+    model = load_stable_diffusion(folder)
+    prompts = ["a dark room", "a bright beach"]
+    settings = SampleSettings("unipc", 6, "trailing", guidance=3.0, image=str(image), mask=str(mask))
+    ours = generate(model, prompts, settings)
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler="unipc", spacing="trailing")
+    extra = inpaint_channels(model, str(image), str(mask), 8)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    theirs = pipe(
+        prompts,
+        image=Image.open(image),
+        mask_image=Image.open(mask),
+        masked_image_latents=extra[:, 1:].expand(2, -1, -1, -1),
+        latents=noise,
+        strength=1.0,
+        num_inference_steps=6,
+        guidance_scale=3.0,
+        height=16,
+        width=16,
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+    assert extra[0, 0].sum().item() == 4 * 5  # the white block at latent size, nearest
+
+    args = ["sample", "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o"), "--mask", str(mask)]
+    result = CliRunner().invoke(app, [*args, "--model", str(folder)])
+    assert result.exit_code != 0 and "--mask needs image" in result.output
+    plain = save_tiny_stable_diffusion(tmp_path / "plain")
+    result = CliRunner().invoke(app, [*args, "--model", str(plain), "--image", str(image)])
+    assert result.exit_code != 0 and "needs an inpainting UNet (9 input channels); this one takes 4" in result.output

@@ -454,6 +454,7 @@ SAMPLE_FLAGS = MODEL_FLAGS | {
     "controlnet": "--controlnet",
     "control_image": "--control-image",
     "control_scale": "--control-scale",
+    "mask": "--mask",
 }
 TONE_HELP = {
     "tone": "Start from this brightness (0 black … 1 white) or colour (#1a1a1a): works on any model (signal leak).",
@@ -505,6 +506,9 @@ def sample_command(
     strength: float = typer.Option(
         1.0, help="img2img: how much of the ladder to run, 0 < s <= 1 (1 at zero terminal SNR: from pure noise)."
     ),
+    mask: Path | None = typer.Option(
+        None, help="Inpainting: repaint --image where this mask is white (needs an inpainting UNet, 9 channels)."
+    ),
     controlnet: Path | None = typer.Option(None, help="A ControlNet (diffusers folder, safetensors) to condition on."),
     control_image: Path | None = typer.Option(None, help="The ControlNet's condition image (edges, depth, ...)."),
     control_scale: float = typer.Option(1.0, help="How strongly the ControlNet's residuals are added."),
@@ -552,6 +556,7 @@ def sample_command(
             strength=strength,
             control_image=None if control_image is None else str(control_image),
             control_scale=control_scale,
+            mask=None if mask is None else str(mask),
         )
         if (controlnet is None) != (control_image is None):
             fail("--controlnet and --control-image go together: give both or neither")

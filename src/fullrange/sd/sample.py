@@ -28,7 +28,8 @@ class SampleSettings:
     """How to sample: ``sampler`` / ``spacing`` ``None`` take what :func:`fullrange.sampling.pick` picks for the latent
     size; ``resolution`` ``None`` the UNet's. ``image``: img2img from that file, starting at the step ``strength``
     picks as diffusers does (the last ``int(steps · strength)`` steps, at least one). ``control_image``: the
-    ControlNet's condition, with ``control_scale``.
+    ControlNet's condition, with ``control_scale``. ``mask``: inpaint ``image`` where the mask is white, with an
+    inpainting UNet (latent channels + mask + masked image latents); at strength 1 from pure noise, as diffusers.
     At most one of ``tone`` (a brightness or #rrggbb colour), ``tone_image`` and ``tone_stats`` (files) sets the
     starting latent's leak (:mod:`fullrange.sd.tone`)."""
 
@@ -47,6 +48,7 @@ class SampleSettings:
     strength: float = 1.0
     control_image: str | None = None
     control_scale: float = 1.0
+    mask: str | None = None
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -60,6 +62,10 @@ class SampleSettings:
                 sources[0], "sets the start of a sample drawn from noise; with image the start is the image"
             )
         check_range("strength", self.strength, 0, 1, open_low=True)
+        if self.mask is not None and self.image is None:
+            raise ConfigError("mask", "needs image: the picture to inpaint")
+        if self.mask is not None and self.control_image is not None:
+            raise ConfigError("mask", "and a ControlNet together are not supported yet")
         if self.sampler is not None:
             check_choice("sampler", self.sampler, tuple(SAMPLERS))
         check_range("steps", self.steps, 0, open_low=True)
@@ -101,6 +107,29 @@ class ControlledUNet(torch.nn.Module):
         )
 
 
+class InpaintingUNet(torch.nn.Module):
+    """An inpainting UNet called as a plain one plus ``inpaint_channels`` (the mask and the masked image's latents,
+    batched with the rest so guidance sees them in both branches), concatenated to its input as diffusers does."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, inpaint_channels, **cond):
+        return self.unet(torch.cat([x, inpaint_channels.to(x.dtype)], dim=1), t, **cond)
+
+
+def inpaint_channels(model: StableDiffusion, image: str, mask: str, size: int) -> torch.Tensor:
+    """(1, 1 + C, h, w): the mask at latent size (white = repaint, binarised, nearest) and the latents of the image
+    with the repainted part blacked out, as diffusers' inpainting pipeline builds them."""
+    factor = model.vae_scale_factor
+    pixels = read_image(image, (size, size), factor, "image")[None]
+    binary = (read_image(mask, (size, size), factor, "mask").mean(0, keepdim=True)[None] + 1) / 2 >= 0.5
+    masked = encode(model, pixels * ~binary)
+    small = torch.nn.functional.interpolate(binary.float(), size=(size, size))
+    return torch.cat([small, masked], dim=1)
+
+
 @torch.no_grad()
 def generate(
     model: StableDiffusion,
@@ -113,7 +142,14 @@ def generate(
     ``settings`` starts every sample from its leak (the same noise as without); an ``image`` starts it from that
     image noised to the step ``strength`` picks (img2img); a ``controlnet`` is conditioned on ``control_image``."""
     size = (settings.resolution or model.unet.config.sample_size * model.vae_scale_factor) // model.vae_scale_factor
-    channels = model.unet.config.in_channels
+    channels = model.vae.config.latent_channels
+    if settings.mask is not None and model.unet.config.in_channels != 2 * channels + 1:
+        raise ConfigError(
+            "mask",
+            f"needs an inpainting UNet ({2 * channels + 1} input channels); this one takes "
+            f"{model.unet.config.in_channels}: for it, use diffusers' inpainting pipeline with "
+            "fullrange.diffusers.FullrangeScheduler",
+        )
     noise = torch.stack(
         [
             torch.randn(channels, size, size, generator=torch.Generator().manual_seed(settings.seed + i))
@@ -142,6 +178,8 @@ def generate(
         steps = steps[begin:]
         image = encode(model, read_image(settings.image, (size, size), model.vae_scale_factor, "image")[None])
         start = add_noise(image, noise, float(model.spec.schedule.alphas_cumprod_at(steps[:1].double())[0]))
+        if settings.mask is not None and settings.strength == 1:  # inpainting from pure noise, as diffusers'
+            start = noise
     cond, uncond = model.condition(text, time_ids), model.condition(negative, time_ids)
     network = model.unet
     if controlnet is not None:
@@ -151,6 +189,11 @@ def generate(
         control = ((control + 1) / 2).expand(len(prompts), -1, -1, -1).to(device, model.unet.dtype)
         cond, uncond = cond | {"controlnet_cond": control}, uncond | {"controlnet_cond": control}
         network = ControlledUNet(model.unet, controlnet, settings.control_scale)
+    if settings.mask is not None:
+        extra = inpaint_channels(model, settings.image, settings.mask, size).expand(len(prompts), -1, -1, -1)
+        extra = extra.to(device, model.unet.dtype)
+        cond, uncond = cond | {"inpaint_channels": extra}, uncond | {"inpaint_channels": extra}
+        network = InpaintingUNet(model.unet)
     latents = sample(
         network,
         start.to(device),

@@ -19,13 +19,19 @@ def sd15_unet_config(**changes) -> dict:
 
 
 def save_tiny_stable_diffusion(
-    path: Path | str, *, seed: int = 0, sample_size: int = 8, xl: bool = False, unet_config: dict | None = None
+    path: Path | str,
+    *,
+    seed: int = 0,
+    sample_size: int = 8,
+    xl: bool = False,
+    unet_config: dict | None = None,
+    in_channels: int = 4,
 ) -> Path:
     """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer; with ``xl`` an
     SDXL-shaped one: two text encoders, size conditioning, several transformer layers per block), built from
     configs with random weights, as a diffusers folder: for tests and benchmarks, no download. ``unet_config``
     replaces the SD UNet by one of that config (e.g. :func:`sd15_unet_config`), the text encoder as wide as its
-    cross-attention."""
+    cross-attention; ``in_channels`` 9 makes the SD UNet an inpainting one (latents, mask, masked image)."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -83,6 +89,8 @@ def save_tiny_stable_diffusion(
         else:
             unet = UNet2DConditionModel(
                 sample_size=sample_size,
+                in_channels=in_channels,
+                out_channels=4,
                 block_out_channels=(32, 64),
                 layers_per_block=1,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
