@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import get_peft_model_state_dict
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -53,8 +54,15 @@ PROMPTS = ["solid black", "a bright scene"]
 
 
 def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, diffusers_images):
-    config = _config(workspace, "lora", adapter={"kind": "lora"}, noise={"zero_terminal_snr": True})
-    outputs = finetune(config, progress=False, log=lambda _: None)
+    tables = {"adapter": {"kind": "lora"}, "noise": {"zero_terminal_snr": True}, "output": {"family": "sd1"}}
+    outputs = finetune(_config(workspace, "lora", **tables), progress=False, log=lambda _: None)
+    # The kohya file beside the LoRA folder holds the same weights, in kohya's names.
+    with safe_open(outputs["kohya"], "pt") as f:
+        kohya, meta = set(f.keys()), f.metadata()
+    saved_count = len(load_file(outputs["lora"] / "pytorch_lora_weights.safetensors"))
+    assert (
+        len([k for k in kohya if not k.endswith(".alpha")]) == saved_count and meta["ss_v_parameterization"] == "True"
+    )
     config = json.loads((outputs["lora"] / "scheduler_config.json").read_text())
     assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
     assert config["timestep_spacing"] == "trailing"

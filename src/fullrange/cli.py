@@ -279,6 +279,7 @@ TRAIN_FLAGS = {
     "seed": "train.seed",
     "validation-prompt": "validation.prompts",
     "out": "output.path",
+    "family": "output.family",
 }
 FLAT_ALIASES = {"validation-prompts": "validation-prompt"}
 """Keys of flat --config files written before the flag and the key were spelled alike."""
@@ -333,6 +334,9 @@ def train_command(
     ),
     data: str | None = typer.Option(None, help="Folder of images with NAME.txt captions or a metadata.jsonl."),
     out: str | None = typer.Option(None, help="Output folder: checkpoints, cache, config.json, results."),
+    family: str | None = typer.Option(
+        None, help="sd1, sd2 or sdxl, for the kohya LoRA file a LoRA run writes [default: from the model]."
+    ),
     config: Path | None = typer.Option(
         None,
         help="TOML file: tables [model], [data], [noise], [adapter], [train], [validation], [output], or these "
@@ -412,6 +416,7 @@ def train_command(
         "seed": seed,
         "validation-prompt": validation_prompt or None,
         "out": out,
+        "family": family,
     }
     from .sd.config import finetune_config
     from .sd.finetune import finetune

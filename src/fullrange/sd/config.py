@@ -132,9 +132,15 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """``[output]``: the run's folder (checkpoints, caches, config.json, results)."""
+    """``[output]``: the run's folder (checkpoints, caches, config.json, results), and the ``family`` (sd1, sd2,
+    sdxl) of the kohya LoRA file a LoRA run writes beside its folder (default: from the model)."""
 
     path: str
+    family: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.family is not None:
+            check_choice("family", self.family, ("sd1", "sd2", "sdxl"))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from ..sampling import SamplingSpec
 from ..scheduler_config import ddim_scheduler
 from ..train import check_resume, process_state, train
 from .config import AdapterConfig, DataConfig, FinetuneConfig, NoiseConfig
+from .export import export_kohya_lora
 from .latents import bucket_step, image_batches
 from .load import load_stable_diffusion
 from .model import StableDiffusion
@@ -103,6 +104,13 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
     if result.ema is not None:
         result.apply_ema()  # into tuned.unet, which is the model trained
     outputs = save_outputs(tuned, config.adapter, out)
+    if "lora" in outputs:  # one file for A1111 / ComfyUI; the base's spec says whether the LoRA changes it
+        try:
+            outputs["kohya"] = export_kohya_lora(
+                out / "lora_kohya.safetensors", outputs["lora"], model, family=config.output.family
+            )
+        except ConfigError as err:
+            log(f"kohya LoRA file not written: {err} (give [output] family, --family)")
     for kind, path in outputs.items():
         log(f"wrote {kind}: {path}")
     return outputs
