@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 from diffusers.loaders import single_file_utils as dsf
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fullrange.cli import app
@@ -207,7 +208,76 @@ def test_cli_export_kohya_needs_a_lora_and_writes_one(tiny_sd, tmp_path):
     runner = CliRunner()
     args = ["export", "--model", str(tiny_sd), "--format", "kohya", "--family", "sd1"]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "x.safetensors")])
-    assert result.exit_code != 0 and "error: --format kohya writes a LoRA: give it with --adapter" in result.output
+    assert (
+        result.exit_code != 0 and "error: --format kohya writes a LoRA adapter: give it with --adapter" in result.output
+    )
     result = runner.invoke(app, [*args, "--adapter", str(tiny_sd), "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code != 0 and "not a LoRA folder" in result.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def _lycoris_merge(file, unet):
+    """LyCORIS' own loader (``create_lycoris_from_weights``) on ``unet``: the number of modules it makes from the
+    file, then merged into ``unet``. Its generic loader names modules ``lycoris_<path>``, kohya's ``lora_unet_<path>``:
+    the prefix is all that is renamed."""
+    from lycoris import create_lycoris_from_weights
+
+    weights = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in load_file(file).items()}
+    network, _ = create_lycoris_from_weights(1.0, str(file), unet, weights_sd=weights)
+    network.merge_to(1.0)
+    return len(network.loras)
+
+
+def test_oft_exports_as_lycoris_weight_differences_that_lycoris_applies_exactly(tiny_sd, tmp_path):
+    """An OFT adapter as LyCORIS "full" differences: LyCORIS' loader takes every layer (counted) and merging them
+    gives the UNet that fullrange's merged OFT has (to float32 rounding)."""
+    from fullrange import adapters
+    from fullrange.sd import load_adapter, load_stable_diffusion
+    from fullrange.sd.config import AdapterConfig
+    from fullrange.sd.export import export_lycoris_oft
+    from fullrange.sd.finetune import save_outputs
+
+    trained = load_stable_diffusion(tiny_sd)
+    adapters.add_oft(trained.unet, block_size=4)
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    oft = save_outputs(trained, AdapterConfig("oft", block_size=4), tmp_path)["oft"]
+    out = export_lycoris_oft(tmp_path / "oft.safetensors", oft, load_stable_diffusion(tiny_sd), family="sd1")
+
+    merged = adapters.merge_adapters(load_adapter(load_stable_diffusion(tiny_sd), oft).unet)
+    unet = load_stable_diffusion(tiny_sd).unet
+    expected_layers = sum(1 for k in load_file(out) if k.endswith(".diff"))
+    assert expected_layers > 10 and _lycoris_merge(out, unet) == expected_layers
+    ours, theirs = merged.state_dict(), unet.state_dict()
+    assert ours.keys() == theirs.keys()
+    changed = [k for k in ours if not torch.equal(ours[k], load_stable_diffusion(tiny_sd).unet.state_dict()[k])]
+    assert len(changed) == expected_layers
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k], atol=1e-6, rtol=1e-5)
+
+
+def test_kohya_lora_loads_in_lycoris_with_every_module(tiny_sd, tmp_path):
+    """The kohya LoRA file, read by LyCORIS' kohya loader: every module loads, and its merge equals the UNet with
+    fullrange's LoRA merged (alpha = rank, so the scale is 1)."""
+    from fullrange import adapters
+    from fullrange.sd import load_adapter, load_stable_diffusion
+    from fullrange.sd.config import AdapterConfig
+    from fullrange.sd.export import export_kohya_lora
+    from fullrange.sd.finetune import save_outputs
+
+    trained = load_stable_diffusion(tiny_sd)
+    adapters.add_lora(trained.unet, rank=2)
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    lora = save_outputs(trained, AdapterConfig("lora", rank=2), tmp_path)["lora"]
+    out = export_kohya_lora(tmp_path / "lora.safetensors", lora, load_stable_diffusion(tiny_sd), family="sd1")
+    modules = sum(1 for k in load_file(out) if k.endswith(".lora_down.weight"))
+    unet = load_stable_diffusion(tiny_sd).unet
+    assert _lycoris_merge(out, unet) == modules
+    merged = adapters.merge_adapters(load_adapter(load_stable_diffusion(tiny_sd), lora).unet).state_dict()
+    for k, v in unet.state_dict().items():
+        torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5)

@@ -823,7 +823,8 @@ def export_command(
         "single-file",
         "--format",
         help="single-file: the model (adapter merged in) in the LDM layout; kohya: the --adapter LoRA alone, in "
-        "kohya's format (--model is its base) [default: single-file].",
+        "kohya's format; lycoris: the --adapter OFT as LyCORIS weight differences (--model is the base) "
+        "[default: single-file].",
     ),
 ) -> None:
     """Write one file A1111 / ComfyUI load: a single-file checkpoint (LDM layout) with v_pred / ztsnr markers, or a
@@ -831,12 +832,14 @@ def export_command(
     import torch
 
     from .sd import load_adapter
-    from .sd.export import export, export_kohya_lora
+    from .sd.export import export, export_kohya_lora, export_lycoris_oft
 
-    if file_format not in ("single-file", "kohya"):
-        fail(f"--format {file_format!r}: choose single-file or kohya")
-    if file_format == "kohya" and adapter is None:
-        fail("--format kohya writes a LoRA: give it with --adapter (a LoRA folder written by fullrange train)")
+    adapter_formats = {"kohya": ("a LoRA", export_kohya_lora), "lycoris": ("an OFT", export_lycoris_oft)}
+    if file_format not in ("single-file", *adapter_formats):
+        fail(f"--format {file_format!r}: choose single-file, kohya or lycoris")
+    if file_format in adapter_formats and adapter is None:
+        kind = adapter_formats[file_format][0]
+        fail(f"--format {file_format} writes {kind} adapter: give it with --adapter (a folder of fullrange train)")
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if precision not in dtypes:
@@ -848,9 +851,9 @@ def export_command(
     _refuse_overwrite(out, {"--model": model, "--adapter": adapter, "--model-config": model_config})
     try:
         sd_model = _load(model, None, model_config)
-        if file_format == "kohya":
-            export_kohya_lora(out, adapter, sd_model, family=family)
-            typer.echo(f"wrote {out}: the LoRA {adapter} in kohya's format", err=True)
+        if file_format in adapter_formats:
+            adapter_formats[file_format][1](out, adapter, sd_model, family=family)
+            typer.echo(f"wrote {out}: the adapter {adapter} in {file_format}'s format", err=True)
             return
         if adapter is not None:
             with _warnings_as_lines():

@@ -90,9 +90,7 @@ def export_kohya_lora(path: Path | str, lora: Path | str, model: StableDiffusion
 
     from .load import adapter_spec
 
-    family = family or default_family(model)
-    if family not in FAMILIES:
-        raise ConfigError("family", f"{family!r} is not one of {', '.join(FAMILIES)}")
+    family = _family(model, family)
     lora = Path(lora)
     if not (lora / "pytorch_lora_weights.safetensors").is_file():
         raise ConfigError("adapter", f"{lora}: not a LoRA folder (no pytorch_lora_weights.safetensors)")
@@ -102,29 +100,73 @@ def export_kohya_lora(path: Path | str, lora: Path | str, model: StableDiffusion
     for key in [k for k in kohya if k.endswith(".alpha")]:
         rank = kohya[key.removesuffix(".alpha") + ".lora_down.weight"].shape[0]
         kohya[key] = torch.tensor(float(alpha if alpha is not None else rank))
-    spec, base = adapter_spec(lora, model.spec), model.spec
     rank = max(int(v.shape[0]) for k, v in kohya.items() if k.endswith(".lora_down.weight"))
-    v = spec.prediction == "v_prediction"
-    meta = {
+    meta = _adapter_metadata(adapter_spec(lora, model.spec), model.spec, family, lora.name) | {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha if alpha is not None else rank),
+    }
+    save_safetensors(path, {k: t.detach().to("cpu").contiguous() for k, t in kohya.items()}, meta)
+    return Path(path)
+
+
+def export_lycoris_oft(path: Path | str, oft: Path | str, model: StableDiffusion, *, family: str | None = None) -> Path:
+    """Write the OFT folder ``oft`` (``fullrange train``'s) as one LyCORIS-format ``.safetensors`` file of weight
+    differences (LyCORIS' "full" algorithm: ``lora_unet_<module>.diff`` = the merged weight − the base's), which
+    LyCORIS, A1111 and ComfyUI apply exactly. Not LyCORIS' own OFT: peft rotates the other side of the weight, so
+    its rotation would not carry over; the difference is exact. ``model`` is the base; the adapter is merged into
+    its UNet in place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .load import adapter_spec, load_adapter
+
+    family = _family(model, family)
+    oft = Path(oft)
+    if not (oft / "adapter.json").is_file():
+        raise ConfigError("adapter", f"{oft}: not an OFT folder (no adapter.json)")
+    load_adapter(model, oft)
+    diffs = {}
+    for name, module in model.unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            before = base.weight.detach().clone()  # one layer at a time
+            module.merge()
+            diffs[f"lora_unet_{name.replace('.', '_')}.diff"] = (base.weight.detach() - before).cpu().contiguous()
+    meta = _adapter_metadata(adapter_spec(oft, model.spec), model.spec, family, oft.name) | {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": '{"algo": "full"}',
+    }
+    save_safetensors(path, diffs, meta)
+    return Path(path)
+
+
+def _family(model: StableDiffusion, family: str | None) -> str:
+    family = family or default_family(model)
+    if family not in FAMILIES:
+        raise ConfigError("family", f"{family!r} is not one of {', '.join(FAMILIES)}")
+    return family
+
+
+def _adapter_metadata(spec, base, family: str, title: str) -> dict[str, str]:
+    """kohya's ``ss_*`` and ``modelspec.*`` keys for an adapter trained as ``spec`` on a ``base`` of ``family``, and
+    a description when the adapter changes the base's prediction type or terminal SNR."""
+    v = spec.prediction == "v_prediction"
+    ztsnr = spec.schedule.zero_terminal_snr
+    meta = {
         "ss_base_model_version": KOHYA_BASE_MODEL[family],
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(v),
-        "ss_zero_terminal_snr": str(spec.schedule.zero_terminal_snr),  # fullrange's; kohya has no key for it
+        "ss_zero_terminal_snr": str(ztsnr),  # fullrange's; kohya has no key for it
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
         "modelspec.implementation": "diffusers",
-        "modelspec.title": lora.name,
+        "modelspec.title": title,
         "modelspec.prediction_type": "v" if v else "epsilon",
     }
-    ztsnr = spec.schedule.zero_terminal_snr
     if spec.prediction != base.prediction or ztsnr != base.schedule.zero_terminal_snr:
         meta["modelspec.description"] = (
             f"Trained as {spec.prediction}{' with zero terminal SNR' if ztsnr else ''} on a {base.prediction} "
-            "base: sample it at strength 1 with those settings; a lower strength or another LoRA on top mixes two "
-            "prediction types and has no meaning."
+            "base: sample it at strength 1 with those settings; a lower strength or another adapter on top mixes "
+            "two prediction types and has no meaning."
         )
-    save_safetensors(path, {k: t.detach().to("cpu").contiguous() for k, t in kohya.items()}, meta)
-    return Path(path)
+    return meta
