@@ -281,3 +281,34 @@ def test_kohya_lora_loads_in_lycoris_with_every_module(tiny_sd, tmp_path):
     merged = adapters.merge_adapters(load_adapter(load_stable_diffusion(tiny_sd), lora).unet).state_dict()
     for k, v in unet.state_dict().items():
         torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5)
+
+
+def test_kohya_lora_on_sdxl_loads_in_diffusers_with_every_weight(tiny_sdxl, tmp_path):
+    """The same on SDXL: diffusers' SDXL pipeline takes every weight of the kohya file (counted) and, fused, has
+    fullrange's merged UNet."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from fullrange import adapters
+    from fullrange.sd import load_adapter, load_stable_diffusion
+    from fullrange.sd.config import AdapterConfig
+    from fullrange.sd.export import export_kohya_lora
+    from fullrange.sd.finetune import save_outputs
+
+    trained = load_stable_diffusion(tiny_sdxl)
+    adapters.add_lora(trained.unet, rank=2)
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    lora = save_outputs(trained, AdapterConfig("lora", rank=2), tmp_path)["lora"]
+    out = export_kohya_lora(tmp_path / "xl.safetensors", lora, load_stable_diffusion(tiny_sdxl))
+    downs = [k for k in load_file(out) if k.endswith(".lora_down.weight")]
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(str(out), adapter_name="kohya")
+    assert len(get_peft_model_state_dict(pipe.unet, adapter_name="kohya")) == 2 * len(downs)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    merged = adapters.merge_adapters(load_adapter(load_stable_diffusion(tiny_sdxl), lora).unet).state_dict()
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5)
