@@ -1,5 +1,7 @@
 """``fullrange.diffusers.FullrangeScheduler``: fullrange's samplers, step by step, inside diffusers' pipelines."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionXLPipeline
@@ -212,7 +214,6 @@ def test_sample_img2img_equals_diffusers_img2img_pipeline_with_the_scheduler(tin
     """``fullrange sample --image --strength`` gives the images of diffusers' img2img pipeline with the same
     scheduler, image latents and per-image seeds (the pipeline is handed the latents, since it draws the VAE's
     posterior where fullrange takes its mean); strength 1 at zero terminal SNR is plain text-to-image."""
-    from dataclasses import replace
 
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
@@ -335,6 +336,48 @@ def test_sample_inpaints_with_a_9_channel_unet_as_diffusers_inpainting_pipeline(
     args = ["sample", "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "o"), "--mask", str(mask)]
     result = CliRunner().invoke(app, [*args, "--model", str(folder)])
     assert result.exit_code != 0 and "--mask needs image" in result.output
-    plain = save_tiny_stable_diffusion(tmp_path / "plain")
-    result = CliRunner().invoke(app, [*args, "--model", str(plain), "--image", str(image)])
-    assert result.exit_code != 0 and "needs an inpainting UNet (9 input channels); this one takes 4" in result.output
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+def test_sample_inpaints_with_a_plain_unet_as_diffusers_inpainting_pipeline(tiny_sd, tmp_path, sampler):
+    """``--image --mask`` on a plain 4-channel UNet: fullrange blends the image back in after every step through the
+    scheduler, as diffusers' inpainting pipeline does; both give the same images (the pipeline is handed the same
+    image latents), at zero terminal SNR, and the CLI writes the PNG."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from fullrange.cli import app
+    from fullrange.sampling import retrained
+    from fullrange.sd import load_stable_diffusion
+    from fullrange.sd.sample import SampleSettings, generate
+    from fullrange.sd.tone import encode, read_image
+
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(13)) * 255).byte().numpy()).save(
+        image
+    )
+    white = torch.zeros(16, 16, dtype=torch.uint8)
+    white[:, 8:] = 255
+    Image.fromarray(white.numpy()).save(mask)
+    model = load_stable_diffusion(tiny_sd)
+    model = replace(model, spec=retrained(model.spec, "v_prediction", zero_terminal_snr=True))
+    prompts = ["a dark room", "a bright beach"]
+    settings = SampleSettings(sampler, 5, "trailing", guidance=3.0, image=str(image), mask=str(mask))
+    ours = generate(model, prompts, settings)
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config | {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    pipe.scheduler = FullrangeScheduler.from_config(config, sampler=sampler, spacing="trailing")
+    latents = encode(model, read_image(image, (8, 8), model.vae_scale_factor, "image")[None]).expand(2, -1, -1, -1)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    kwargs = {"num_inference_steps": 5, "guidance_scale": 3.0, "height": 16, "width": 16, "output_type": "pt"}
+    theirs = pipe(
+        prompts, image=latents, mask_image=Image.open(mask), masked_image_latents=latents, latents=noise, **kwargs
+    ).images
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+
+    cli = ["sample", "--model", str(tiny_sd), "--prompt", "x", "--steps", "3", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*cli, "--image", str(image), "--mask", str(mask), "--sampler", sampler])
+    assert result.exit_code == 0, result.output

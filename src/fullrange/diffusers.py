@@ -107,7 +107,9 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Plan ``num_inference_steps`` steps with the scheduler's spacing (fractional timesteps on a σ ladder)."""
-        steps = self.spec.plan(num_inference_steps, self.spacing, num_values=self.config.num_values)
+        self._plan(self.spec.plan(num_inference_steps, self.spacing, num_values=self.config.num_values), device)
+
+    def _plan(self, steps: torch.Tensor, device: str | torch.device | None) -> None:
         self._ladder = prepare(self.spec.schedule, steps)
         # Heun evaluates twice per step, at the step's start and at its Euler end: after the first point each
         # point is visited twice (once only after a start at σ = ∞, where the step is Euler's).
@@ -117,9 +119,14 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
             self._points = [0, *(twice[1:] if self._ladder.alpha[0] == 0 else twice)]
         steps = steps[self._points]
         self.timesteps = (steps if steps.dtype == torch.int64 else steps.float()).to(device)
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = self._ladder.num_steps
         self._begin_index = self._step_index = self._x0_prev = self._heun = None
         self._unipc = UniPCState()
+
+    def use_steps(self, steps: torch.Tensor, device: str | torch.device | None = None) -> None:
+        """Visit these descending timesteps (a ladder planned elsewhere, an img2img tail of one) instead of
+        :meth:`set_timesteps`' plan."""
+        self._plan(steps, device)
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start at step ``begin_index`` (img2img's strength): its history is empty, so a multistep sampler begins

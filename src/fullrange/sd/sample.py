@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, check_choice, check_finite, check_range
-from ..denoiser import map_cond
+from ..denoiser import from_model, map_cond
+from ..guidance import cfg
 from ..images import tile
 from ..prediction import add_noise
-from ..samplers import SAMPLERS
+from ..samplers import SAMPLERS, StepInfo
 from ..sampling import pick, sample
 from ..timesteps import LADDERS, SPACINGS
 from .model import StableDiffusion
@@ -143,13 +144,9 @@ def generate(
     image noised to the step ``strength`` picks (img2img); a ``controlnet`` is conditioned on ``control_image``."""
     size = (settings.resolution or model.unet.config.sample_size * model.vae_scale_factor) // model.vae_scale_factor
     channels = model.vae.config.latent_channels
-    if settings.mask is not None and model.unet.config.in_channels != 2 * channels + 1:
-        raise ConfigError(
-            "mask",
-            f"needs an inpainting UNet ({2 * channels + 1} input channels); this one takes "
-            f"{model.unet.config.in_channels}: for it, use diffusers' inpainting pipeline with "
-            "fullrange.diffusers.FullrangeScheduler",
-        )
+    inpainting_unet = model.unet.config.in_channels == 2 * channels + 1
+    if settings.mask is not None and not inpainting_unet and model.unet.config.in_channels != channels:
+        raise ConfigError("mask", f"a UNet of {model.unet.config.in_channels} input channels cannot inpaint")
     noise = torch.stack(
         [
             torch.randn(channels, size, size, generator=torch.Generator().manual_seed(settings.seed + i))
@@ -191,6 +188,11 @@ def generate(
         network = ControlledUNet(model.unet, controlnet, settings.control_scale)
     if settings.mask is not None:
         extra = inpaint_channels(model, settings.image, settings.mask, size).expand(len(prompts), -1, -1, -1)
+        if not inpainting_unet:  # a plain UNet: blend the image back in after every step, as diffusers does
+            latents = blended(
+                model, start, noise, image, extra[:, :1], steps, sampler, settings, cond, uncond, callback
+            )
+            return decode(model, latents)
         extra = extra.to(device, model.unet.dtype)
         cond, uncond = cond | {"inpaint_channels": extra}, uncond | {"inpaint_channels": extra}
         network = InpaintingUNet(model.unet)
@@ -208,9 +210,47 @@ def generate(
         generator=torch.Generator().manual_seed(settings.seed),
         leak=None if leak is None else leak.to(device),
     )
+    return decode(model, latents)
+
+
+def decode(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] from the UNet's latents, through the VAE."""
     latents = latents.to(model.vae.device, model.vae.dtype) / model.vae.config.scaling_factor
     images = model.vae.decode(latents).sample
     return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def blended(model, start, noise, image, mask, steps, sampler, settings, cond, uncond, callback) -> torch.Tensor:
+    """Inpainting with a plain UNet: the sampler steps on the whole latent, and after every step the part outside
+    ``mask`` is replaced by ``image`` noised to the next step (the image itself after the last), as diffusers'
+    inpainting pipeline does. Runs the sampler step by step through :class:`~fullrange.diffusers.FullrangeScheduler`,
+    the one form of it that takes latents edited between steps."""
+    from ..diffusers import FullrangeScheduler
+    from ..scheduler_config import config_from_spec
+
+    spec, device = model.spec, model.unet.device
+    config = config_from_spec(spec) | {"prediction_type": "sample"}  # the guided denoiser hands it x0
+    scheduler = FullrangeScheduler.from_config(config, sampler=sampler, spacing="trailing")
+    scheduler.use_steps(steps, device)
+    denoiser = from_model(model.unet, spec.prediction)
+    if settings.guidance != 1.0:
+        denoiser = cfg(denoiser, settings.guidance, map_cond(lambda v: v.to(device), uncond), settings.guidance_rescale)
+    cond = map_cond(lambda v: v.to(device), cond)
+    x, mask, image, noise = (v.to(device) for v in (start, mask, image, noise))
+    ts = scheduler.timesteps
+    g = torch.Generator().manual_seed(settings.seed)
+    for k, t in enumerate(ts):
+        ac = float(spec.schedule.alphas_cumprod_at(float(t)))
+        x0 = denoiser(x, float(t), ac, **cond)
+        x = scheduler.step(x0, t, x, generator=g).prev_sample
+        if k + 1 < len(ts):
+            kept = add_noise(image, noise, float(spec.schedule.alphas_cumprod_at(float(ts[k + 1]))))
+        else:
+            kept = image
+        x = mask * x + (1 - mask) * kept
+        if callback is not None:
+            callback(StepInfo(k, len(ts), float(t), x, x0))
+    return x
 
 
 def save_images(
