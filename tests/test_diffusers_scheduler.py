@@ -381,3 +381,147 @@ def test_sample_inpaints_with_a_plain_unet_as_diffusers_inpainting_pipeline(tiny
     cli = ["sample", "--model", str(tiny_sd), "--prompt", "x", "--steps", "3", "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(app, [*cli, "--image", str(image), "--mask", str(mask), "--sampler", sampler])
     assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_sd):
+    """An image, a mask, a control image, an inpainting (9-channel) model and a ControlNet, for the matrix below."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from PIL import Image
+
+    from fullrange.sd.testing import save_tiny_stable_diffusion
+
+    root = tmp_path_factory.mktemp("assets")
+    for name, seed in (("image", 20), ("control", 21)):
+        pixels = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(seed))
+        Image.fromarray((pixels * 255).byte().numpy()).save(root / f"{name}.png")
+    white = torch.zeros(16, 16, dtype=torch.uint8)
+    white[2:14, 8:] = 255
+    Image.fromarray(white.numpy()).save(root / "mask.png")
+    save_tiny_stable_diffusion(root / "inpaint9", in_channels=9)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(root / "controlnet")
+    return root
+
+
+PIPELINES = ("txt2img", "img2img", "inpaint", "inpaint9", "controlnet", "sdxl")
+
+
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("kind", PIPELINES)
+def test_every_pipeline_gives_the_images_of_fullrange_sample(
+    kind, sampler, zero_terminal_snr, tiny_sd, tiny_sdxl, assets
+):
+    """Each diffusers pipeline with FullrangeScheduler against ``fullrange sample`` with the same settings: a
+    first-order, a multistep and a second-order sampler, zero terminal SNR off and on (img2img at strength 0.7,
+    handed the same image latents; inpainting and ControlNet on their tiny models)."""
+    import diffusers
+    from diffusers import ControlNetModel
+    from PIL import Image
+
+    from fullrange.sampling import retrained
+    from fullrange.sd import load_stable_diffusion
+    from fullrange.sd.sample import SampleSettings, generate
+    from fullrange.sd.tone import encode, read_image
+
+    folder = {"sdxl": tiny_sdxl, "inpaint9": assets / "inpaint9"}.get(kind, tiny_sd)
+    classes = {
+        "txt2img": "StableDiffusionPipeline",
+        "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline",
+        "inpaint9": "StableDiffusionInpaintPipeline",
+        "controlnet": "StableDiffusionControlNetPipeline",
+        "sdxl": "StableDiffusionXLPipeline",
+    }
+    extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    if kind == "controlnet":
+        extra["controlnet"] = controlnet = ControlNetModel.from_pretrained(assets / "controlnet")
+    pipe = getattr(diffusers, classes[kind]).from_pretrained(folder, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    model = load_stable_diffusion(folder)
+    config = dict(pipe.scheduler.config)
+    if zero_terminal_snr:
+        config |= {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+        model = replace(model, spec=retrained(model.spec, "v_prediction", zero_terminal_snr=True))
+    pipe.scheduler = FullrangeScheduler.from_config(config, sampler=sampler, spacing="trailing")
+
+    prompts = ["a dark room", "a bright beach"]
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    image = str(assets / "image.png")
+    latents = encode(model, read_image(image, (8, 8), model.vae_scale_factor, "image")[None]).expand(2, -1, -1, -1)
+    settings = {"guidance": 3.0, "resolution": 16}
+    call = {"num_inference_steps": 5, "guidance_scale": 3.0, "output_type": "pt"}
+    if kind == "img2img":
+        settings |= {"image": image, "strength": 0.7}
+        call |= {"image": latents, "strength": 0.7, "generator": [torch.Generator().manual_seed(i) for i in range(2)]}
+    else:
+        call |= {"latents": noise, "height": 16, "width": 16}
+    if kind.startswith("inpaint"):
+        settings |= {"image": image, "mask": str(assets / "mask.png")}
+        masked = latents
+        if kind == "inpaint9":
+            from fullrange.sd.sample import inpaint_channels
+
+            masked = inpaint_channels(model, image, settings["mask"], 8)[:, 1:].expand(2, -1, -1, -1)
+        call |= {"image": latents, "mask_image": Image.open(assets / "mask.png"), "masked_image_latents": masked}
+    if kind == "controlnet":
+        settings |= {"control_image": str(assets / "control.png")}
+        call |= {"image": Image.open(assets / "control.png")}
+    theirs = pipe(prompts, **call).images
+    ours = generate(
+        model,
+        prompts,
+        SampleSettings(sampler, 5, "trailing", **settings),
+        controlnet=controlnet if kind == "controlnet" else None,
+    )
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+
+
+def test_exact_where_diffusers_schedulers_fail_at_zero_terminal_snr():
+    """The zero-SNR failures the interop issue names, against the same cases here:
+    - diffusers #12633 / #11347: DDIM's previous-step arithmetic with trailing spacing and 7 steps ends on t = 0,
+      not on x0: with a model that knows x0, ours returns x0 and diffusers' leaves noise;
+    - Heun with zero-SNR betas: diffusers' HeunDiscreteScheduler fails (NaN or no step to index); ours is finite;
+    - diffusers #13425: ``rescale_noise_cfg`` divides by a zero std (NaN); fullrange's rescale keeps the guided
+      prediction there."""
+    from diffusers import HeunDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from fullrange.guidance import rescale
+
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(14))
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(15))
+
+    def oracle(spec):
+        def network(x_t, t):
+            ac = float(spec.schedule.alphas_cumprod_at(float(torch.as_tensor(t).flatten()[0])))
+            return prediction.to_v(x0, x_t, ac)
+
+        return network
+
+    ours = FullrangeScheduler.from_config(_config(True), sampler="ddim", spacing="trailing")
+    torch.testing.assert_close(_run(ours, oracle(ours.spec), noise, 7), x0, atol=1e-5, rtol=0)
+    theirs = DDIMScheduler.from_config(_config(True) | {"timestep_spacing": "trailing", "clip_sample": False})
+    assert (_run(theirs, oracle(ours.spec), noise, 7) - x0).abs().max() > 1e-2
+
+    heun = HeunDiscreteScheduler(
+        trained_betas=ZTSNR.betas.numpy(), prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+    try:
+        heun.set_timesteps(7)
+        x = noise * heun.init_noise_sigma
+        for t in heun.timesteps:
+            x = heun.step(oracle(ours.spec)(heun.scale_model_input(x, t), t), t, x).prev_sample
+        failed = not torch.isfinite(x).all()
+    except (IndexError, RuntimeError, ValueError):
+        failed = True
+    assert failed
+    ours = FullrangeScheduler.from_config(_config(True), sampler="heun", spacing="trailing")
+    torch.testing.assert_close(_run(ours, oracle(ours.spec), noise, 7), x0, atol=1e-5, rtol=0)
+
+    flat = torch.zeros(1, 4, 8, 8)
+    assert not torch.isfinite(rescale_noise_cfg(flat, flat, guidance_rescale=0.7)).all()
+    torch.testing.assert_close(rescale(flat, flat, 0.7), flat)

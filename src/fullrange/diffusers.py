@@ -103,7 +103,7 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
         self._x0_prev: torch.Tensor | None = None
         self._unipc = UniPCState()
         self._points: list[int] = []
-        self._heun: tuple | None = None
+        self._heun: tuple | str | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Plan ``num_inference_steps`` steps with the scheduler's spacing (fractional timesteps on a σ ladder)."""
@@ -111,12 +111,13 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
 
     def _plan(self, steps: torch.Tensor, device: str | torch.device | None) -> None:
         self._ladder = prepare(self.spec.schedule, steps)
-        # Heun evaluates twice per step, at the step's start and at its Euler end: after the first point each
-        # point is visited twice (once only after a start at σ = ∞, where the step is Euler's).
+        # Heun evaluates twice per step, at the step's start and at its Euler end, so after the first point each
+        # point is visited twice, as in diffusers' order-2 schedulers (whose img2img starts at 2 · begin). From
+        # σ = ∞ the step is Euler's: the evaluation at its end corrects nothing, and the same point is evaluated
+        # again as the next step's start (one evaluation more than fullrange.sample's heun, the same result).
         self._points = list(range(len(steps)))
         if self.sampler == "heun":
-            twice = [i for i in self._points[1:] for _ in range(2)]
-            self._points = [0, *(twice[1:] if self._ladder.alpha[0] == 0 else twice)]
+            self._points = [0, *(i for i in self._points[1:] for _ in range(2))]
         steps = steps[self._points]
         self.timesteps = (steps if steps.dtype == torch.int64 else steps.float()).to(device)
         self.num_inference_steps = self._ladder.num_steps
@@ -169,7 +170,9 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
         lad, i = self._ladder, self._points[self._step_index]
         x = sample.float()
         x0 = to_x0(self.spec.prediction, model_output.float(), x, lad.alphas_cumprod[i])
-        if self._heun is not None:  # Heun's second evaluation, at the end of its Euler step from point j
+        if self._heun == "from infinity":  # the end of an Euler step from σ = ∞: nothing to correct
+            prev, self._heun = x, None
+        elif self._heun is not None:  # Heun's second evaluation, at the end of its Euler step from point j
             j, x_j, x0_j, d_j = self._heun
             d = (d_j + to_eps(x0, x, lad.alphas_cumprod[i])) / 2
             prev, self._heun = euler_step(lad, j, x_j, x0_j, d, lad.ve_sigma(j + 1)), None
@@ -184,6 +187,7 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
             self._heun = (i, x, x0, d)
         elif self.sampler in ("euler", "heun"):
             prev = euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), lad.ve_sigma(i + 1))
+            self._heun = "from infinity" if self.sampler == "heun" else None
         elif self.sampler == "euler_ancestral":
             prev = euler_ancestral_step(lad, i, x, x0, self.options["eta"], generator)
         elif self.sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
