@@ -312,3 +312,34 @@ def test_kohya_lora_on_sdxl_loads_in_diffusers_with_every_weight(tiny_sdxl, tmp_
     merged = adapters.merge_adapters(load_adapter(load_stable_diffusion(tiny_sdxl), lora).unet).state_dict()
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5)
+
+
+def test_cli_export_diffusers_writes_a_pipeline_with_the_adapter_merged_and_its_scheduler(tiny_sd, tmp_path):
+    """``--format diffusers``: a new folder that diffusers loads, the UNet with the LoRA merged, the scheduler config
+    of the LoRA's spec; an existing folder is refused."""
+    from diffusers import StableDiffusionPipeline
+
+    from fullrange import adapters
+    from fullrange.sampling import retrained
+    from fullrange.sd import load_adapter
+    from fullrange.sd.config import AdapterConfig
+    from fullrange.sd.finetune import save_outputs
+
+    trained = load_stable_diffusion(tiny_sd)
+    adapters.add_lora(trained.unet, rank=2)
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    trained = replace(trained, spec=retrained(trained.spec, "v_prediction", zero_terminal_snr=True))
+    lora = save_outputs(trained, AdapterConfig("lora", rank=2), tmp_path)["lora"]
+    args = ["export", "--model", str(tiny_sd), "--adapter", str(lora), "--format", "diffusers", "--precision", "fp32"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "pipe")])
+    assert result.exit_code == 0, result.output
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    merged = adapters.merge_adapters(load_adapter(load_stable_diffusion(tiny_sd), lora).unet).state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in pipe.unet.state_dict().items())
+    assert not list(tmp_path.glob(".pipe.*"))  # no temporary folder left
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "pipe")])
+    assert result.exit_code != 0 and "already exists" in result.output

@@ -813,7 +813,7 @@ def eval_brightness_command(
 @app.command("export")
 def export_command(
     model: str = typer.Option(..., help="Diffusers folder (e.g. OUT/pipeline of fullrange train) or .safetensors."),
-    out: Path = typer.Option(..., help="The single .safetensors file to write."),
+    out: Path = typer.Option(..., help="The .safetensors file to write (a new folder with --format diffusers)."),
     adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train, merged in."),
     adapter_strength: float = typer.Option(1.0, help="Strength of the adapter."),
     family: str | None = typer.Option(None, help="Layout: sd1, sd2 or sdxl [default: from the model]."),
@@ -822,21 +822,21 @@ def export_command(
     file_format: str = typer.Option(
         "single-file",
         "--format",
-        help="single-file: the model (adapter merged in) in the LDM layout; kohya: the --adapter LoRA alone, in "
-        "kohya's format; lycoris: the --adapter OFT as LyCORIS weight differences (--model is the base) "
-        "[default: single-file].",
+        help="single-file: the model (adapter merged in) in the LDM layout; diffusers: the same as a diffusers "
+        "folder with its scheduler config; kohya: the --adapter LoRA alone, in kohya's format; lycoris: the "
+        "--adapter OFT as LyCORIS weight differences (--model is the base) [default: single-file].",
     ),
 ) -> None:
-    """Write one file A1111 / ComfyUI load: a single-file checkpoint (LDM layout) with v_pred / ztsnr markers, or a
-    LoRA in kohya's format with its ss_* / modelspec metadata."""
+    """Write what A1111, ComfyUI or diffusers load: a single-file checkpoint (LDM layout) with v_pred / ztsnr markers,
+    a diffusers folder, a LoRA in kohya's format or an OFT in LyCORIS', with ss_* / modelspec metadata."""
     import torch
 
     from .sd import load_adapter
-    from .sd.export import export, export_kohya_lora, export_lycoris_oft
+    from .sd.export import export, export_diffusers, export_kohya_lora, export_lycoris_oft
 
     adapter_formats = {"kohya": ("a LoRA", export_kohya_lora), "lycoris": ("an OFT", export_lycoris_oft)}
-    if file_format not in ("single-file", *adapter_formats):
-        fail(f"--format {file_format!r}: choose single-file, kohya or lycoris")
+    if file_format not in ("single-file", "diffusers", *adapter_formats):
+        fail(f"--format {file_format!r}: choose single-file, diffusers, kohya or lycoris")
     if file_format in adapter_formats and adapter is None:
         kind = adapter_formats[file_format][0]
         fail(f"--format {file_format} writes {kind} adapter: give it with --adapter (a folder of fullrange train)")
@@ -844,9 +844,12 @@ def export_command(
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if precision not in dtypes:
         fail(f"--precision {precision!r}: choose one of {', '.join(dtypes)}")
-    if out.suffix != ".safetensors":
+    if file_format == "diffusers":
+        if out.exists():
+            fail(f"--out {out}: already exists; --format diffusers writes a new folder")
+    elif out.suffix != ".safetensors":
         fail(f"--out {out}: the file name must end in .safetensors")
-    if out.is_dir():
+    elif out.is_dir():
         fail(f"--out {out}: is a directory, not a file name")
     _refuse_overwrite(out, {"--model": model, "--adapter": adapter, "--model-config": model_config})
     try:
@@ -858,7 +861,10 @@ def export_command(
         if adapter is not None:
             with _warnings_as_lines():
                 sd_model = load_adapter(sd_model, adapter, adapter_strength)
-        export(out, sd_model, family=family, dtype=dtypes[precision])
+        if file_format == "diffusers":
+            export_diffusers(out, sd_model, dtype=dtypes[precision])
+        else:
+            export(out, sd_model, family=family, dtype=dtypes[precision])
     except (ValueError, OSError) as err:
         fail_on(err, SAMPLE_FLAGS | {"family": "--family"})
     typer.echo(

@@ -3,6 +3,7 @@ how it must be sampled."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -170,3 +171,35 @@ def _adapter_metadata(spec, base, family: str, title: str) -> dict[str, str]:
             "two prediction types and has no meaning."
         )
     return meta
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def export_diffusers(path: Path | str, model: StableDiffusion, *, dtype=torch.float16) -> Path:
+    """Write ``model`` (any adapter merged into its UNet, in place) as a new diffusers pipeline folder in ``dtype``,
+    its scheduler config saying how it must be sampled; built in a temporary folder beside it, then renamed, so a
+    failure leaves no half-written folder."""
+    import shutil
+    import tempfile
+
+    from .finetune import save_pipeline
+
+    path = Path(path)
+    merge_adapters(model.unet)
+    for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+        if module is not None:
+            module.to(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        save_pipeline(model, tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as a new folder would be
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
