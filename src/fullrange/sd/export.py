@@ -10,7 +10,8 @@ import torch
 
 from ..adapters import merge_adapters
 from ..config import ConfigError
-from ..files import save_safetensors
+from ..files import save_safetensors, share_like_new_files
+from ..scheduler_config import ddim_scheduler
 from .ldm import text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
 from .model import StableDiffusion
 
@@ -186,8 +187,6 @@ def export_diffusers(path: Path | str, model: StableDiffusion, *, dtype=torch.fl
     import shutil
     import tempfile
 
-    from .finetune import save_pipeline
-
     path = Path(path)
     merge_adapters(model.unet)
     for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
@@ -202,4 +201,24 @@ def export_diffusers(path: Path | str, model: StableDiffusion, *, dtype=torch.fl
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def pipeline_class(model: StableDiffusion):
+    """diffusers' pipeline class for ``model``: ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if model.is_xl else StableDiffusionPipeline
+
+
+def save_pipeline(model: StableDiffusion, path: Path) -> Path:
+    """A diffusers pipeline folder (safetensors) of ``model``, its scheduler configured by its spec."""
+    parts = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": model.unet}
+    parts["scheduler"] = ddim_scheduler(model.spec)
+    if model.is_xl:
+        parts |= {"text_encoder_2": model.text_encoder_2, "tokenizer_2": model.tokenizer_2}
+    else:
+        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline_class(model)(**parts).save_pretrained(path, safe_serialization=True)
+    share_like_new_files(path)
     return path

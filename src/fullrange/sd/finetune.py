@@ -27,7 +27,7 @@ from ..sampling import SamplingSpec
 from ..scheduler_config import ddim_scheduler
 from ..train import check_resume, process_state, train
 from .config import AdapterConfig, DataConfig, FinetuneConfig, NoiseConfig
-from .export import export_kohya_lora
+from .export import export_kohya_lora, pipeline_class, save_pipeline
 from .latents import bucket_step, image_batches
 from .load import load_stable_diffusion
 from .model import StableDiffusion
@@ -234,26 +234,6 @@ def validator(model: StableDiffusion, prompts: list[str], settings: SampleSettin
         save_images(images, prompts, settings, out / f"step_{step:06d}")
 
     return validate
-
-
-def pipeline_class(model: StableDiffusion):
-    """diffusers' pipeline class for ``model``: ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if model.is_xl else StableDiffusionPipeline
-
-
-def save_pipeline(model: StableDiffusion, path: Path) -> Path:
-    """A diffusers pipeline folder (safetensors) of ``model``, its scheduler configured by its spec."""
-    parts = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": model.unet}
-    parts["scheduler"] = ddim_scheduler(model.spec)
-    if model.is_xl:
-        parts |= {"text_encoder_2": model.text_encoder_2, "tokenizer_2": model.tokenizer_2}
-    else:
-        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipeline_class(model)(**parts).save_pretrained(path, safe_serialization=True)
-    share_like_new_files(path)
-    return path
 
 
 def save_outputs(model: StableDiffusion, adapter: AdapterConfig, out: Path) -> dict[str, Path]:
