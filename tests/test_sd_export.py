@@ -125,6 +125,29 @@ def test_tiny_export_reloads_with_the_same_weights_and_markers(tiny_sd, tiny_sdx
     assert loaded.spec.spacing == ("trailing" if name == "sd2" else "leading")
 
 
+def _adapter_folder(folder, tmp_path, kind="lora", ztsnr=False):
+    """A LoRA (rank 2) or OFT (block 4) folder as ``fullrange train`` writes it, for the tiny model at ``folder``,
+    with random non-zero adapter weights; ``ztsnr``: trained as zero-SNR v-prediction on the epsilon base."""
+    from fullrange import adapters
+    from fullrange.sampling import retrained
+    from fullrange.sd.config import AdapterConfig
+    from fullrange.sd.finetune import save_outputs
+
+    trained = load_stable_diffusion(folder)
+    if kind == "lora":
+        adapters.add_lora(trained.unet, rank=2)
+    else:
+        adapters.add_oft(trained.unet, block_size=4)
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if p.requires_grad and "lora_A" not in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    if ztsnr:
+        trained = replace(trained, spec=retrained(trained.spec, "v_prediction", zero_terminal_snr=True))
+    config = AdapterConfig("lora", rank=2) if kind == "lora" else AdapterConfig("oft", block_size=4)
+    return save_outputs(trained, config, tmp_path)[kind]
+
+
 def test_cli_export_then_sample_the_single_file(tiny_sd, tmp_path):
     runner = CliRunner()
     path = tmp_path / "tiny.safetensors"
@@ -144,29 +167,17 @@ def test_kohya_lora_loads_in_diffusers_with_every_weight_and_the_same_images(tin
     """A LoRA on attention, feed-forward and ResNet layers, trained as zero-SNR v-prediction on an epsilon base,
     exported in kohya's format: diffusers' kohya loader takes every weight (counted), and the pipeline samples what
     ``fullrange sample --adapter`` samples from the LoRA folder."""
-    from dataclasses import replace
 
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
-    from fullrange import adapters
     from fullrange.diffusers import FullrangeScheduler
-    from fullrange.sampling import retrained
     from fullrange.sd import load_adapter, load_stable_diffusion
-    from fullrange.sd.config import AdapterConfig
     from fullrange.sd.export import export_kohya_lora
-    from fullrange.sd.finetune import save_outputs
     from fullrange.sd.sample import SampleSettings, generate
 
-    trained = load_stable_diffusion(tiny_sd)
-    adapters.add_lora(trained.unet, rank=2)
-    with torch.no_grad():
-        for name, p in trained.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    trained = replace(trained, spec=retrained(trained.spec, "v_prediction", zero_terminal_snr=True))
-    lora = save_outputs(trained, AdapterConfig("lora", rank=2), tmp_path)["lora"]
+    lora = _adapter_folder(tiny_sd, tmp_path, ztsnr=True)
     out = export_kohya_lora(tmp_path / "kohya.safetensors", lora, load_stable_diffusion(tiny_sd), family="sd1")
 
     with safe_open(out, "pt") as f:
@@ -233,17 +244,9 @@ def test_oft_exports_as_lycoris_weight_differences_that_lycoris_applies_exactly(
     gives the UNet that fullrange's merged OFT has (to float32 rounding)."""
     from fullrange import adapters
     from fullrange.sd import load_adapter, load_stable_diffusion
-    from fullrange.sd.config import AdapterConfig
     from fullrange.sd.export import export_lycoris_oft
-    from fullrange.sd.finetune import save_outputs
 
-    trained = load_stable_diffusion(tiny_sd)
-    adapters.add_oft(trained.unet, block_size=4)
-    with torch.no_grad():
-        for name, p in trained.unet.named_parameters():
-            if p.requires_grad:
-                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    oft = save_outputs(trained, AdapterConfig("oft", block_size=4), tmp_path)["oft"]
+    oft = _adapter_folder(tiny_sd, tmp_path, "oft")
     out = export_lycoris_oft(tmp_path / "oft.safetensors", oft, load_stable_diffusion(tiny_sd), family="sd1")
 
     merged = adapters.merge_adapters(load_adapter(load_stable_diffusion(tiny_sd), oft).unet)
@@ -263,17 +266,9 @@ def test_kohya_lora_loads_in_lycoris_with_every_module(tiny_sd, tmp_path):
     fullrange's LoRA merged (alpha = rank, so the scale is 1)."""
     from fullrange import adapters
     from fullrange.sd import load_adapter, load_stable_diffusion
-    from fullrange.sd.config import AdapterConfig
     from fullrange.sd.export import export_kohya_lora
-    from fullrange.sd.finetune import save_outputs
 
-    trained = load_stable_diffusion(tiny_sd)
-    adapters.add_lora(trained.unet, rank=2)
-    with torch.no_grad():
-        for name, p in trained.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    lora = save_outputs(trained, AdapterConfig("lora", rank=2), tmp_path)["lora"]
+    lora = _adapter_folder(tiny_sd, tmp_path)
     out = export_kohya_lora(tmp_path / "lora.safetensors", lora, load_stable_diffusion(tiny_sd), family="sd1")
     modules = sum(1 for k in load_file(out) if k.endswith(".lora_down.weight"))
     unet = load_stable_diffusion(tiny_sd).unet
@@ -291,17 +286,9 @@ def test_kohya_lora_on_sdxl_loads_in_diffusers_with_every_weight(tiny_sdxl, tmp_
 
     from fullrange import adapters
     from fullrange.sd import load_adapter, load_stable_diffusion
-    from fullrange.sd.config import AdapterConfig
     from fullrange.sd.export import export_kohya_lora
-    from fullrange.sd.finetune import save_outputs
 
-    trained = load_stable_diffusion(tiny_sdxl)
-    adapters.add_lora(trained.unet, rank=2)
-    with torch.no_grad():
-        for name, p in trained.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    lora = save_outputs(trained, AdapterConfig("lora", rank=2), tmp_path)["lora"]
+    lora = _adapter_folder(tiny_sdxl, tmp_path)
     out = export_kohya_lora(tmp_path / "xl.safetensors", lora, load_stable_diffusion(tiny_sdxl))
     downs = [k for k in load_file(out) if k.endswith(".lora_down.weight")]
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
@@ -320,19 +307,9 @@ def test_cli_export_diffusers_writes_a_pipeline_with_the_adapter_merged_and_its_
     from diffusers import StableDiffusionPipeline
 
     from fullrange import adapters
-    from fullrange.sampling import retrained
     from fullrange.sd import load_adapter
-    from fullrange.sd.config import AdapterConfig
-    from fullrange.sd.finetune import save_outputs
 
-    trained = load_stable_diffusion(tiny_sd)
-    adapters.add_lora(trained.unet, rank=2)
-    with torch.no_grad():
-        for name, p in trained.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    trained = replace(trained, spec=retrained(trained.spec, "v_prediction", zero_terminal_snr=True))
-    lora = save_outputs(trained, AdapterConfig("lora", rank=2), tmp_path)["lora"]
+    lora = _adapter_folder(tiny_sd, tmp_path, ztsnr=True)
     args = ["export", "--model", str(tiny_sd), "--adapter", str(lora), "--format", "diffusers", "--precision", "fp32"]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "pipe")])
     assert result.exit_code == 0, result.output
