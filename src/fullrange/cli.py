@@ -241,7 +241,7 @@ def reproduce_command(
 
 MODEL_CONFIG_HELP = "Diffusers folder with the configs of a single-file --model [default: bundled SD 1.x / 2.x / XL]."
 SHA256_HELP = "Expected SHA-256 of a single-file --model, checked before loading."
-SAMPLER_HELP = "Any of fullrange's samplers [default: unipc, the fewest-evaluation winner; see the README]."
+SAMPLER_HELP = "Any of fullrange's samplers (default: unipc, the fewest-evaluation winner; see the README)."
 
 # fullrange train: each flag (also a key of a flat --config file) and the config field it sets.
 TRAIN_FLAGS = {
@@ -496,8 +496,8 @@ def sample_command(
     steps: int = typer.Option(25, help="Sample steps."),
     spacing: str | None = typer.Option(
         None,
-        help="leading, linspace, trailing, karras or exponential [default: at zero terminal SNR a Karras ladder "
-        "topped by the latent size, else the model's own].",
+        help="leading, linspace, trailing, karras or exponential (default: at zero terminal SNR a Karras ladder "
+        "topped by the latent size, else the model's own).",
     ),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     guidance_rescale: float = typer.Option(0.0, help="Guidance rescale φ (Lin et al.; 0.7 recommended at zero SNR)."),
