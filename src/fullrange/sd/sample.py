@@ -120,15 +120,22 @@ class InpaintingUNet(torch.nn.Module):
         return self.unet(torch.cat([x, inpaint_channels.to(x.dtype)], dim=1), t, **cond)
 
 
+def pixel_mask(model: StableDiffusion, mask: str, size: int) -> torch.Tensor:
+    """(1, 1, H, W) booleans at pixel size: where the mask file is white (binarised at 0.5), to repaint."""
+    return (read_image(mask, (size, size), model.vae_scale_factor, "mask").mean(0, keepdim=True)[None] + 1) / 2 >= 0.5
+
+
+def latent_mask(binary: torch.Tensor, size: int) -> torch.Tensor:
+    """(1, 1, h, w): a pixel mask at latent size (nearest), as diffusers' inpainting pipeline resizes it."""
+    return torch.nn.functional.interpolate(binary.float(), size=(size, size))
+
+
 def inpaint_channels(model: StableDiffusion, image: str, mask: str, size: int) -> torch.Tensor:
-    """(1, 1 + C, h, w): the mask at latent size (white = repaint, binarised, nearest) and the latents of the image
-    with the repainted part blacked out, as diffusers' inpainting pipeline builds them."""
-    factor = model.vae_scale_factor
-    pixels = read_image(image, (size, size), factor, "image")[None]
-    binary = (read_image(mask, (size, size), factor, "mask").mean(0, keepdim=True)[None] + 1) / 2 >= 0.5
-    masked = encode(model, pixels * ~binary)
-    small = torch.nn.functional.interpolate(binary.float(), size=(size, size))
-    return torch.cat([small, masked], dim=1)
+    """(1, 1 + C, h, w): the mask at latent size (white = repaint) and the latents of the image with the repainted
+    part blacked out, as diffusers' inpainting pipeline builds them for a 9-channel UNet."""
+    binary = pixel_mask(model, mask, size)
+    pixels = read_image(image, (size, size), model.vae_scale_factor, "image")[None]
+    return torch.cat([latent_mask(binary, size), encode(model, pixels * ~binary)], dim=1)
 
 
 @torch.no_grad()
@@ -186,13 +193,12 @@ def generate(
         control = ((control + 1) / 2).expand(len(prompts), -1, -1, -1).to(device, model.unet.dtype)
         cond, uncond = cond | {"controlnet_cond": control}, uncond | {"controlnet_cond": control}
         network = ControlledUNet(model.unet, controlnet, settings.control_scale)
+    if settings.mask is not None and not inpainting_unet:  # blend the image back in after every step, as diffusers
+        mask = latent_mask(pixel_mask(model, settings.mask, size), size)
+        latents = blended(model, start, noise, image, mask, steps, sampler, settings, cond, uncond, callback)
+        return decode(model, latents)
     if settings.mask is not None:
         extra = inpaint_channels(model, settings.image, settings.mask, size).expand(len(prompts), -1, -1, -1)
-        if not inpainting_unet:  # a plain UNet: blend the image back in after every step, as diffusers does
-            latents = blended(
-                model, start, noise, image, extra[:, :1], steps, sampler, settings, cond, uncond, callback
-            )
-            return decode(model, latents)
         extra = extra.to(device, model.unet.dtype)
         cond, uncond = cond | {"inpaint_channels": extra}, uncond | {"inpaint_channels": extra}
         network = InpaintingUNet(model.unet)
