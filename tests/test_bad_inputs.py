@@ -417,6 +417,14 @@ LIBRARY = {
     "adapter folder of something else": lambda c: Kind(
         c, lambda ws, tmp: [*sample_args(ws, tmp / "o"), "--adapter", ws / "data"], ("--adapter", "neither a LoRA")
     ),
+    "adapter file without LoRA weights": lambda c: Kind(
+        c,
+        lambda ws, tmp: [
+            *sample_args(ws, tmp / "o"),
+            *("--adapter", ws / "sd" / "unet" / "diffusion_pytorch_model.safetensors"),
+        ],
+        ("--adapter", "diffusion_pytorch_model.safetensors"),
+    ),
     "adapter weights truncated": lambda c: Kind(
         c,
         damaged_lora(lambda lora: truncate(lora / "pytorch_lora_weights.safetensors")),

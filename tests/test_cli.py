@@ -64,3 +64,50 @@ def test_schedule_bad_options_give_one_line_errors(args, message):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_train_help_states_the_defaults_the_config_uses():
+    """Every ``fullrange train`` option whose config field has a default says it in its help, the same value."""
+    import dataclasses
+    import re
+
+    import typer
+
+    from fullrange.cli import TRAIN_FLAGS
+    from fullrange.sd import config as sd_config
+
+    # the tables' classes, named as strings (``from __future__ import annotations``) in the config module
+    classes = {f.name: getattr(sd_config, f.type) for f in dataclasses.fields(sd_config.FinetuneConfig)}
+    defaults = {}
+    for table, cls in classes.items():
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f"{table}.{f.name}"] = f.default
+    command = typer.main.get_command(app).commands["train"]
+    helps = {p.opts[0].removeprefix("--"): p.help or "" for p in command.params if p.opts}
+    checked = 0
+    for flag, field in TRAIN_FLAGS.items():
+        default = defaults.get(field)
+        if default is None or isinstance(default, bool) or default == ():
+            continue  # required, a flag that is off unless given, or empty
+        found = re.search(r"\[default: ([^\],]+)", helps[flag])
+        assert found, f"--{flag} does not state its default {default!r}: {helps[flag]!r}"
+        stated = found.group(1)
+        if isinstance(default, int | float):
+            assert float(stated.split()[0]) == default, (flag, stated, default)
+        else:
+            assert stated == str(default), (flag, stated, default)
+        checked += 1
+    assert checked >= 15
+
+
+def test_help_shows_brackets_and_version():
+    """Rich markup ate ``[default: …]`` and ``[model]``; the help is plain text now."""
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert "[default: 512]" in result.output and "[model], [data]" in result.output
+    result = runner.invoke(app, ["sample", "--help"], terminal_width=200)
+    assert "[default: 25]" in result.output
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"fullrange {version('fullrange')}"

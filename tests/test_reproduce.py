@@ -7,6 +7,7 @@ from fullrange import reproduce
 from fullrange.cli import app
 from fullrange.losses import RECIPES, Recipe
 from fullrange.reproduce.common import PRESETS, Context
+from fullrange.reproduce.report import MARKS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -30,13 +31,73 @@ def test_every_experiment_writes_json_pngs_and_the_report(micro_run):
         for image in result["plots"] + result.get("grids", []):
             assert (out / name / image).read_bytes()[:8] == PNG, image
     text = report.read_text()
-    assert "## Summary" in text and all(f"## {name}" in text for name in reproduce.EXPERIMENTS)
+    assert all(f"## {name}" in text for name in reproduce.EXPERIMENTS)
     assert not [line for line in text.splitlines() if line.startswith("    ")]  # no docstring indent read as code
     leak = json.loads((out / "training_free" / "results.json").read_text())["numbers"]
     assert sorted(leak) == ["baseline", "baseline + leak", "ztsnr"]
     assert sorted(leak["baseline + leak"]) == ["any", "solid black", "solid white"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,iVBOR") >= 6 and "<table>" in html
+
+
+def test_the_report_opens_with_the_verdicts_and_closes_with_provenance(micro_run):
+    out, report, _ = micro_run
+    text = report.read_text()
+    order = ["## TL;DR", "## Contents", "## How to read this", "## schedule_facts", "## training_free", "## Provenance"]
+    assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
+    tldr = text[text.index("## TL;DR") : text.index("## Contents")]
+    assert "![before_after.png](from_scratch/before_after.png)" in tldr
+    assert "![per_label_brightness.png](from_scratch/per_label_brightness.png)" in tldr
+    findings = [
+        f for name in reproduce.EXPERIMENTS for f in json.loads((out / name / "results.json").read_text())["findings"]
+    ]
+    assert tldr.count("\n| ") == len(findings) + 1  # header, then one row per finding
+    for f in findings:
+        assert f"{MARKS[f['verdict']]} **{f['verdict']}**" in tldr and f["rule"]
+    provenance = text[text.index("## Provenance") :]
+    assert all(f"| {name} |" in provenance for name in reproduce.EXPERIMENTS) and "torch 2." in provenance
+    html = (out / "report.html").read_text()
+    assert 'id="from_scratch"' in html and 'href="#from_scratch"' in html
+    coloured = sum(html.count(f'class="{c}"') for c in ("reproduced", "partly", "not-reproduced"))
+    assert coloured == 2 * len(findings) + len(MARKS)  # the TL;DR, each section, and the legend of "How to read"
+
+
+def test_trained_figures_carry_every_seed_and_their_range(micro_run):
+    out, _, _ = micro_run
+    seeds = PRESETS["micro"].seeds
+    assert len(seeds) >= 2
+    scratch = json.loads((out / "from_scratch" / "results.json").read_text())
+    assert scratch["preset"]["seeds"] == list(seeds)
+    for recipe, numbers in scratch["numbers"].items():
+        assert len(numbers["per_seed"]) == len(seeds), recipe
+        for key in ("spread_ratio", "wasserstein"):
+            cell, values = numbers[key], [run[key] for run in numbers["per_seed"]]
+            assert cell["values"] == values and cell["low"] == min(values) and cell["high"] == max(values)
+            assert cell["mean"] == pytest.approx(sum(values) / len(values))
+        assert len(set(numbers["wasserstein"]["values"])) == len(seeds)  # each seed is its own model and noise
+    steps = json.loads((out / "sample_steps" / "results.json").read_text())["numbers"]
+    assert len(steps["ztsnr"]["trailing"][str(min(PRESETS["micro"].spacing_steps))]["wasserstein"]["values"]) == len(
+        seeds
+    )
+    finetune = json.loads((out / "finetune" / "results.json").read_text())["numbers"]
+    assert len(finetune["final"]["solid black"]["baseline"]["values"]) == len(seeds)
+    leak = json.loads((out / "training_free" / "results.json").read_text())["numbers"]
+    assert len(leak["baseline + leak"]["solid black"]["per_seed"]) == len(seeds)
+
+
+def test_grids_are_labelled_rows_of_data_then_samples(micro_run):
+    from PIL import Image
+
+    out, _, _ = micro_run
+    p = PRESETS["micro"]
+    with Image.open(out / "from_scratch" / "samples_baseline.png") as grid:
+        side = p.size * 4
+        per_label = -(-p.num_samples // 5)
+        # label column 120, two data tiles, a gap of 16, the samples; gutters of 4; a header of 18
+        assert grid.size == (120 + 2 * (side + 4) + 16 + per_label * (side + 4) + 4, 18 + 5 * (side + 4) + 4)
+        assert grid.getpixel((0, 0)) == (40, 40, 40) and grid.getpixel((3, 3)) == (150, 150, 150)
+        assert grid.getpixel((120 + side // 2, 18 + side // 2)) == (0, 0, 0)  # 'solid black' data
+        assert grid.getpixel((120 + side // 2, 18 + side + 4 + side // 2)) == (255, 255, 255)  # 'solid white'
 
 
 def test_a_second_run_resumes_instead_of_redoing(micro_run):

@@ -516,3 +516,203 @@ def test_bf16_mixed_precision_trains_with_fp32_master_weights(workspace, tmp_pat
     with pytest.raises(ValueError, match="one precision per process"):
         bf16 = train.TrainConfig(steps=1, batch_size=2, warmup=1, mixed_precision="bf16")
         train.train(model, labelled, losses.get_recipe("baseline"), bf16, tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize(
+    "optimizer,schedule", [("adamw", "constant"), ("adafactor", "linear"), ("adafactor", "cosine"), ("adamw", "linear")]
+)
+def test_each_optimizer_and_schedule_trains_a_tiny_sd(workspace, optimizer, schedule):
+    from fullrange.checkpoint import Checkpoint
+
+    out = f"opt_{optimizer}_{schedule}"
+    config = _config(workspace, out, train={"optimizer": optimizer, "lr_schedule": schedule})
+    outputs = finetune(config, progress=False, log=lambda _: None)
+    ups = {k: v for k, v in load_file(outputs["lora"] / "pytorch_lora_weights.safetensors").items() if "lora_B" in k}
+    assert ups and all(v.abs().sum() > 0 for v in ups.values())  # B starts at 0: every one of them moved
+    ckpt = Checkpoint(workspace / out / "train" / "checkpoint.safetensors")
+    assert ckpt.meta["train"]["optimizer"] == optimizer and ckpt.meta["train"]["lr_schedule"] == schedule
+    state = ckpt.optimizer_state()["state"]
+    # Adafactor keeps factored second moments (a row and a column per matrix); AdamW full ones.
+    kinds = {key for per_param in state.values() for key in per_param}
+    assert ("exp_avg_sq_row" in kinds) == (optimizer == "adafactor") and ("exp_avg" in kinds) == (optimizer == "adamw")
+
+
+def test_8bit_adamw_runs_where_bitsandbytes_does_and_is_refused_with_a_reason_elsewhere(workspace):
+    import importlib.util
+
+    from fullrange.config import ConfigError
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match=r"adamw8bit needs the bitsandbytes package \(pip install bitsandbytes\)"):
+            _config(workspace, "bnb", train={"optimizer": "adamw8bit"})
+        result = runner.invoke(app, ["train", "--optimizer", "adamw8bit", "--model", "m", "--data", "d", "--out", "o"])
+        assert result.exit_code == 2 and result.output.startswith("error: --optimizer adamw8bit needs the bitsandbytes")
+        return
+    try:
+        outputs = finetune(_config(workspace, "bnb", train={"optimizer": "adamw8bit"}), progress=False, log=print)
+    except ConfigError as err:
+        assert "adamw8bit does not run on cpu here" in str(err)
+    else:
+        assert (outputs["lora"] / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_tensorboard_logs_and_an_adapter_per_checkpoint(workspace):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fullrange.train import lr_at
+
+    config = _config(
+        workspace,
+        "tb",
+        train={"report_to": "tensorboard", "lr_schedule": "linear", "warmup": 1},
+        validation={"prompts": ["solid black"]},
+        output={"family": "sd1"},
+    )
+    outputs = finetune(config, progress=False, log=lambda _: None)
+    events = list((workspace / "tb" / "train" / "logs").glob("events.out.tfevents.*"))  # hparams: in a sub-run
+    assert len(events) == 1
+    logs = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    logs.Reload()
+    losses = json.loads((workspace / "tb" / "train" / "loss.json").read_text())
+    assert [e.step for e in logs.Scalars("loss")] == [1, 2, 3]
+    assert [e.value for e in logs.Scalars("loss")] == pytest.approx(losses, rel=1e-6)
+    assert [e.value for e in logs.Scalars("lr")] == pytest.approx([lr_at(s, config.train) for s in range(3)])
+    assert [e.value for e in logs.Scalars("lr")] == pytest.approx([1e-3, 1e-3, 5e-4])  # warm-up 1, then linear
+    assert [e.step for e in logs.Images("validation")] == [2, 3]
+    # An adapter per checkpoint (steps 2 and 3), each as diffusers' folder and a kohya file; the last is the output.
+    snapshots = workspace / "tb" / "checkpoints"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step_000002", "step_000003"]
+    final = load_file(outputs["lora"] / "pytorch_lora_weights.safetensors")
+    at = {s: load_file(snapshots / f"step_00000{s}" / "lora" / "pytorch_lora_weights.safetensors") for s in (2, 3)}
+    assert all(torch.equal(at[3][k], v) for k, v in final.items()) and set(at[2]) == set(final)
+    assert any(not torch.equal(at[2][k], v) for k, v in final.items())
+    with safe_open(snapshots / "step_000002" / "lora_kohya.safetensors", "pt") as f:
+        names = f.keys()
+    assert len([k for k in names if not k.endswith(".alpha")]) == len(final)
+
+
+def test_text_encoder_lora_trains_and_reloads_in_diffusers(workspace):
+    from fullrange.sd.model import TextConditionedUNet
+
+    tables = {"adapter": {"kind": "lora", "text_encoder": True}, "output": {"family": "sd1"}}
+    outputs = finetune(_config(workspace, "te", **tables), progress=False, log=lambda _: None)
+    saved = load_file(outputs["lora"] / "pytorch_lora_weights.safetensors")
+    te_ups = {k: v for k, v in saved.items() if k.startswith("text_encoder.") and "lora_B" in k}
+    assert te_ups and all(v.abs().sum() > 0 for v in te_ups.values())  # trained: B starts at 0
+    assert any(".q_proj." in k for k in te_ups) and any(k.startswith("unet.") for k in saved)
+
+    pipe = StableDiffusionPipeline.from_pretrained(workspace / "sd", local_files_only=True)
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        before = pipe.text_encoder(ids.input_ids)[0]
+        pipe.load_lora_weights(outputs["lora"])
+        theirs = pipe.text_encoder(ids.input_ids)[0]
+    assert (theirs - before).abs().max() > 1e-5
+    loaded = get_peft_model_state_dict(pipe.text_encoder, adapter_name="default_0")
+    assert len(loaded) == len([k for k in saved if k.startswith("text_encoder.")])  # every weight arrived
+    # fullrange's own loader, from the folder and from the kohya file, gives diffusers' text states
+    with safe_open(outputs["kohya"], "pt") as f:
+        names = f.keys()
+    assert any(k.startswith("lora_te_") for k in names)
+    for adapter in (outputs["lora"], outputs["kohya"]):
+        model = load_adapter(load_stable_diffusion(workspace / "sd"), adapter)
+        torch.testing.assert_close(model.encode_prompts(PROMPTS)["encoder_hidden_states"], theirs, atol=1e-5, rtol=0)
+    # the training module conditions through the encoders: the same states as sampling uses
+    model = load_adapter(load_stable_diffusion(workspace / "sd"), outputs["lora"])
+    wrapped = TextConditionedUNet(model)
+    assert {n.split(".")[0] for n, _ in wrapped.named_parameters()} == {"unet", "text_encoder"}
+
+
+def test_text_encoder_lora_needs_a_lora(workspace):
+    from fullrange.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is a LoRA on the text encoders: it needs kind lora, not oft"):
+        _config(workspace, "x", adapter={"kind": "oft", "text_encoder": True})
+
+
+def test_the_model_card_says_how_to_sample_and_its_diffusers_code_runs(workspace, tmp_path):
+    tables = {"adapter": {"kind": "lora"}, "noise": {"zero_terminal_snr": True}, "output": {"family": "sd1"}}
+    outputs = finetune(_config(workspace, "card", **tables), progress=False, log=lambda _: None)
+    card = outputs["card"].read_text()
+    assert outputs["card"] == workspace / "card" / "README.md"
+    for phrase in (
+        "**v-prediction**",
+        "**zero terminal SNR**",
+        "ModelSamplingDiscrete",
+        "`v_prediction`",
+        "zsnr `true`",
+    ):
+        assert phrase in card, phrase
+    assert "Zero Terminal SNR" in card and "lora_kohya.safetensors" in card and "guidance_rescale=0.7" in card
+    code = card.split("```python\n")[1].split("```")[0]
+    code = code.replace('pipe("...",', 'pipe("solid black", num_inference_steps=2, output_type="np",')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # the card's own diffusers code
+    assert scope["pipe"].scheduler.config.prediction_type == "v_prediction"
+    assert scope["pipe"].scheduler.config.rescale_betas_zero_snr and scope["image"].shape[-1] == 3
+
+
+def test_sample_png_says_what_made_it_and_takes_a_lora_file(workspace, tmp_path):
+    import hashlib
+    import struct
+
+    tables = {"adapter": {"kind": "lora"}, "noise": {"zero_terminal_snr": True}, "output": {"family": "sd1"}}
+    outputs = finetune(_config(workspace, "png", **tables), progress=False, log=lambda _: None)
+    base = ["sample", "--model", str(workspace / "sd"), "--prompt", "solid black", "--prompt", "a white, bright field"]
+    base += ["--steps", "3", "--resolution", "16", "--num-images", "2"]
+    runs = {
+        "folder": ["--adapter", str(outputs["lora"])],
+        "file": ["--adapter", str(outputs["kohya"])],
+        "batched": ["--adapter", str(outputs["kohya"]), "--batch-size", "3"],
+        "bf16": ["--adapter", str(outputs["kohya"]), "--dtype", "bf16"],
+    }
+    umask = os.umask(0o022)
+    try:
+        for name, extra in runs.items():
+            result = runner.invoke(app, [*base, *extra, "--out", str(tmp_path / name)])
+            assert result.exit_code == 0, result.output
+    finally:
+        os.umask(umask)
+    names = ["000000-solid-black", "000001-solid-black", "000002-a-white-bright-field", "000003-a-white-bright-field"]
+    pixels = {
+        run: np.stack([np.asarray(Image.open(tmp_path / run / f"{n}.png"), dtype=np.float64) for n in names])
+        for run in runs
+    }
+    assert np.abs(pixels["file"] - pixels["folder"]).max() <= 1  # the kohya file is the folder's LoRA
+    # batches of 3 keep every image's seed: equal but for rounding (batched kernels sum in another order)
+    assert np.abs(pixels["batched"] - pixels["file"]).max() <= 1
+    assert np.abs(pixels["file"][0] - pixels["file"][1]).mean() > 10  # another seed is another image
+    assert 0 < np.abs(pixels["bf16"] - pixels["file"]).mean() < 8  # bf16 weights: close, not equal
+    assert oct((tmp_path / "file" / f"{names[0]}.png").stat().st_mode & 0o777) == "0o644"
+
+    image = Image.open(tmp_path / "file" / f"{names[3]}.png")
+    info = json.loads(image.text["fullrange"])
+    unet = (workspace / "sd" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    kohya = outputs["kohya"].read_bytes()
+    (header,) = struct.unpack("<Q", kohya[:8])
+    expected = {
+        "prompt": "a white, bright field",
+        "seed": 3,
+        "sampler": "unipc",  # not asked for: what was picked, not null
+        "spacing": "karras",
+        "resolution": 16,
+        "model_hash": hashlib.sha256(unet).hexdigest()[:10],
+        "adapter": str(outputs["kohya"]),
+        "adapter_hash": hashlib.sha256(kohya[8 + header :]).hexdigest()[:12],
+        "adapter_strength": 1.0,
+        "prediction_type": "v_prediction",  # from the kohya file's own metadata
+        "zero_terminal_snr": True,
+        "dtype": "fp32",
+    }
+    assert {k: info[k] for k in expected} == expected
+    prompt, parameters = image.text["parameters"].split("\n")
+    assert prompt == "a white, bright field"
+    assert parameters.startswith(
+        "Steps: 3, Sampler: UniPC, Schedule type: Karras, CFG scale: 7.5, Seed: 3, Size: 16x16, "
+        f"Model hash: {expected['model_hash']}, Model: sd, Lora hashes: "
+        f'"lora_kohya: {expected["adapter_hash"]}", Lora strength: 1.0, Prediction: v_prediction, '
+        "Zero terminal SNR: True, Version: fullrange "
+    )
+    assert json.loads(Image.open(tmp_path / "bf16" / f"{names[0]}.png").text["fullrange"])["dtype"] == "bf16"
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--dtype", "fp8"])
+    assert bad.exit_code == 2 and "--dtype 'fp8' is not one of fp32, fp16, bf16" in bad.output

@@ -357,3 +357,27 @@ def test_outputs_take_the_umask_and_load_lazily(tmp_path):
     assert all(torch.equal(targets[k], weights[k]) and targets[k].data_ptr() == pointers[k] for k in weights)
     with pytest.raises(ValueError, match="not this model's"):
         saved.load_into("model", {"a": torch.zeros(3, 4)})
+
+
+@pytest.mark.parametrize(
+    "name,theirs", [("constant", "constant_with_warmup"), ("linear", "linear"), ("cosine", "cosine")]
+)
+def test_lr_schedules_are_diffusers_after_the_warm_up(name, theirs):
+    """After the warm-up each schedule is diffusers' ``get_scheduler``'s; during it, step s trains at diffusers'
+    rate of step s + 1 (never at 0)."""
+    from diffusers.optimization import get_scheduler
+
+    config = train.TrainConfig(steps=50, lr=1e-3, warmup=10, lr_schedule=name)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    schedule = get_scheduler(theirs, optimizer, num_warmup_steps=10, num_training_steps=50)
+    rates = []
+    for _ in range(51):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    ours = [train.lr_at(s, config) for s in range(50)]
+    assert ours[10:] == pytest.approx(rates[10:50], abs=1e-12)
+    assert ours[:10] == pytest.approx(rates[1:11], abs=1e-12)
+    assert ours[0] == pytest.approx(1e-4) and (
+        ours[-1] == pytest.approx(1e-3) if name == "constant" else ours[-1] < 1e-4
+    )

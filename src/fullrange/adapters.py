@@ -14,6 +14,7 @@ import torch
 ADAPTERS = ("full", "lora", "oft")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention, as kohya and diffusers train it
 OFT_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "conv_shortcut")
 
 
@@ -26,20 +27,27 @@ def _matching(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[s
 
 
 def add_lora(
-    unet: torch.nn.Module, rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = LORA_TARGETS
+    model: torch.nn.Module, rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = LORA_TARGETS
 ) -> int:
-    """Freeze ``unet`` and add LoRA (B = 0 at init, so outputs are unchanged) to the matching layers, 3×3
-    convolutions included; returns the number of trainable parameters."""
+    """Freeze ``model`` (a diffusers UNet, or a transformers text encoder with ``TEXT_LORA_TARGETS``) and add LoRA
+    (B = 0 at init, so outputs are unchanged) to the matching layers, 3×3 convolutions included; returns the number
+    of trainable parameters."""
     from peft import LoraConfig
 
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
-    names = [name for name, _ in _matching(unet, targets)]
+    names = [name for name, _ in _matching(model, targets)]
     if not names:
         raise ValueError(f"no layer of the model matches the LoRA targets {targets}")
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=names))
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    model.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=names)
+    if hasattr(model, "set_adapters"):  # a diffusers model: its own bookkeeping, which its savers and loaders use
+        model.add_adapter(config)
+    else:  # peft's injection, as transformers' add_adapter does (which asks for a newer peft than it needs)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, model, adapter_name="default")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def add_oft(

@@ -56,16 +56,28 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: Rich markup would eat "[default: …]" and "[model]"
 )
 
 
 @app.callback()
 def main(
     debug: bool = typer.Option(False, "--debug", help=f"Show stack traces (also: {DEBUG_ENV}=1)."),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=lambda given: _print_version(given), help="Print the version."
+    ),
 ) -> None:
     """fullrange: diffusion models whose outputs reach the full brightness range."""
     # transformers warns at import about optional image processors fullrange never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        from importlib.metadata import version
+
+        typer.echo(f"fullrange {version('fullrange')}")
+        raise typer.Exit()
 
 
 def fail(message: str) -> NoReturn:
@@ -268,6 +280,7 @@ TRAIN_FLAGS = {
     "lora-rank": "adapter.rank",
     "oft-block-size": "adapter.block_size",
     "oft-coft": "adapter.coft",
+    "text-encoder-lora": "adapter.text_encoder",
     "max-steps": "train.steps",
     "batch-size": "train.batch_size",
     "grad-accum": "train.grad_accum",
@@ -277,6 +290,10 @@ TRAIN_FLAGS = {
     "gradient-checkpointing": "train.gradient_checkpointing",
     "mixed-precision": "train.mixed_precision",
     "seed": "train.seed",
+    "optimizer": "train.optimizer",
+    "lr-schedule": "train.lr_schedule",
+    "warmup": "train.warmup",
+    "report-to": "train.report_to",
     "validation-prompt": "validation.prompts",
     "out": "output.path",
     "family": "output.family",
@@ -352,28 +369,51 @@ def train_command(
     ),
     validation_prompt: list[str] | None = typer.Option(None, help="Prompt sampled at each checkpoint (repeatable)."),
     lr: float | None = typer.Option(None, help="Peak learning rate [default: 1e-4]."),
-    offset_noise: float | None = typer.Option(None, help="Offset-noise strength, e.g. 0.1 (seed 000)."),
-    pyramid_noise: float | None = typer.Option(None, help="Pyramid-noise discount, e.g. 0.8."),
-    input_perturbation: float | None = typer.Option(None, help="Input perturbation γ, e.g. 0.1."),
+    optimizer: str | None = typer.Option(
+        None, help="adamw, adafactor or adamw8bit (bitsandbytes, where it runs on the device) [default: adamw]."
+    ),
+    lr_schedule: str | None = typer.Option(
+        None, help="constant, linear or cosine decay after the warm-up [default: cosine]."
+    ),
+    warmup: int | None = typer.Option(None, help="Linear warm-up steps [default: 10% of --max-steps, at most 100]."),
+    report_to: str | None = typer.Option(
+        None, help="none or tensorboard: loss, learning rate and validation images in OUT/train/logs [default: none]."
+    ),
+    offset_noise: float | None = typer.Option(
+        None, help="Offset-noise strength, e.g. 0.1 (Guttenberg 2023) [default: 0, off]."
+    ),
+    pyramid_noise: float | None = typer.Option(None, help="Pyramid-noise discount, e.g. 0.8 [default: 0, off]."),
+    input_perturbation: float | None = typer.Option(None, help="Input perturbation γ, e.g. 0.1 [default: 0, off]."),
     zero_terminal_snr: bool | None = typer.Option(None, "--zero-terminal-snr", help="Rescale to zero terminal SNR."),
     prediction: str | None = typer.Option(
         None, help="epsilon or v_prediction [default: the checkpoint's; v with --zero-terminal-snr]."
     ),
-    min_snr_gamma: float | None = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 (0: off)."),
-    caption_dropout: float | None = typer.Option(None, help="Probability of training on the empty caption."),
+    min_snr_gamma: float | None = typer.Option(None, help="Min-SNR-γ loss weighting, e.g. 5 [default: 0, off]."),
+    caption_dropout: float | None = typer.Option(
+        None, help="Probability of training on the empty caption [default: 0.1]."
+    ),
     class_prompt: str | None = typer.Option(None, help="Dreambooth prior preservation: the class prompt."),
     class_data: str | None = typer.Option(None, help="Folder of class images (captions default to --class-prompt)."),
-    num_class_images: int | None = typer.Option(None, help="Class images to have; missing ones are generated."),
+    num_class_images: int | None = typer.Option(
+        None, help="Class images to have; missing ones are generated [default: 0]."
+    ),
     prior_loss_weight: float | None = typer.Option(None, help="Weight of the class images' loss [default: 1]."),
     lora_rank: int | None = typer.Option(None, help="LoRA rank [default: 4]."),
     oft_block_size: int | None = typer.Option(None, help="OFT block size [default: 4]."),
-    ema_decay: float | None = typer.Option(None, help="EMA decay of the trained weights (0: off, the default)."),
-    snr_weight_floor: float | None = typer.Option(None, help="Floor on the min-SNR weight (keeps SNR = 0 steps)."),
+    ema_decay: float | None = typer.Option(
+        None, help="EMA decay of the trained weights [default: 0, off: no copy is kept]."
+    ),
+    snr_weight_floor: float | None = typer.Option(
+        None, help="Floor on the min-SNR weight (keeps SNR = 0 steps) [default: 0]."
+    ),
     oft_coft: bool | None = typer.Option(None, "--oft-coft", help="Constrained OFT: ||R - I|| <= eps."),
+    text_encoder_lora: bool | None = typer.Option(
+        None, "--text-encoder-lora", help="Train a LoRA on the text encoder(s) too (with --adapter lora)."
+    ),
     buckets: bool | None = typer.Option(None, "--buckets", help="Aspect-ratio buckets instead of square crops."),
     checkpoint_every: int | None = typer.Option(None, help="Steps between checkpoints [default: 250]."),
-    mixed_precision: str | None = typer.Option(None, help="no, fp16 or bf16 (accelerate)."),
-    seed: int | None = typer.Option(None, help="Seed of every random draw."),
+    mixed_precision: str | None = typer.Option(None, help="no, fp16 or bf16 (accelerate) [default: no]."),
+    seed: int | None = typer.Option(None, help="Seed of every random draw [default: 0]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's checkpoint."),
     allow_pickle: bool | None = typer.Option(None, "--allow-pickle", help="Allow pickle weights (can run code)."),
     sha256: str | None = typer.Option(None, help=SHA256_HELP),
@@ -405,6 +445,7 @@ def train_command(
         "lora-rank": lora_rank,
         "oft-block-size": oft_block_size,
         "oft-coft": oft_coft,
+        "text-encoder-lora": text_encoder_lora,
         "max-steps": max_steps,
         "batch-size": batch_size,
         "grad-accum": grad_accum,
@@ -414,6 +455,10 @@ def train_command(
         "gradient-checkpointing": gradient_checkpointing,
         "mixed-precision": mixed_precision,
         "seed": seed,
+        "optimizer": optimizer,
+        "lr-schedule": lr_schedule,
+        "warmup": warmup,
+        "report-to": report_to,
         "validation-prompt": validation_prompt or None,
         "out": out,
         "family": family,
@@ -489,11 +534,17 @@ def sample_command(
     out: Path = typer.Option(
         ..., help="Output folder for the PNGs (SEED-PROMPT.png) and a grid; nothing is overwritten."
     ),
-    adapter: Path | None = typer.Option(None, help="A LoRA or OFT folder written by fullrange train."),
+    adapter: Path | None = typer.Option(
+        None, help="A LoRA (.safetensors file: diffusers', kohya's or peft's names; or a folder) or an OFT folder."
+    ),
     adapter_strength: float = typer.Option(1.0, help="Strength of the adapter (LoRA scale; OFT rotation fraction)."),
     negative_prompt: str = typer.Option("", help="Negative prompt (the unconditional branch of guidance)."),
     sampler: str | None = typer.Option(None, help=SAMPLER_HELP),
     steps: int = typer.Option(25, help="Sample steps."),
+    batch_size: int = typer.Option(
+        1, help="Images sampled at once (image i keeps seed + i; stochastic samplers' noise depends on the batch)."
+    ),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 weights (fp16 needs a GPU; the sampler runs in fp32)."),
     spacing: str | None = typer.Option(
         None,
         help="leading, linspace, trailing, karras or exponential (default: at zero terminal SNR a Karras ladder "
@@ -530,7 +581,7 @@ def sample_command(
     """Sample Stable Diffusion with fullrange's samplers; PNGs carry their settings."""
     from .sampling import retrained
     from .sd import load_adapter
-    from .sd.sample import SampleSettings, generate, save_images
+    from .sd.sample import SampleSettings, generate, resolve, save_grid, save_images
 
     prompts = list(prompt or [])
     if prompts_file is not None:
@@ -544,6 +595,10 @@ def sample_command(
         fail("give at least one --prompt or a --prompts-file")
     if num_images <= 0:
         fail(f"--num-images must be positive, got {num_images}")
+    if batch_size <= 0:
+        fail(f"--batch-size must be positive, got {batch_size}")
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: is a file, not a directory")
     try:
@@ -576,17 +631,51 @@ def sample_command(
             except ValueError as err:
                 fail(f"--prediction / --zero-terminal-snr: {err}")
             sd_model = dataclasses.replace(sd_model, spec=spec)
+        import torch
+
+        sd_model.to(dtype=getattr(torch, DTYPES[dtype]))
+        if control_model is not None:
+            control_model.to(dtype=getattr(torch, DTYPES[dtype]))
         all_prompts = [p for p in prompts for _ in range(num_images)]
+        with _warnings_as_lines():
+            effective, _ = resolve(sd_model, settings)
+        source = _source(sd_model, adapter, adapter_strength, dtype)
         from tqdm.auto import tqdm
 
-        with _warnings_as_lines(), tqdm(total=steps, desc="sample") as bar:
-            images = generate(
-                sd_model, all_prompts, settings, callback=lambda info: bar.update(1), controlnet=control_model
-            )
-        paths, grid = save_images(images, all_prompts, settings, out)
+        paths, images = [], []
+        with _warnings_as_lines(), tqdm(total=steps * math.ceil(len(all_prompts) / batch_size), desc="sample") as bar:
+            for start in range(0, len(all_prompts), batch_size):
+                chunk = all_prompts[start : start + batch_size]
+                part = dataclasses.replace(settings, seed=settings.seed + start)
+                batch = generate(sd_model, chunk, part, callback=lambda info: bar.update(1), controlnet=control_model)
+                paths += save_images(batch, chunk, dataclasses.replace(effective, seed=part.seed), out, source)
+                images.append(batch)
+        grid = save_grid(torch.cat(images), out, settings.seed)
     except (ValueError, OSError) as err:
         fail_on(err, SAMPLE_FLAGS)
     typer.echo(f"wrote {len(paths)} images ({paths[0].name} …) and {grid}", err=True)
+
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _source(model, adapter: Path | None, strength: float, dtype: str) -> dict:
+    """What made the images, for their PNG chunks: model and adapter with A1111's hashes, the prediction type."""
+    from importlib.metadata import version
+
+    from .sd.pnginfo import lora_hash, model_hash
+
+    return {
+        "model": str(model.source),
+        "model_hash": model_hash(model.source),
+        "adapter": None if adapter is None else str(adapter),
+        "adapter_hash": None if adapter is None else lora_hash(adapter),
+        "adapter_strength": None if adapter is None else strength,
+        "prediction_type": model.spec.prediction,
+        "zero_terminal_snr": model.spec.schedule.zero_terminal_snr,
+        "dtype": dtype,
+        "fullrange": version("fullrange"),
+    }
 
 
 def _load_controlnet(path: Path, sd_model, allow_pickle: bool):
@@ -738,7 +827,7 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-eval_app = typer.Typer(help="Measure models.", no_args_is_help=True)
+eval_app = typer.Typer(help="Measure models.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(eval_app, name="eval")
 
 

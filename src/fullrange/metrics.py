@@ -19,7 +19,7 @@ def mean_leak(snr: torch.Tensor | float, num_values: int) -> torch.Tensor:
     """How far a unit shift of the image mean moves ``x_t``'s mean, in std of the noise's own mean.
 
     The signal moves the mean by ``sqrt(ᾱ)``; the mean of N iid noise values has std ``sqrt(1 - ᾱ)/sqrt(N)``
-    (seed 000's 1/N argument), so the leak is ``sqrt(SNR · N)``; 0 at zero terminal SNR.
+    (Guttenberg 2023's 1/N argument), so the leak is ``sqrt(SNR · N)``; 0 at zero terminal SNR.
     """
     return (torch.as_tensor(snr, dtype=torch.float64) * num_values).sqrt()
 
@@ -33,3 +33,23 @@ def wasserstein_1d(a: torch.Tensor, b: torch.Tensor) -> float:
 def saturation(x: torch.Tensor, threshold: float = 0.98) -> float:
     """Fraction of values at or beyond ``±threshold`` in data units (clipped highlights and shadows)."""
     return float((x.abs() >= threshold).to(torch.float64).mean())
+
+
+CAST_NAMES = (("red", "cyan"), ("green", "magenta"), ("blue", "yellow"))
+
+
+def colour_cast(x: torch.Tensor) -> dict:
+    """How coloured the images are as a whole: per image, the chroma of its mean colour, ``d = c - mean(c)`` with
+    ``c`` the RGB channel means in [0, 1] (0 for a grey image; a pure primary gives 0.82). Returns the mean of
+    ``|d|`` over images and, for images with ``|d| > 0.05``, how many lean to each hue: the channel of the largest
+    ``|d_k|`` and its sign (+R red, -R cyan, +G green, -G magenta, +B blue, -B yellow)."""
+    c = (x[:, :3].flatten(2).to(torch.float64).mean(2) + 1) / 2
+    d = c - c.mean(1, keepdim=True)
+    chroma = d.norm(dim=1)
+    leans: dict[str, int] = {}
+    for row, norm in zip(d, chroma, strict=True):
+        if norm > 0.05:
+            k = int(row.abs().argmax())
+            name = CAST_NAMES[k][0 if row[k] > 0 else 1]
+            leans[name] = leans.get(name, 0) + 1
+    return {"chroma": float(chroma.mean()), "leans": dict(sorted(leans.items(), key=lambda kv: -kv[1]))}

@@ -9,6 +9,7 @@ are held beside the model and checkpointed.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import signal
@@ -28,12 +29,18 @@ from .files import write_bytes
 from .losses import Recipe, batch_loss
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TRACKERS = ("none", "tensorboard")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The ``[train]`` table: how long and how fast to train. ``warmup`` defaults to 10% of the steps, at most
-    100; ``ema_decay = 0`` keeps no EMA at all."""
+    """The ``[train]`` table: how long and how fast to train. ``optimizer``: AdamW, Adafactor (transformers') or
+    8-bit AdamW (bitsandbytes', where it runs on the device). ``lr_schedule`` after a linear warm-up of ``warmup``
+    steps (default 10% of the steps, at most 100): see :func:`lr_at`. ``ema_decay = 0`` keeps no EMA at all.
+    ``report_to``: ``"tensorboard"`` logs loss, learning rate and validation images through accelerate's
+    trackers."""
 
     steps: int = 1000
     batch_size: int = 1
@@ -46,6 +53,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
     seed: int = 0
+    optimizer: str = "adamw"
+    lr_schedule: str = "cosine"
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -59,6 +69,15 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError("ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("report_to", self.report_to, TRACKERS)
+        # Packages the choices need, checked before anything is loaded (whether 8-bit AdamW runs on the device is
+        # tried when training starts).
+        needs = {"report_to": ("tensorboard", "tensorboard"), "optimizer": ("adamw8bit", "bitsandbytes")}
+        for name, (value, package) in needs.items():
+            if getattr(self, name) == value and importlib.util.find_spec(package) is None:
+                raise ConfigError(name, f"{value} needs the {package} package (pip install {package})")
 
     @property
     def warmup_steps(self) -> int:
@@ -66,12 +85,45 @@ class TrainConfig:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% (nanoGPT)."""
+    """The learning rate of ``step`` (0-based): a linear warm-up to ``lr`` over ``warmup`` steps (step s trains at
+    ``lr·(s+1)/warmup``, never at 0), then ``constant``, or a ``linear`` or half-``cosine`` decay to 0 at ``steps``,
+    as diffusers' ``get_scheduler`` defines them after the warm-up."""
     warmup = config.warmup_steps
     if step < warmup:
         return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+    progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.lr_schedule == "linear":
+        return config.lr * (1 - progress)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``params`` (no weight decay: adapters and fine-tunes do not need it).
+    Adafactor takes the given learning rate (no relative step or parameter scaling, as kohya sets it). 8-bit AdamW
+    is first tried on one tensor on ``device``: where bitsandbytes is missing or cannot run there, it is refused
+    with the reason, before training starts."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    import bitsandbytes
+
+    try:  # big enough for 8-bit state (bitsandbytes keeps tensors under 4096 values in 32 bits)
+        probe = torch.zeros(4096, device=device, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        bitsandbytes.optim.AdamW8bit([probe], lr=1e-3).step()
+    except Exception as err:  # bitsandbytes raises many kinds where its kernels are missing
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(
+            "optimizer", f"adamw8bit does not run on {device.type} here ({detail}); use adamw or adafactor"
+        ) from None
+    return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=0.0)
 
 
 @dataclass
@@ -137,9 +189,10 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _accelerator(config: TrainConfig) -> Accelerator:
+def _accelerator(config: TrainConfig, log_dir: Path) -> Accelerator:
+    tracking = {} if config.report_to == "none" else {"log_with": config.report_to, "project_dir": log_dir}
     try:
-        return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), **tracking)
     except ValueError as err:
         if "already been initialized" not in str(err):
             raise
@@ -241,7 +294,9 @@ def train(
     checkpoint written stays the last good one.
     ``on_checkpoint(step, model)`` runs after each checkpoint (validation at intervals) on the main process, the
     model in eval mode and holding the EMA weights if an EMA is kept (swapped in place, then back); it must not
-    touch the training generator. SIGINT / SIGTERM stop the run between steps with a checkpoint and raise
+    touch the training generator. It may return images to log (``{name: (N, 3, H, W) in [0, 1]}``). With
+    ``config.report_to`` the loss and learning rate of every step, and those images, go to accelerate's trackers
+    under ``out_dir/logs``. SIGINT / SIGTERM stop the run between steps with a checkpoint and raise
     :class:`TrainingInterrupted`.
     """
     out_dir = Path(out_dir)
@@ -250,7 +305,7 @@ def train(
     ckpt_path = out_dir / "checkpoint.safetensors"
     for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # left by a process killed while writing
         stale.unlink()
-    accelerator = _accelerator(config)
+    accelerator = _accelerator(config, out_dir)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -259,7 +314,7 @@ def train(
     state = _State(
         trainable=trainable,
         ema={name: p.detach().clone() for name, p in trainable.items()} if config.ema_decay > 0 else None,
-        optimizer=torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=0.0),
+        optimizer=make_optimizer(list(trainable.values()), config, accelerator.device),
         generator=torch.Generator().manual_seed(config.seed),
         losses=[],
         meta={"recipe": recipe.describe(), "train": asdict(config), **(identity or {})},
@@ -269,6 +324,8 @@ def train(
     model, state.optimizer = accelerator.prepare(model, state.optimizer)
     if state.ema is not None:
         state.ema = {name: value.to(accelerator.device) for name, value in state.ema.items()}
+    if config.report_to != "none":
+        accelerator.init_trackers("logs", config={k: v for k, v in _flat(state.meta).items() if _scalar(v)})
 
     def checkpoint(step: int) -> None:
         # Every process holds the same state (same draws, averaged gradients); the main one writes it.
@@ -276,7 +333,9 @@ def train(
             state.save(ckpt_path, step)
             saved.append(step)
             if on_checkpoint is not None:
-                _call_with_ema(on_checkpoint, step, accelerator.unwrap_model(model), state)
+                images = _call_with_ema(on_checkpoint, step, accelerator.unwrap_model(model), state)
+                for tracker in accelerator.trackers if images else ():
+                    tracker.log_images(images, step=step, dataformats="NCHW")
         accelerator.wait_for_everyone()
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -339,25 +398,32 @@ def train(
                 decay = min(config.ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(state.ema.values()), [p.detach() for p in params], 1 - decay)
             state.losses.append(loss.item())
+            if config.report_to != "none":
+                accelerator.log({"loss": state.losses[-1], "lr": lr_at(step, config)}, step=step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
     bar.close()
     if start < config.steps or not ckpt_path.exists():
         checkpoint(config.steps)
     trained = accelerator.unwrap_model(model)
+    accelerator.end_training()  # closes the trackers' files
     accelerator.free_memory()  # drops accelerate's references to the optimizer and its state
     return TrainResult(trained, state.ema, state.losses, config.steps)
 
 
-def _call_with_ema(callback, step: int, model: torch.nn.Module, state: _State) -> None:
+def _scalar(value) -> bool:
+    return isinstance(value, int | float | str | bool)
+
+
+def _call_with_ema(callback, step: int, model: torch.nn.Module, state: _State):
     """``callback(step, model)`` with the model in eval mode, holding the EMA weights if any (swapped in place and
-    back, so nothing is copied)."""
+    back, so nothing is copied); returns what it returns."""
     if state.ema is not None:
         swap(state.trainable, state.ema)
     model.eval()
     try:
         with torch.no_grad():
-            callback(step, model)
+            return callback(step, model)
     finally:
         model.train()
         if state.ema is not None:

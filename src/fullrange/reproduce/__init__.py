@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import PRESETS, Context, Preset, write_json
+from .common import PRESETS, Context, Preset, provenance, write_json
 from .facts import exact_sweep, schedule_facts
 from .finetune import finetune
 from .report import write_report
@@ -79,6 +79,7 @@ def run(
             "doc": EXPERIMENTS[name].__doc__,
             "preset": asdict(preset),
             "seconds": round(time.perf_counter() - start, 1),
+            "provenance": provenance(),
         }
         write_json(path, result)
         log(f"[{i}/{len(names)}] {name}: {result['seconds']} s")

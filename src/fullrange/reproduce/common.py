@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from .. import batches, metrics, toy
-from ..images import tile
 from ..losses import RECIPES, Recipe
 from ..models import tiny_unet
 from ..sampling import sample
@@ -19,18 +18,21 @@ from ..train import TrainConfig, train
 
 @dataclass(frozen=True)
 class Preset:
-    """Sizes and budgets of one reproduction run."""
+    """Sizes and budgets of one reproduction run. ``seed`` draws the data set and the exact-denoiser sweep;
+    every trained-model figure is measured once per seed in ``seeds`` (its own initialisation, training draws and
+    sampling noise) and reported with its range."""
 
     name: str
     size: int = 16
     channels: int = 3
     num_images: int = 2000
-    width: int = 32
-    train_steps: int = 400
+    width: int = 16
+    train_steps: int = 200
     batch_size: int = 32
     lr: float = 2e-3
     finetune_steps: int = 120
     finetune_lr: float = 5e-4
+    finetune_batch_size: int = 8
     finetune_evals: int = 4
     num_samples: int = 150
     sample_steps: int = 25
@@ -38,8 +40,9 @@ class Preset:
     sweep_sides: tuple[int, ...] = (8, 16, 32, 64)
     sweep_steps: tuple[int, ...] = (10, 25, 50)
     sweep_batch: int = 128
-    spacing_steps: tuple[int, ...] = (5, 10, 25, 50)
+    spacing_steps: tuple[int, ...] = (5, 10, 25)
     seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
 PRESETS = {
@@ -70,11 +73,13 @@ PRESETS = {
         batch_size=64,
         lr=1e-3,
         finetune_steps=1000,
+        finetune_batch_size=64,
         finetune_evals=6,
         num_samples=1000,
         sample_steps=50,
         sweep_sides=(8, 16, 32, 64, 128),
         sweep_batch=256,
+        spacing_steps=(5, 10, 25, 50),
     ),
 }
 NULL_LABEL = len(toy.LABELS)
@@ -102,8 +107,8 @@ class Context:
             self._data = toy.synthetic_images(p.num_images, p.size, p.channels, p.seed)
         return self._data
 
-    def new_model(self) -> torch.nn.Module:
-        return tiny_unet(self.preset.size, self.preset.channels, width=self.preset.width, seed=self.preset.seed)
+    def new_model(self, seed: int = 0) -> torch.nn.Module:
+        return tiny_unet(self.preset.size, self.preset.channels, width=self.preset.width, seed=seed)
 
     def train_config(self, **changes) -> TrainConfig:
         p = self.preset
@@ -118,25 +123,26 @@ class Context:
         )
         return TrainConfig(**{**asdict(base), **changes})
 
-    def model(self, recipe_name: str) -> torch.nn.Module:
-        """The EMA model trained from scratch with a recipe (trained, or resumed, on first use)."""
-        if recipe_name not in self._models:
+    def model(self, recipe_name: str, seed: int = 0) -> torch.nn.Module:
+        """The EMA model trained from scratch with a recipe and seed (trained, or resumed, on first use)."""
+        key = f"{recipe_name}/seed_{seed}"
+        if key not in self._models:
             images, labels = self.data
             result = train(
-                self.new_model(),
+                self.new_model(seed),
                 batches.labelled(images, labels, NULL_LABEL),
                 self.recipes[recipe_name],
-                self.train_config(),
-                self.out / "models" / recipe_name,
+                self.train_config(seed=seed),
+                self.out / "models" / key,
                 progress=self.progress,
-                description=f"train {recipe_name}",
+                description=f"train {recipe_name}, seed {seed}",
             )
-            self._models[recipe_name] = result.apply_ema().eval().requires_grad_(False)
-        return self._models[recipe_name]
+            self._models[key] = result.apply_ema().eval().requires_grad_(False)
+        return self._models[key]
 
 
 def default_recipes(size: int) -> dict[str, Recipe]:
-    """The four recipes, plus offset noise scaled to this image size: seed 000's 0.1 on 64×64 latents is 6.4× the
+    """The four recipes, plus offset noise scaled to this image size: Guttenberg's 0.1 on 64×64 latents is 6.4× the
     std of a channel's noise mean (1/64); ``0.1 · 64 / size`` keeps that ratio at ``size``."""
     scaled = Recipe("offset_scaled", noise="offset", offset_strength=round(0.1 * 64 / size, 4))
     return dict(RECIPES) | {"offset_scaled": scaled}
@@ -201,6 +207,43 @@ def brightness_summary(samples: torch.Tensor, labels: torch.Tensor, data: torch.
     }
 
 
+def provenance() -> dict:
+    """What produced a result: fullrange's git commit (``+dirty`` with uncommitted changes; ``None`` outside a
+    checkout), package versions, the machine, and the time."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", str(here.parents[1])):
+        commit += "+dirty"
+    versions = {}
+    for package in ("fullrange", "torch", "diffusers", "accelerate", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "commit": commit,
+        "versions": versions | {"python": platform.python_version()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+        f"{device}, {platform.system()} {platform.release()}",
+        "finished": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_jsonable))
@@ -231,12 +274,59 @@ def save_figure(fig, path: Path) -> str:
     return path.name
 
 
-def label_grid(samples: torch.Tensor, labels: torch.Tensor, path: Path, per_label: int = 10) -> str:
-    """One row per label (in :data:`toy.LABELS` order), ``per_label`` samples each."""
-    rows = [samples[labels == k][:per_label] for k in range(len(toy.LABELS))]
-    columns = max(len(r) for r in rows)
-    padded = [torch.cat([r, torch.zeros(columns - len(r), *r.shape[1:])]) for r in rows if len(r)]
-    return save_grid(torch.cat(padded), path, columns=columns)
+def label_grid(
+    samples: torch.Tensor,
+    labels: torch.Tensor,
+    path: Path,
+    data: tuple[torch.Tensor, torch.Tensor],
+    per_label: int = 10,
+) -> str:
+    """One labelled row per label (in :data:`toy.LABELS` order): two data images of that label, then ``per_label``
+    samples (see :func:`labelled_grid`)."""
+    images, data_labels = data
+    rows = [
+        (name, [images[data_labels == k][:2], samples[labels == k][:per_label]])
+        for k, name in enumerate(toy.LABELS)
+        if (labels == k).any()
+    ]
+    return labelled_grid(rows, ["data", "samples"], path)
+
+
+def labelled_grid(rows: list[tuple[str, list[torch.Tensor]]], headers: list[str], path: Path, scale: int = 4) -> str:
+    """A PNG of labelled rows, each a list of groups of images in [-1, 1] (the same number of groups per row, one
+    ``headers`` entry each): every image upscaled ``scale``× without smoothing, on a mid-grey ground with gutters,
+    a wider gap between groups and a border, so white and black images both stand out."""
+    from PIL import Image, ImageDraw
+
+    side = rows[0][1][-1].shape[-1] * scale
+    gutter, gap, label_width, header = 4, 16, 120, 18
+    canvas = Image.new("RGB", (1, 1))
+    draw = ImageDraw.Draw(canvas)
+    widths = [
+        max(max(len(groups[g]) for _, groups in rows) * (side + gutter), int(draw.textlength(text)) + gap)
+        for g, text in enumerate(headers)
+    ]
+    lefts = [label_width]
+    for w in widths[:-1]:
+        lefts.append(lefts[-1] + w + gap)
+    width = lefts[-1] + widths[-1] + gutter
+    height = header + len(rows) * (side + gutter) + gutter
+    canvas = Image.new("RGB", (width, height), (150, 150, 150))
+    draw = ImageDraw.Draw(canvas)
+    for left, text in zip(lefts, headers, strict=True):
+        draw.text((left, 3), text, fill=(0, 0, 0))
+    for r, (label, groups) in enumerate(rows):
+        y = header + r * (side + gutter)
+        draw.text((6, y + side // 2 - 6), label, fill=(0, 0, 0))
+        for left, images in zip(lefts, groups, strict=True):
+            for c, image in enumerate(images):
+                pixels = ((image[:3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).expand(3, -1, -1)
+                tile_image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+                canvas.paste(tile_image.resize((side, side), Image.NEAREST), (left + c * (side + gutter), y))
+    draw.rectangle((0, 0, width - 1, height - 1), outline=(40, 40, 40), width=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path.name
 
 
 def log_steps_axis(ax, steps) -> None:
@@ -246,14 +336,3 @@ def log_steps_axis(ax, steps) -> None:
     ax.set_xscale("log")
     ax.set_xticks(list(steps), [str(s) for s in steps])
     ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 4) -> str:
-    """Images in [-1, 1] (first 3 channels shown) as one PNG grid, ``scale``× nearest-neighbour."""
-    from PIL import Image
-
-    x = ((images[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    grid = tile(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, columns)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-    return path.name

@@ -1,4 +1,5 @@
-"""The report: a summary table of verdicts, then each experiment's plots, grids and findings (Markdown + HTML)."""
+"""The report (Markdown + HTML): a TL;DR with the main figure and every verdict, contents, how to read it, each
+experiment's findings, plots and grids, and provenance (commit, versions, machine, time per experiment)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import base64
 import html
 import inspect
 import json
+import re
 from pathlib import Path
-
-from ..toy import LABELS
 
 ORDER = ("schedule_facts", "exact_sweep", "from_scratch", "finetune", "guidance", "sample_steps", "training_free")
 
@@ -18,41 +18,110 @@ def _results(out: Path) -> list[dict]:
     return [found[n] for n in ORDER if n in found] + [v for k, v in sorted(found.items()) if k not in ORDER]
 
 
+TITLES = {
+    "schedule_facts": "does SD's schedule leak the image mean?",
+    "exact_sweep": "with an exact denoiser, which schedules and steps keep the range?",
+    "from_scratch": "trained from scratch, which recipes reach the full range?",
+    "finetune": "fine-tuned on one black image, which recipe gets there?",
+    "guidance": "guidance at zero terminal SNR: over-exposure, its rescale, colour casts",
+    "sample_steps": "where sampling starts: leading, linspace or trailing steps",
+    "training_free": "no fine-tuning: the leak-aware start",
+}
+MARKS = {"reproduced": "🟢", "partly": "🟡", "not reproduced": "🔴"}
+MAIN_FIGURES = (("from_scratch", "before_after.png"), ("from_scratch", "per_label_brightness.png"))
+HOW_TO_READ = [
+    "- **Brightness** of an image is the mean of its pixels, 0 black to 1 white. The data set's images run from "
+    "solid black to solid white, with labels standing for prompts.",
+    "- **Spread ratio**: the std of the samples' brightness over the data's; 1.0 is the data's range, below "
+    "compresses it toward grey, above over-disperses it.",
+    "- **W1**: the Wasserstein-1 distance between the samples' brightness and the data's (0 is the data). Verdicts "
+    "score closeness to the data (W1, |spread ratio − 1|, the gap to a target), never which number is larger.",
+    "- **Seeds**: every trained-model figure is measured once per seed (its own initialisation, training draws and "
+    "sampling noise) and printed as `mean (lowest–highest)` over the seeds. Figures without a range need no "
+    "seed (formulas) or use an exact denoiser (one noise draw).",
+    "- **Verdicts**: 🟢 **reproduced**, the claim holds in every seed (for a change that should bring samples "
+    "closer to the data: closer in every seed and by 25% on average); 🟡 **partly**, on average or in some seeds; "
+    "🔴 **not reproduced**, neither. Each finding states its rule.",
+    "- **Sample grids**: one row per label, two images of the data with that label on the left, the samples on "
+    "the right, upscaled without smoothing.",
+]
+
+
 def write_report(out: Path) -> Path:
-    """Write ``report.md`` and a self-contained ``report.html`` (images inlined) from ``*/results.json``."""
+    """Write ``report.md`` and a self-contained ``report.html`` (images inlined) from ``*/results.json``: a TL;DR
+    with the main figure and every verdict, contents, how to read it, each experiment, and provenance."""
     results = _results(out)
+    findings = [(r, f) for r in results for f in r["findings"]]
     md = ["# fullrange reproduction report", ""]
     if results:
         preset = results[0]["preset"]
+        seeds = preset.get("seeds", [preset["seed"]])
+        total = sum(r["seconds"] for r in results)
+        counts = {v: sum(f["verdict"] == v for _, f in findings) for v in MARKS}
         md += [
             f"Preset **{preset['name']}**: {preset['channels']}×{preset['size']}×{preset['size']} images, "
-            f"{preset['num_images']} of them, {preset['train_steps']} training steps per recipe, sampler "
-            f"`{preset['sampler']}` with {preset['sample_steps']} steps. Every number below was measured in this "
-            "run; the verdicts follow from them by the rule stated in each experiment's code.",
+            f"{preset['num_images']} of them; {preset['train_steps']} training steps per recipe and seed, "
+            f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); sampler `{preset['sampler']}` with "
+            f"{preset['sample_steps']} steps. {_minutes(total)} in all. Every number below was measured in this run.",
             "",
+            "## TL;DR",
+            "",
+            f"{len(findings)} findings: "
+            + ", ".join(f"{MARKS[v]} {counts[v]} {v}" for v in MARKS)
+            + ". Below: the same noise through a model trained with SD's recipe and one trained with zero terminal "
+            "SNR (first seed; two data images of each label on the left); then, for every recipe, the mean "
+            "brightness each label reaches (grey bars: the data; error bars: the range over seeds).",
         ]
-    md += ["## Summary", "", "| experiment | claim | verdict | evidence |", "|---|---|---|---|"]
-    for r in results:
-        for f in r["findings"]:
-            md.append(f"| {r['name']} | {f['claim']} | **{f['verdict']}** | {f['evidence']} |")
+        for name, image in MAIN_FIGURES:
+            if (out / name / image).exists():
+                md += ["", f"![{image}]({name}/{image})"]
+        md += ["", "| finding | verdict | measured |", "|---|---|---|"]
+        for r, f in findings:
+            md.append(f"| {f['claim']} ([{r['name']}](#{r['name']})) | {_verdict(f)} | {f['evidence']} |")
+        md += ["", "## Contents", ""]
+        md += [f"- [{r['name']}](#{r['name']}): {TITLES.get(r['name'], '')}" for r in results]
+        md += ["- [How to read this](#how-to-read-this)", "- [Provenance](#provenance)"]
+        md += ["", "## How to read this", "", *HOW_TO_READ]
     for r in results:
         md += ["", f"## {r['name']}", "", inspect.cleandoc(r.get("doc") or ""), "", f"Ran in {r['seconds']} s.", ""]
         for f in r["findings"]:
-            md.append(f"- **{f['verdict']}**: {f['claim']}. {f['evidence']}.")
+            rule = f" (rule: {f['rule']})" if f.get("rule") else ""
+            md.append(f"- {_verdict(f)}: {f['claim']}. {f['evidence']}.{rule}")
         for image in r.get("plots", []):
             md += ["", f"![{image}]({r['name']}/{image})"]
         for image in r.get("grids", []):
             md += [
                 "",
-                f"Samples `{image}`, one row per label: {', '.join(r.get('grid_labels', LABELS))}.",
+                f"Samples `{image}` (first seed): one row per label; two data images of the label, then samples.",
                 "",
                 f"![{image}]({r['name']}/{image})",
+            ]
+    if results:
+        md += ["", "## Provenance", "", "| experiment | time | commit | finished |", "|---|---|---|---|"]
+        for r in results:
+            p = r.get("provenance", {})
+            md.append(f"| {r['name']} | {r['seconds']} s | `{p.get('commit')}` | {p.get('finished')} |")
+        last = results[-1].get("provenance", {})
+        if last:
+            md += [
+                "",
+                f"Machine: {last['machine']}. Versions: "
+                + ", ".join(f"{k} {v}" for k, v in last["versions"].items())
+                + ". A commit marked `+dirty` had uncommitted changes.",
             ]
     text = "\n".join(md) + "\n"
     report = out / "report.md"
     report.write_text(text)
     (out / "report.html").write_text(_html(text, out))
     return report
+
+
+def _verdict(finding: dict) -> str:
+    return f"{MARKS.get(finding['verdict'], '')} **{finding['verdict']}**"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {round(seconds % 60)} s"
 
 
 def _html(markdown: str, out: Path) -> str:
@@ -81,7 +150,9 @@ def _html(markdown: str, out: Path) -> str:
             body.append(f'<p><img alt="{html.escape(src)}" src="data:image/png;base64,{data}"></p>')
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+            title = line[level:].strip()
+            anchor = re.sub(r"[^a-z0-9_ -]", "", title.lower()).replace(" ", "-")
+            body.append(f'<h{level} id="{anchor}">{_inline(title)}</h{level}>')
         elif line.startswith("- "):
             body.append(f"<li>{_inline(line[2:])}</li>")
         elif line.strip():
@@ -91,7 +162,8 @@ def _html(markdown: str, out: Path) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-        "img{max-width:100%}"
+        "img{max-width:100%;image-rendering:pixelated}.reproduced{color:#137a2c}.partly{color:#a86b00}"
+        ".not-reproduced{color:#b3261e}"
     )
     head = f"<head><meta charset='utf-8'><title>fullrange report</title><style>{style}</style></head>"
     return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>"
@@ -102,4 +174,8 @@ def _inline(text: str) -> str:
     parts = text.split("**")
     text = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
     parts = text.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    text = re.sub(r"\[([^\]]+)\]\((#[\w-]+)\)", r'<a href="\2">\1</a>', text)
+    for verdict in MARKS:
+        text = text.replace(f"<b>{verdict}</b>", f'<b class="{verdict.replace(" ", "-")}">{verdict}</b>')
+    return text

@@ -110,17 +110,20 @@ class NoiseConfig:
 @dataclass(frozen=True)
 class AdapterConfig:
     """``[adapter]``: what is trained: the whole UNet (``full``), LoRA of ``rank``, or OFT of ``block_size``
-    (``coft``: constrained)."""
+    (``coft``: constrained); ``text_encoder``: LoRA of the same rank on the text encoder(s) too."""
 
     kind: str = "lora"
     rank: int = 4
     block_size: int = 4
     coft: bool = False
+    text_encoder: bool = False
 
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, ADAPTERS)
         check_range("rank", self.rank, 0, open_low=True)
         check_range("block_size", self.block_size, 0, open_low=True)
+        if self.text_encoder and self.kind != "lora":
+            raise ConfigError("text_encoder", f"is a LoRA on the text encoders: it needs kind lora, not {self.kind}")
 
 
 @dataclass(frozen=True)

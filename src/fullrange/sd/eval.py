@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import metrics
 from .model import StableDiffusion
-from .sample import SampleSettings, generate, save_images
+from .sample import SampleSettings, generate, save_grid, save_images
 
 PROMPTS = {
     # From the seed documents.
@@ -36,6 +36,7 @@ def evaluate(
         batch = [prompt] * num_images
         images = generate(model, batch, settings)
         save_images(images, batch, settings, out / f"{i:02d}")
+        save_grid(images, out / f"{i:02d}", settings.seed)
         data = images * 2 - 1
         means = metrics.brightness(data)
         luminance = images.mean(1)

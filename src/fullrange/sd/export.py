@@ -11,9 +11,8 @@ import torch
 from ..adapters import merge_adapters
 from ..config import ConfigError
 from ..files import save_safetensors, share_like_new_files
-from ..scheduler_config import ddim_scheduler
 from .ldm import text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
-from .model import StableDiffusion
+from .model import StableDiffusion, as_pipeline
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -80,7 +79,8 @@ MODELSPEC_ARCHITECTURE = {
 
 def export_kohya_lora(path: Path | str, lora: Path | str, model: StableDiffusion, *, family: str | None = None) -> Path:
     """Write the LoRA folder ``lora`` (``fullrange train``'s, diffusers' format) as one kohya-format ``.safetensors``
-    file, atomically: ``lora_unet_…`` names with ``.lora_down`` / ``.lora_up`` / ``.alpha``, and kohya's ``ss_*``
+    file, atomically: ``lora_unet_…`` names (``lora_te_…``, SDXL's ``lora_te1_…`` / ``lora_te2_…``, for text
+    encoders) with ``.lora_down`` / ``.lora_up`` / ``.alpha``, and kohya's ``ss_*``
     and ``modelspec.*`` metadata, so A1111, ComfyUI and diffusers' kohya loader take it. ``model`` is the base it
     was trained on; the spec the LoRA's folder records (prediction type, zero terminal SNR) goes into the metadata.
 
@@ -99,6 +99,8 @@ def export_kohya_lora(path: Path | str, lora: Path | str, model: StableDiffusion
     state, _, metadata = StableDiffusionPipeline.lora_state_dict(lora, return_lora_metadata=True)
     alpha = (metadata or {}).get("lora_alpha")
     kohya = convert_state_dict_to_kohya(state)
+    if family != "sdxl":  # kohya names SD 1.x / 2.x's one text encoder lora_te_, SDXL's two lora_te1_ / lora_te2_
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
     for key in [k for k in kohya if k.endswith(".alpha")]:
         rank = kohya[key.removesuffix(".alpha") + ".lora_down.weight"].shape[0]
         kohya[key] = torch.tensor(float(alpha if alpha is not None else rank))
@@ -204,21 +206,8 @@ def export_diffusers(path: Path | str, model: StableDiffusion, *, dtype=torch.fl
     return path
 
 
-def pipeline_class(model: StableDiffusion):
-    """diffusers' pipeline class for ``model``: ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if model.is_xl else StableDiffusionPipeline
-
-
 def save_pipeline(model: StableDiffusion, path: Path) -> Path:
     """A diffusers pipeline folder (safetensors) of ``model``, its scheduler configured by its spec."""
-    parts = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": model.unet}
-    parts["scheduler"] = ddim_scheduler(model.spec)
-    if model.is_xl:
-        parts |= {"text_encoder_2": model.text_encoder_2, "tokenizer_2": model.tokenizer_2}
-    else:
-        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipeline_class(model)(**parts).save_pretrained(path, safe_serialization=True)
+    as_pipeline(model).save_pretrained(path, safe_serialization=True)
     share_like_new_files(path)
     return path

@@ -26,12 +26,13 @@ from ..models import seeded
 from ..sampling import SamplingSpec
 from ..scheduler_config import ddim_scheduler
 from ..train import check_resume, process_state, train
+from .card import write_model_card
 from .config import AdapterConfig, DataConfig, FinetuneConfig, NoiseConfig
-from .export import export_kohya_lora, pipeline_class, save_pipeline
+from .export import export_kohya_lora, save_pipeline
 from .latents import bucket_step, image_batches
 from .load import load_stable_diffusion
-from .model import StableDiffusion
-from .sample import SampleSettings, generate, save_images
+from .model import StableDiffusion, TextConditionedUNet, pipeline_class
+from .sample import SampleSettings, generate, save_grid, save_images
 
 
 def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dict[str, Path]:
@@ -80,23 +81,22 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
     write_bytes(
         out / "config.json", json.dumps({"config": asdict(config), "recipe": recipe.describe()}, indent=2).encode()
     )
-    batches = training_batches(model, config.data, items, out, progress, log)
-    count = attach_adapter(model.unet, config.adapter, config.train.seed)
-    log(f"{config.adapter.kind}: {count:,} trainable parameters")
+    batches = training_batches(model, config.data, items, out, progress, log, token_ids=config.adapter.text_encoder)
+    count = attach_adapter(model, config.adapter, config.train.seed)
+    where = " (UNet and text encoders)" if config.adapter.text_encoder else ""
+    log(f"{config.adapter.kind}: {count:,} trainable parameters{where}")
     tuned = replace(model, spec=recipe.spec)
-    validate = None
-    if config.validation.prompts:
-        settings = SampleSettings(steps=25, seed=config.train.seed, resolution=config.data.resolution)
-        validate = validator(tuned, list(config.validation.prompts), settings, out / "validation")
+    settings = SampleSettings(steps=25, seed=config.train.seed, resolution=config.data.resolution)
+    on_checkpoint = at_checkpoint(model, tuned, config, settings, out)
     result = train(
-        model.unet,
+        TextConditionedUNet(model) if config.adapter.text_encoder else model.unet,
         batches,
         recipe,
         config.train,
         out / "train",
         progress=progress,
         description="fine-tune",
-        on_checkpoint=validate,
+        on_checkpoint=on_checkpoint,
         identity=identity,
     )
     if not process_state().is_main_process:  # under accelerate launch / torchrun, one process writes
@@ -111,6 +111,7 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
             )
         except ConfigError as err:
             log(f"kohya LoRA file not written: {err} (give [output] family, --family)")
+    outputs["card"] = write_model_card(out / "README.md", config, model, tuned.spec, outputs)
     for kind, path in outputs.items():
         log(f"wrote {kind}: {path}")
     return outputs
@@ -167,12 +168,19 @@ def data_fingerprint(items: list[data.Item]) -> str:
 
 
 def training_batches(
-    model: StableDiffusion, config: DataConfig, items: list[data.Item], out: Path, progress: bool, log
+    model: StableDiffusion,
+    config: DataConfig,
+    items: list[data.Item],
+    out: Path,
+    progress: bool,
+    log,
+    token_ids: bool = False,
 ) -> Batches:
     """The batches of the image folder's usable ``items`` (square or bucketed), paired with class images for prior
-    preservation."""
+    preservation; captions as token ids when the text encoders train (see
+    :func:`~fullrange.sd.latents.latent_batches`)."""
     log(f"{len(items)} images")
-    batches = image_batches(model, items, config, out / "cache", progress)
+    batches = image_batches(model, items, config, out / "cache", progress, token_ids)
     if not config.class_prompt:
         return batches
     class_dir = Path(config.class_data) if config.class_data else out / "class_images"
@@ -180,7 +188,7 @@ def training_batches(
     class_items = _scan(class_dir, "data.class_data", config.resolution, log, default_caption=config.class_prompt)
     weight = config.prior_loss_weight
     log(f"prior preservation: {len(class_items)} class images of '{config.class_prompt}', weight {weight}")
-    class_batches = image_batches(model, class_items, config, out / "cache", progress)
+    class_batches = image_batches(model, class_items, config, out / "cache", progress, token_ids)
     return with_prior(batches, class_batches, config.prior_loss_weight)
 
 
@@ -213,27 +221,82 @@ def make_class_images(model: StableDiffusion, config: DataConfig, folder: Path, 
             name.with_suffix(".txt").write_text(config.class_prompt)
 
 
-def attach_adapter(unet: torch.nn.Module, config: AdapterConfig, seed: int) -> int:
-    """Make ``unet`` trainable as ``config`` says (LoRA or OFT added in place, or all of it); the adapter's random
-    init comes from ``seed``, the same in every process and run. Returns the number of trainable parameters."""
-    if config.kind == "lora":
-        with seeded(seed):
-            return adapters.add_lora(unet, rank=config.rank)
+def attach_adapter(model: StableDiffusion, config: AdapterConfig, seed: int) -> int:
+    """Make the UNet trainable as ``config`` says (LoRA or OFT added in place, or all of it), and with
+    ``config.text_encoder`` a LoRA on each text encoder; the adapters' random init comes from ``seed``, the same in
+    every process and run. Returns the number of trainable parameters."""
+    if config.kind == "full":
+        model.unet.requires_grad_(True)
+        return sum(p.numel() for p in model.unet.parameters())
     if config.kind == "oft":
-        return adapters.add_oft(unet, block_size=config.block_size, coft=config.coft)
-    unet.requires_grad_(True)
-    return sum(p.numel() for p in unet.parameters())
+        return adapters.add_oft(model.unet, block_size=config.block_size, coft=config.coft)
+    with seeded(seed):
+        count = adapters.add_lora(model.unet, rank=config.rank)
+        for encoder in text_encoders(model).values() if config.text_encoder else ():
+            count += adapters.add_lora(encoder, rank=config.rank, targets=adapters.TEXT_LORA_TARGETS)
+    return count
 
 
-def validator(model: StableDiffusion, prompts: list[str], settings: SampleSettings, out: Path):
-    """Validation images at each checkpoint, sampled as the trained model will be (its spec): a callback for
-    :func:`~fullrange.train.train`, which hands it the UNet in training, holding the EMA weights if any."""
+def text_encoders(model: StableDiffusion) -> dict[str, torch.nn.Module]:
+    """The model's text encoders by diffusers' name for them."""
+    found = {"text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
+    return {name: encoder for name, encoder in found.items() if encoder is not None}
 
-    def validate(step: int, unet: torch.nn.Module) -> None:
-        images = generate(replace(model, unet=unet), prompts, settings)
-        save_images(images, prompts, settings, out / f"step_{step:06d}")
 
-    return validate
+def at_checkpoint(
+    base: StableDiffusion, model: StableDiffusion, config: FinetuneConfig, settings: SampleSettings, out: Path
+):
+    """What runs at each checkpoint, as a callback for :func:`~fullrange.train.train` (which puts the EMA weights,
+    if any, into the model's networks first): the adapter as it is then, in ``OUT/checkpoints/step_N/`` (a LoRA
+    also as a kohya file; a full fine-tune's weights are in the training checkpoint), and the validation prompts
+    sampled into ``OUT/validation/step_N/``, whose images it returns for the trackers. ``model`` is the model in
+    training (sharing ``base``'s networks, with the recipe's spec)."""
+    prompts = list(config.validation.prompts)
+
+    def callback(step: int, _trained: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        folder = out / "checkpoints" / f"step_{step:06d}"
+        if config.adapter.kind == "lora":
+            save_lora(model, folder / "lora")
+            with contextlib.suppress(ConfigError):  # a family it cannot tell is said once, at the end
+                export_kohya_lora(
+                    folder / "lora_kohya.safetensors", folder / "lora", model, family=config.output.family
+                )
+        elif config.adapter.kind == "oft":
+            save_oft(model, config.adapter, folder / "oft")
+        if not prompts:
+            return None
+        images = generate(model, prompts, settings)
+        save_images(images, prompts, settings, out / "validation" / f"step_{step:06d}")
+        save_grid(images, out / "validation" / f"step_{step:06d}", settings.seed)
+        return {"validation": images}
+
+    return callback
+
+
+def save_lora(model: StableDiffusion, folder: Path) -> Path:
+    """The model's LoRA (UNet, and text encoders if they have one) as diffusers saves it, with the scheduler
+    config that says how to sample the result. Files get the permissions new files get (the umask)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # peft's names (lora_A / lora_B), which diffusers loads as they are. Not its older "lora.down" names:
+    # converted, attention layers get them and ResNet layers keep lora_A, and diffusers' loader, which
+    # tells the format from the first key, then skips the attention ones.
+    layers = {"unet_lora_layers": adapters.adapter_state_dict(model.unet)}
+    for name, encoder in text_encoders(model).items():
+        if any(isinstance(m, BaseTunerLayer) for m in encoder.modules()):
+            layers[f"{name}_lora_layers"] = adapters.adapter_state_dict(encoder)
+    pipeline_class(model).save_lora_weights(folder, **layers, safe_serialization=True)
+    ddim_scheduler(model.spec).save_config(folder)
+    share_like_new_files(folder)
+    return folder
+
+
+def save_oft(model: StableDiffusion, adapter: AdapterConfig, folder: Path) -> Path:
+    """The UNet's OFT adapter, its shape and the scheduler config."""
+    write_bytes(folder / "adapter.json", json.dumps({"block_size": adapter.block_size, "coft": adapter.coft}).encode())
+    save_safetensors(folder / "adapter_model.safetensors", adapters.adapter_state_dict(model.unet))
+    ddim_scheduler(model.spec).save_config(folder)
+    return folder
 
 
 def save_outputs(model: StableDiffusion, adapter: AdapterConfig, out: Path) -> dict[str, Path]:
@@ -241,20 +304,9 @@ def save_outputs(model: StableDiffusion, adapter: AdapterConfig, out: Path) -> d
     adapter, its shape, scheduler config) and ``pipeline/`` (full fine-tunes, and OFT merged in place)."""
     outputs = {}
     if adapter.kind == "lora":
-        # peft's names (lora_A / lora_B), which diffusers loads as they are. Not its older "lora.down" names:
-        # converted, attention layers get them and ResNet layers keep lora_A, and diffusers' loader, which
-        # tells the format from the first key, then skips the attention ones.
-        layers = adapters.adapter_state_dict(model.unet)
-        pipeline_class(model).save_lora_weights(out / "lora", unet_lora_layers=layers, safe_serialization=True)
-        ddim_scheduler(model.spec).save_config(out / "lora")
-        share_like_new_files(out / "lora")
-        outputs["lora"] = out / "lora"
+        outputs["lora"] = save_lora(model, out / "lora")
     elif adapter.kind == "oft":
-        oft = out / "oft"
-        write_bytes(oft / "adapter.json", json.dumps({"block_size": adapter.block_size, "coft": adapter.coft}).encode())
-        save_safetensors(oft / "adapter_model.safetensors", adapters.adapter_state_dict(model.unet))
-        ddim_scheduler(model.spec).save_config(oft)
-        outputs["oft"] = oft
+        outputs["oft"] = save_oft(model, adapter, out / "oft")
         adapters.merge_adapters(model.unet)
     if adapter.kind in ("full", "oft"):
         outputs["pipeline"] = save_pipeline(model, out / "pipeline")

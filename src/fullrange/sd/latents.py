@@ -96,19 +96,28 @@ def latent_batches(
     dropout: float,
     cache: Path,
     time_ids: torch.Tensor | None = None,
+    token_ids: bool = False,
 ) -> Batches:
     """Batches of VAE latents (a fresh posterior draw, times the VAE's scaling factor) with their captions' UNet
     conditioning, each caption replaced by the empty one with probability ``dropout``; ``time_ids``: per-image
-    size conditioning (SDXL)."""
-    states = encode_captions(model, captions, cache)
+    size conditioning (SDXL). With ``token_ids`` the captions are given as token ids for
+    :class:`~fullrange.sd.model.TextConditionedUNet` (when the text encoders train), else as the encoders'
+    cached states."""
+    if token_ids:
+        texts = {k: v.cpu() for k, v in model.tokenize([*captions, ""]).items()}
+    else:
+        texts = encode_captions(model, captions, cache)
     scale = model.vae.config.scaling_factor
 
     def draw(batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
         z = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         drop = torch.rand(batch_size, generator=generator) < dropout
-        text = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), v[-1:], v[:-1][index]) for k, v in states.items()}
-        return Batch(z * scale, model.condition(text, None if time_ids is None else time_ids[index]))
+        text = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), v[-1:], v[:-1][index]) for k, v in texts.items()}
+        sizes = None if time_ids is None else time_ids[index]
+        if token_ids:
+            return Batch(z * scale, text | ({} if sizes is None else {"time_ids": sizes}))
+        return Batch(z * scale, model.condition(text, sizes))
 
     return draw
 
@@ -119,10 +128,15 @@ def bucket_step(model: StableDiffusion) -> int:
 
 
 def image_batches(
-    model: StableDiffusion, items: list[data.Item], config: DataConfig, cache: Path, progress: bool
+    model: StableDiffusion,
+    items: list[data.Item],
+    config: DataConfig,
+    cache: Path,
+    progress: bool,
+    token_ids: bool = False,
 ) -> Batches:
     """Batches of an image folder: square at ``config.resolution``, or with ``config.buckets`` one aspect-ratio
-    bucket per batch, buckets drawn in proportion to their images."""
+    bucket per batch, buckets drawn in proportion to their images; captions as :func:`latent_batches` says."""
     if not config.buckets:
         sizes = [config.resolution] * len(items)
     else:
@@ -137,6 +151,9 @@ def image_batches(
         time_ids = torch.stack(ids) if model.is_xl else None
         captions = [i.caption for i in group]
         sources.append(
-            (latent_batches(model, means, stds, captions, config.caption_dropout, cache, time_ids), len(group))
+            (
+                latent_batches(model, means, stds, captions, config.caption_dropout, cache, time_ids, token_ids),
+                len(group),
+            )
         )
     return sources[0][0] if len(sources) == 1 else one_of(sources)

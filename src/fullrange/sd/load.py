@@ -21,7 +21,7 @@ from ..sampling import SamplingSpec
 from ..scheduler_config import spec_from_config
 from . import single_file
 from .config import ModelConfig
-from .model import StableDiffusion
+from .model import StableDiffusion, as_pipeline
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -170,16 +170,17 @@ def _json(path: Path, field: str):
 
 
 def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0) -> StableDiffusion:
-    """``model`` with a LoRA folder (diffusers' ``save_lora_weights`` format) or an OFT folder written by
-    ``fullrange train`` added to its UNet at ``strength``. A scheduler config saved beside the adapter sets the
-    returned model's spec (prediction type, zero terminal SNR), except at strength 0, which is the base model and
-    keeps the base's spec. An adapter that changes the prediction type or the terminal SNR has no meaning at
-    another strength (it mixes two targets): that is warned about.
+    """``model`` with an adapter added at ``strength``: a LoRA folder (diffusers' ``save_lora_weights`` format, UNet
+    and text encoders), a LoRA file (``.safetensors`` in diffusers', kohya's or peft's names, as diffusers' loader
+    reads them), or an OFT folder written by ``fullrange train``. How the result must be sampled (prediction type,
+    zero terminal SNR) comes from a scheduler config beside a folder's weights, or from a file's metadata (kohya's
+    ``ss_*``, ``modelspec.*``); at strength 0 the model is the base and keeps the base's spec. An adapter that
+    changes the prediction type or the terminal SNR has no meaning at another strength (it mixes two targets):
+    that is warned about.
 
-    The UNet is shared, not copied: the adapter's layers are added to it in place, so ``model`` itself should not
-    be sampled afterwards.
+    The networks are shared, not copied: the adapter's layers are added to them in place, so ``model`` itself
+    should not be sampled afterwards.
     """
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     from ..adapters import load_oft
@@ -189,15 +190,22 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
         raise ConfigError("adapter", f"{path}: no such file or directory")
     if not math.isfinite(strength):
         raise ConfigError("adapter_strength", f"must be a finite number, got {strength}")
-    if (path / "pytorch_lora_weights.safetensors").is_file():
+    lora_file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if lora_file.is_file() and lora_file.suffix == ".safetensors":
 
         def attach():
-            state = StableDiffusionPipeline.lora_state_dict(path)[0]
-            model.unet.load_lora_adapter(state, prefix="unet", adapter_name="fullrange")
-            model.unet.set_adapters(["fullrange"], weights=[strength])
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            pipe = as_pipeline(model)
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="fullrange")
+            networks = [model.unet, model.text_encoder, model.text_encoder_2]
+            layers = [m for net in networks if net is not None for m in net.modules() if isinstance(m, BaseTunerLayer)]
+            if not any("fullrange" in layer.lora_A for layer in layers if hasattr(layer, "lora_A")):
+                raise ConfigError("adapter", f"{lora_file}: holds no LoRA weight for this model's layers")
+            pipe.set_adapters(["fullrange"], adapter_weights=[strength])
 
         _adapter(path, attach)
-    elif (path / "adapter.json").is_file() and (path / "adapter_model.safetensors").is_file():
+    elif path.is_dir() and (path / "adapter.json").is_file() and (path / "adapter_model.safetensors").is_file():
         shape = _json(path / "adapter.json", "adapter")
         if not isinstance(shape, dict) or not {"block_size", "coft"} <= set(shape):
             raise ConfigError("adapter", f"{path / 'adapter.json'}: needs block_size and coft")
@@ -210,8 +218,8 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
     else:
         raise ConfigError(
             "adapter",
-            f"{path}: neither a LoRA (pytorch_lora_weights.safetensors) nor an OFT folder (adapter.json, "
-            "adapter_model.safetensors)",
+            f"{path}: neither a LoRA (a .safetensors file, or a folder with pytorch_lora_weights.safetensors) nor an "
+            "OFT folder (adapter.json, adapter_model.safetensors)",
         )
     spec = adapter_spec(path, model.spec)
     ztsnr = spec.schedule.zero_terminal_snr
@@ -228,8 +236,18 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
 
 
 def adapter_spec(path: Path, base: SamplingSpec) -> SamplingSpec:
-    """The spec an adapter folder's scheduler config records (how the model with it must be sampled); ``base``
-    when it has none."""
+    """How a model with the adapter at ``path`` must be sampled: the spec a folder's scheduler config records, or
+    what a file's metadata says (prediction type, zero terminal SNR) applied to ``base``; ``base`` when neither
+    says anything."""
+    from ..sampling import retrained
+    from . import markers
+
+    if path.is_file():
+        decision = markers.decide(markers.from_header(single_file.read_header(path), str(path)))
+        try:
+            return retrained(base, decision.prediction, decision.zero_terminal_snr)
+        except ValueError as err:
+            raise ConfigError("adapter", f"{path}: {err}") from None
     config_path = path / "scheduler_config.json"
     if not config_path.is_file():
         return base

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..sampling import SamplingSpec
+from ..scheduler_config import ddim_scheduler
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,11 @@ class StableDiffusion:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object = None
 
-    def to(self, device: torch.device | str) -> StableDiffusion:
-        """Move the networks (in place); returns self."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        """Move or cast the networks (in place); returns self."""
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if module is not None:
-                module.to(device)
+                module.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -41,22 +42,35 @@ class StableDiffusion:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The text encoders' states for ``prompts`` (padded to the tokenizers' max length): CLIP's last hidden
-        states as ``encoder_hidden_states`` (SD 1.x / 2.x); for SDXL both encoders' penultimate states side by side
-        and the second's pooled projection as ``text_embeds``, as diffusers' SDXL pipeline builds them."""
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids of ``prompts`` for each text encoder, padded to the tokenizer's max length: ``input_ids``
+        and, for SDXL, ``input_ids_2``; on the encoders' devices."""
 
         def ids(tokenizer, encoder):
             kwargs = {"padding": "max_length", "max_length": tokenizer.model_max_length, "truncation": True}
             return tokenizer(prompts, return_tensors="pt", **kwargs).input_ids.to(encoder.device)
 
+        out = {"input_ids": ids(self.tokenizer, self.text_encoder)}
+        if self.is_xl:
+            out["input_ids_2"] = ids(self.tokenizer_2, self.text_encoder_2)
+        return out
+
+    def encode_ids(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The text encoders' states for token ids (:meth:`tokenize`), with gradients where the encoders have
+        trainable parameters: CLIP's last hidden states as ``encoder_hidden_states`` (SD 1.x / 2.x); for SDXL both
+        encoders' penultimate states side by side and the second's pooled projection as ``text_embeds``, as
+        diffusers' SDXL pipeline builds them."""
         if not self.is_xl:
-            return {"encoder_hidden_states": self.text_encoder(ids(self.tokenizer, self.text_encoder))[0]}
-        first = self.text_encoder(ids(self.tokenizer, self.text_encoder), output_hidden_states=True)
-        second = self.text_encoder_2(ids(self.tokenizer_2, self.text_encoder_2), output_hidden_states=True)
+            return {"encoder_hidden_states": self.text_encoder(input_ids)[0]}
+        first = self.text_encoder(input_ids, output_hidden_states=True)
+        second = self.text_encoder_2(input_ids_2, output_hidden_states=True)
         states = torch.cat([first.hidden_states[-2], second.hidden_states[-2].to(first.hidden_states[-2])], dim=-1)
         return {"encoder_hidden_states": states, "text_embeds": second.text_embeds}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """:meth:`encode_ids` of :meth:`tokenize`, without gradients."""
+        return self.encode_ids(**self.tokenize(prompts))
 
     def time_ids(
         self, original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]
@@ -76,3 +90,45 @@ class StableDiffusion:
                 raise ValueError("SDXL needs time_ids (original size, crop, target size) to condition its UNet")
             cond["added_cond_kwargs"] = {"text_embeds": text["text_embeds"], "time_ids": time_ids}
         return cond
+
+
+class TextConditionedUNet(torch.nn.Module):
+    """The UNet conditioned through the text encoders, called with token ids (``input_ids``, SDXL's
+    ``input_ids_2`` and ``time_ids``) instead of their states, so that adapters on the encoders train with it. Holds
+    the model's own networks (no copy): its parameters are named ``unet.…``, ``text_encoder.…``,
+    ``text_encoder_2.…``."""
+
+    def __init__(self, model: StableDiffusion):
+        super().__init__()
+        self.unet, self.text_encoder, self.text_encoder_2 = model.unet, model.text_encoder, model.text_encoder_2
+        self.model = [model]  # in a list: not registered as a submodule a second time
+
+    def forward(self, x, t, input_ids, input_ids_2=None, time_ids=None):
+        model = self.model[0]
+        text = model.encode_ids(input_ids, input_ids_2)
+        return self.unet(x, t, **model.condition(text, time_ids))
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            if encoder is not None:
+                encoder.gradient_checkpointing_enable()
+
+
+def pipeline_class(model: StableDiffusion):
+    """diffusers' pipeline class for ``model``: ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if model.is_xl else StableDiffusionPipeline
+
+
+def as_pipeline(model: StableDiffusion):
+    """``model`` as a diffusers pipeline sharing its networks (nothing is copied), its scheduler configured by its
+    spec: for diffusers' own savers and loaders."""
+    parts = {"vae": model.vae, "text_encoder": model.text_encoder, "tokenizer": model.tokenizer, "unet": model.unet}
+    parts["scheduler"] = ddim_scheduler(model.spec)
+    if model.is_xl:
+        parts |= {"text_encoder_2": model.text_encoder_2, "tokenizer_2": model.tokenizer_2}
+    else:
+        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return pipeline_class(model)(**parts)

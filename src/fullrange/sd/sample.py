@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -138,6 +138,16 @@ def inpaint_channels(model: StableDiffusion, image: str, mask: str, size: int) -
     return torch.cat([latent_mask(binary, size), encode(model, pixels * ~binary)], dim=1)
 
 
+def resolve(model: StableDiffusion, settings: SampleSettings) -> tuple[SampleSettings, str]:
+    """The settings sampling actually uses: the sampler and spacing :func:`~fullrange.sampling.pick` picks where
+    none is given, and the UNet's own resolution; with the note saying what was picked (``""`` if nothing)."""
+    resolution = settings.resolution or model.unet.config.sample_size * model.vae_scale_factor
+    size = resolution // model.vae_scale_factor
+    shape = (1, model.vae.config.latent_channels, size, size)
+    sampler, spacing, note = pick(model.spec, shape, settings.sampler, settings.spacing)
+    return replace(settings, sampler=sampler, spacing=spacing, resolution=resolution), note
+
+
 @torch.no_grad()
 def generate(
     model: StableDiffusion,
@@ -149,7 +159,10 @@ def generate(
     """Images in [0, 1], shape (N, 3, H, W), one per prompt, seeds ``seed + i``; on the UNet's device. A tone in
     ``settings`` starts every sample from its leak (the same noise as without); an ``image`` starts it from that
     image noised to the step ``strength`` picks (img2img); a ``controlnet`` is conditioned on ``control_image``."""
-    size = (settings.resolution or model.unet.config.sample_size * model.vae_scale_factor) // model.vae_scale_factor
+    settings, note = resolve(model, settings)
+    if note:
+        logging.getLogger("fullrange").info(note)
+    sampler, size = settings.sampler, settings.resolution // model.vae_scale_factor
     channels = model.vae.config.latent_channels
     inpainting_unet = model.unet.config.in_channels == 2 * channels + 1
     if settings.mask is not None and not inpainting_unet and model.unet.config.in_channels != channels:
@@ -172,10 +185,7 @@ def generate(
     to_device = lambda v: v.to(device)  # noqa: E731
     tones = {"tone": settings.tone, "tone_image": settings.tone_image, "tone_stats": settings.tone_stats}
     leak = leak_for(model, len(prompts), (size, size), settings.seed, **tones)
-    sampler, spacing, note = pick(model.spec, tuple(noise.shape), settings.sampler, settings.spacing)
-    if note:
-        logging.getLogger("fullrange").info(note)
-    steps = model.spec.plan(settings.steps, spacing, num_values=math.prod(noise.shape[1:]))
+    steps = model.spec.plan(settings.steps, settings.spacing, num_values=math.prod(noise.shape[1:]))
     start = noise
     if settings.image is not None:  # img2img: the last int(steps · strength) steps (at least one), as diffusers
         begin = min(settings.steps - int(settings.steps * settings.strength), settings.steps - 1)
@@ -260,28 +270,41 @@ def blended(model, start, noise, image, mask, steps, sampler, settings, cond, un
 
 
 def save_images(
-    images: torch.Tensor, prompts: list[str], settings: SampleSettings, out: Path
-) -> tuple[list[Path], Path]:
-    """One PNG per image, named by its seed and a slug of its prompt, with the prompt and settings in a
-    ``fullrange`` text chunk; and a grid of them all. Nothing is overwritten: a name already taken gets ``-2``,
-    ``-3``, ... Returns the images' paths and the grid's."""
+    images: torch.Tensor, prompts: list[str], settings: SampleSettings, out: Path, source: dict | None = None
+) -> list[Path]:
+    """One PNG per image, named by its seed (``settings.seed + i``) and a slug of its prompt, with a ``fullrange``
+    text chunk (JSON: prompt, seed, ``settings`` and ``source``: what made it, see :mod:`fullrange.sd.pnginfo`) and
+    A1111's ``parameters`` text. Nothing is overwritten: a name already taken gets ``-2``, ``-3``, ... Returns the
+    paths."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
+
+    from .pnginfo import a1111_parameters, describe
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, (array, prompt) in enumerate(zip(arrays, prompts, strict=True)):
-        info = PngInfo()
-        info.add_text("fullrange", json.dumps({"prompt": prompt, **asdict(settings), "seed": settings.seed + i}))
+        info = describe(settings, settings.seed + i, prompt, source or {})
+        png = PngInfo()
+        png.add_text("fullrange", json.dumps(info))
+        png.add_text("parameters", a1111_parameters(info, (array.shape[1], array.shape[0])))
         path, f = _new_file(out, f"{settings.seed + i:06d}-{_slug(prompt)}")
         with f:
-            Image.fromarray(array).save(f, format="PNG", pnginfo=info)
+            Image.fromarray(array).save(f, format="PNG", pnginfo=png)
         paths.append(path)
-    grid, f = _new_file(out, f"grid-{settings.seed:06d}")
+    return paths
+
+
+def save_grid(images: torch.Tensor, out: Path, seed: int, columns: int = 4) -> Path:
+    """All ``images`` (in [0, 1]) as one PNG grid, ``grid-SEED.png`` (never overwriting: ``-2``, ... if taken)."""
+    from PIL import Image
+
+    arrays = (images * 255).round().to(torch.uint8)
+    grid, f = _new_file(out, f"grid-{seed:06d}")
     with f:
-        Image.fromarray(tile(torch.from_numpy(arrays).permute(0, 3, 1, 2), columns=4).numpy()).save(f, format="PNG")
-    return paths, grid
+        Image.fromarray(tile(arrays, columns=columns).numpy()).save(f, format="PNG")
+    return grid
 
 
 def _slug(prompt: str, length: int = 40) -> str:

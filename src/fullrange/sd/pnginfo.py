@@ -1,0 +1,95 @@
+"""What a sampled PNG says about how it was made: fullrange's own ``fullrange`` text chunk (JSON: the effective
+settings, model and adapter with their hashes, prediction type) and an A1111-style ``parameters`` text, which A1111's
+PNG Info, ComfyUI and civitai read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict
+from pathlib import Path
+
+A1111_SAMPLERS = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "unipc": "UniPC",
+}
+A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}
+
+
+def model_hash(path: Path) -> str:
+    """A1111's model hash (civitai's AutoV2): the first 10 hex digits of the SHA-256 of the weights file; for a
+    diffusers folder, of its UNet's weights."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted((path / "unet").glob("*.safetensors")) or sorted((path / "unet").glob("*"))
+        if not found:
+            return ""
+        path = found[0]
+    return _sha256(path, 0)[:10]
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's LoRA hash (civitai's AutoV3): the first 12 hex digits of the SHA-256 of a safetensors file's tensor
+    bytes, after its header (so editing the metadata keeps the hash); of ``pytorch_lora_weights.safetensors`` in a
+    LoRA folder; of ``adapter_model.safetensors`` in an OFT folder."""
+    path = Path(path)
+    if path.is_dir():
+        names = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+        path = next((path / n for n in names if (path / n).is_file()), path)
+    with path.open("rb") as f:
+        (header,) = struct.unpack("<Q", f.read(8))
+    return _sha256(path, 8 + header)[:12]
+
+
+def _sha256(path: Path, offset: int) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        f.seek(offset)
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe(settings, seed: int, prompt: str, source: dict) -> dict:
+    """The ``fullrange`` chunk of one image: its prompt and seed, the effective ``settings``, and ``source`` (model,
+    hashes, adapter, prediction type, dtype, version)."""
+    return {"prompt": prompt, **asdict(settings), "seed": seed, **source}
+
+
+def a1111_parameters(info: dict, size: tuple[int, int]) -> str:
+    """The A1111 ``parameters`` text of an image described by :func:`describe`: prompt, negative prompt, then
+    ``Key: value`` pairs; A1111's own keys where it has the thing, fullrange's where it has not (spacing,
+    prediction type, zero terminal SNR, guidance rescale)."""
+    pairs = {
+        "Steps": info["steps"],
+        "Sampler": A1111_SAMPLERS.get(info["sampler"], info["sampler"]),
+        "Schedule type": A1111_SCHEDULES.get(info["spacing"]),
+        "Spacing": None if info["spacing"] in A1111_SCHEDULES else info["spacing"],
+        "CFG scale": info["guidance"],
+        "Guidance rescale": info["guidance_rescale"] or None,
+        "Seed": info["seed"],
+        "Size": f"{size[0]}x{size[1]}",
+        "Model hash": info.get("model_hash"),
+        "Model": Path(info["model"]).stem if info.get("model") else None,
+        "Lora hashes": f'"{Path(info["adapter"]).stem}: {info["adapter_hash"]}"' if info.get("adapter") else None,
+        "Lora strength": info.get("adapter_strength") if info.get("adapter") else None,
+        "Prediction": info.get("prediction_type"),
+        "Zero terminal SNR": info.get("zero_terminal_snr"),
+        "Denoising strength": info["strength"] if info.get("image") else None,
+        "Version": f"fullrange {info['fullrange']}" if info.get("fullrange") else None,
+    }
+    text = ", ".join(f"{k}: {_a1111_value(v)}" for k, v in pairs.items() if v is not None and v != "")
+    negative = f"\nNegative prompt: {info['negative_prompt']}" if info.get("negative_prompt") else ""
+    return f"{info['prompt']}{negative}\n{text}"
+
+
+def _a1111_value(value) -> str:
+    text = str(value)
+    return json.dumps(text) if "," in text and not text.startswith('"') else text
