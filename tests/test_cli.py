@@ -111,3 +111,17 @@ def test_help_shows_brackets_and_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"fullrange {version('fullrange')}"
+
+
+def test_one_runtime_for_the_main_job_everywhere():
+    """The README's set-up line, its reproduction section and ``reproduce --help`` state the same measured time."""
+    from pathlib import Path
+
+    from fullrange.cli import QUICK_RUNTIME
+
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    first_screen = readme[: readme.index("## Three things to try")]
+    assert f"({QUICK_RUNTIME} on 2 CPU cores in the last measured run" in first_screen
+    assert f"One run of the quick preset on 2 CPU cores, {QUICK_RUNTIME}" in readme
+    result = runner.invoke(app, ["reproduce", "--help"], terminal_width=200)
+    assert f"quick ({QUICK_RUNTIME} on 2 CPU cores" in " ".join(result.output.split())

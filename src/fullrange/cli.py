@@ -23,6 +23,7 @@ from .config import ConfigError
 from .files import read_text
 
 DEBUG_ENV = "FULLRANGE_DEBUG"
+QUICK_RUNTIME = "6 min 12 s"  # `fullrange reproduce`'s quick preset, measured; the README states the same (a test)
 
 
 class OneLineErrors(TyperGroup):
@@ -227,7 +228,9 @@ def _plot_schedule(schedule: schedules.Schedule, t, num_values: int, path: Path,
 def reproduce_command(
     out: Path = typer.Option(Path("fullrange-report"), help="Output folder: results, plots, report.md/html."),
     preset: str = typer.Option(
-        "quick", help="micro (seconds, smoke test), quick (about 6 min on 2 CPU cores), full (GPU)."
+        "quick",
+        help=f"micro (seconds, smoke test), quick ({QUICK_RUNTIME} on 2 CPU cores in the last measured run; 3 seeds), "
+        "full (for a GPU: hours on a CPU).",
     ),
     only: list[str] | None = typer.Option(None, help="Run only this experiment (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
