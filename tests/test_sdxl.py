@@ -121,3 +121,31 @@ def test_full_fine_tune_saves_an_sdxl_pipeline_diffusers_samples_alike(workspace
     base = load_stable_diffusion(workspace / "sdxl")
     changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, model.unet.state_dict()[k])]
     assert changed  # the UNet was trained
+
+
+def test_text_encoder_lora_on_both_encoders_trains_and_reloads_in_diffusers(workspace):
+    """SDXL's two text encoders each get a LoRA, trained through the size-conditioned UNet, saved as diffusers
+    names it, and loaded by diffusers' SDXL pipeline to the same text states fullrange computes."""
+    config = _config(
+        workspace,
+        "te_run",
+        adapter={"kind": "lora", "text_encoder": True},
+        train={"steps": 3, "checkpoint_every": 2},
+        output={"family": "sdxl"},
+    )
+    outputs = finetune(config, progress=False, log=lambda _: None)
+    saved = load_file(outputs["lora"] / "pytorch_lora_weights.safetensors")
+    for prefix in ("text_encoder.", "text_encoder_2."):
+        ups = {k: v for k, v in saved.items() if k.startswith(prefix) and "lora_B" in k}
+        last = max(int(k.split("layers.")[1].split(".")[0]) for k in ups)
+        moved = {k for k, v in ups.items() if v.abs().sum() > 0}
+        # SDXL conditions on the first encoder's penultimate layer: its last layer gets no gradient and stays at 0
+        frozen = {k for k in ups if f"layers.{last}." in k} if prefix == "text_encoder." else set()
+        assert moved == set(ups) - frozen and moved, prefix
+    pipe = StableDiffusionXLPipeline.from_pretrained(workspace / "sdxl", local_files_only=True)
+    pipe.load_lora_weights(outputs["lora"])
+    theirs, _, pooled, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    model = load_adapter(load_stable_diffusion(workspace / "sdxl"), outputs["kohya"])
+    ours = model.encode_prompts(PROMPTS)
+    torch.testing.assert_close(ours["encoder_hidden_states"], theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["text_embeds"], pooled, atol=1e-5, rtol=0)

@@ -230,7 +230,7 @@ def reproduce_command(
     preset: str = typer.Option(
         "quick",
         help=f"micro (seconds, smoke test), quick ({QUICK_RUNTIME} on 2 CPU cores in the last measured run; 3 seeds), "
-        "full (for a GPU: hours on a CPU).",
+        "full (for a GPU: about 216 h of training on a 2-core CPU).",
     ),
     only: list[str] | None = typer.Option(None, help="Run only this experiment (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
