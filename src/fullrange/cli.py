@@ -547,7 +547,9 @@ def sample_command(
     batch_size: int = typer.Option(
         1, help="Images sampled at once (image i keeps seed + i; stochastic samplers' noise depends on the batch)."
     ),
-    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 weights (fp16 needs a GPU; the sampler runs in fp32)."),
+    dtype: str = typer.Option(
+        "fp32", help="fp32, fp16 or bf16 weights (the sampler's arithmetic stays fp32; fp16 is slow on a CPU)."
+    ),
     spacing: str | None = typer.Option(
         None,
         help="leading, linspace, trailing, karras or exponential (default: at zero terminal SNR a Karras ladder "
@@ -640,8 +642,7 @@ def sample_command(
         if control_model is not None:
             control_model.to(dtype=getattr(torch, DTYPES[dtype]))
         all_prompts = [p for p in prompts for _ in range(num_images)]
-        with _warnings_as_lines():
-            effective, _ = resolve(sd_model, settings)
+        effective, _ = resolve(sd_model, settings)  # what the PNGs record: the sampler and spacing picked too
         source = _source(sd_model, adapter, adapter_strength, dtype)
         from tqdm.auto import tqdm
 
