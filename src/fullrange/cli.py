@@ -235,7 +235,8 @@ def reproduce_command(
     only: list[str] | None = typer.Option(None, help="Run only this experiment (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Reproduce the seed documents' findings on the built-in data set and write a report."""
+    """Reproduce the findings of the offset-noise article and the zero-terminal-SNR paper on the built-in data set, on
+    the CPU, and write a report (report.md, report.html)."""
     from . import reproduce
     from .train import TrainingInterrupted
 
@@ -854,7 +855,7 @@ def eval_brightness_command(
     sha256: str | None = typer.Option(None, help=SHA256_HELP),
     model_config: Path | None = typer.Option(None, help=MODEL_CONFIG_HELP + " Also used for --against."),
 ) -> None:
-    """Generate the seed documents' dark and bright prompts and report the brightness range reached; with a tone,
+    """Generate the offset-noise article's dark and bright prompts and report the brightness range reached; with a tone,
     --model is sampled with and without it, on the same prompts and seeds."""
     from .sd import load_adapter
     from .sd.eval import evaluate, summarize, write
