@@ -296,14 +296,15 @@ def labelled_grid(rows: list[tuple[str, list[torch.Tensor]]], headers: list[str]
     """A PNG of labelled rows, each a list of groups of images in [-1, 1] (the same number of groups per row, one
     ``headers`` entry each): every image upscaled ``scale``× without smoothing, on a mid-grey ground with gutters,
     a wider gap between groups and a border, so white and black images both stand out."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     side = rows[0][1][-1].shape[-1] * scale
     gutter, gap, label_width, header = 4, 16, 120, 18
+    font = ImageFont.load_default(size=13)  # Pillow's bundled FreeType font (Pillow >= 10.1)
     canvas = Image.new("RGB", (1, 1))
     draw = ImageDraw.Draw(canvas)
     widths = [
-        max(max(len(groups[g]) for _, groups in rows) * (side + gutter), int(draw.textlength(text)) + gap)
+        max(max(len(groups[g]) for _, groups in rows) * (side + gutter), int(draw.textlength(text, font=font)) + gap)
         for g, text in enumerate(headers)
     ]
     lefts = [label_width]
@@ -314,10 +315,10 @@ def labelled_grid(rows: list[tuple[str, list[torch.Tensor]]], headers: list[str]
     canvas = Image.new("RGB", (width, height), (150, 150, 150))
     draw = ImageDraw.Draw(canvas)
     for left, text in zip(lefts, headers, strict=True):
-        draw.text((left, 3), text, fill=(0, 0, 0))
+        draw.text((left, 2), text, fill=(0, 0, 0), font=font)
     for r, (label, groups) in enumerate(rows):
         y = header + r * (side + gutter)
-        draw.text((6, y + side // 2 - 6), label, fill=(0, 0, 0))
+        draw.text((6, y + side // 2 - 7), label, fill=(0, 0, 0), font=font)
         for left, images in zip(lefts, groups, strict=True):
             for c, image in enumerate(images):
                 pixels = ((image[:3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).expand(3, -1, -1)

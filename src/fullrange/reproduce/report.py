@@ -176,6 +176,9 @@ def _inline(text: str) -> str:
     parts = text.split("`")
     text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
     text = re.sub(r"\[([^\]]+)\]\((#[\w-]+)\)", r'<a href="\2">\1</a>', text)
-    for verdict in MARKS:
-        text = text.replace(f"<b>{verdict}</b>", f'<b class="{verdict.replace(" ", "-")}">{verdict}</b>')
+    for verdict, mark in MARKS.items():  # a coloured dot: the emoji need a font a browser may not have
+        css = verdict.replace(" ", "-")
+        text = text.replace(f"<b>{verdict}</b>", f'<b class="{css}">{verdict}</b>').replace(
+            mark, f'<span class="{css}">●</span>'
+        )
     return text
