@@ -113,6 +113,9 @@ def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace, diffusers_
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     saved = json.loads((workspace / "full" / "config.json").read_text())
     assert saved["config"]["noise"]["offset"] == 0.1 and saved["recipe"]["noise"] == "offset"
+    card = outputs["card"].read_text()  # a full fine-tune is sampled from its pipeline, an epsilon model
+    assert f"fullrange sample --model {outputs['pipeline']} --prompt" in card and "**epsilon** model." in card
+    assert f'Pipeline.from_pretrained("{outputs["pipeline"]}")' in card and "ModelSamplingDiscrete" in card
 
 
 def test_oft_saves_the_adapter_and_a_merged_pipeline(workspace):

@@ -69,8 +69,11 @@ def write_model_card(
         "**fullrange**: it reads the settings from the adapter folder.",
         "",
         "```bash",
-        f"fullrange sample --model {base.source}"
-        + (f" --adapter {adapter}" if adapter else f" --model {outputs.get('pipeline', out)}")
+        (
+            f"fullrange sample --model {base.source} --adapter {adapter}"
+            if adapter
+            else f"fullrange sample --model {outputs['pipeline']}"
+        )
         + ' --prompt "..." --out samples'
         + (" --guidance-rescale 0.7" if ztsnr else ""),
         "```",
