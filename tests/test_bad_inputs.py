@@ -35,7 +35,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from fullrange import data, files
+from fullrange import data, files, images
 from fullrange.cli import app
 from fullrange.sd import load_stable_diffusion
 from fullrange.sd.latents import encode_latents
@@ -668,7 +668,7 @@ def test_a_messy_folder_trains_on_the_good_images_and_lists_the_bad(ws, tmp_path
     assert by_name["bom.png"].caption == "a caption after a byte-order mark"
     assert by_name["meta.png"].caption == "captioned by metadata"
     assert by_name["rotated.jpg"].size == (24, 40)  # EXIF orientation applied: trained upright
-    assert np.asarray(data.open_rgb(tmp_path / "data" / "anim.gif")).max() == 0  # the first (black) frame
+    assert np.asarray(images.open_rgb(tmp_path / "data" / "anim.gif")).max() == 0  # the first (black) frame
     handled = {"bom.png": 2, "meta.png": 2, "rotated.jpg": 3, "anim.gif": 3}  # the checks just above
     KINDS.update([cause for cause, _ in bad.values()] + [2] * len(rows) + list(handled.values()))
 

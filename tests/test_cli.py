@@ -66,39 +66,85 @@ def test_schedule_bad_options_give_one_line_errors(args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
-def test_train_help_states_the_defaults_the_config_uses():
-    """Every ``fullrange train`` option whose config field has a default says it in its help, the same value."""
+def _help_of(command: str) -> str:
+    result = runner.invoke(app, [*command.split(), "--help"], terminal_width=1000)
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "command,config",
+    [("train", "fullrange.sd.config:FinetuneConfig"), ("sample", "fullrange.sd.sample:SampleSettings")],
+)
+def test_every_config_field_is_a_flag_stating_its_default(command, config):
+    """Every field of the config tables is a flag of its command, and its help states the default the field has."""
     import dataclasses
+    import importlib
     import re
+
+    from fullrange.cli._options import _leaves, flag
+
+    module, _, name = config.partition(":")
+    text = _help_of(command)
+    checked = 0
+    for field, f, _ in _leaves(getattr(importlib.import_module(module), name)):
+        found = re.search(rf"{re.escape(flag(field))} <[^>]+> (.*?)(?= --[a-z]|$)", text) or re.search(
+            rf"{re.escape(flag(field))} (.*?)(?= --[a-z]|$)", text
+        )
+        assert found, f"{flag(field)} is not in {command} --help"
+        default = f.default
+        if f.metadata.get("shown") is not None or any(default is v for v in (dataclasses.MISSING, None, False)):
+            continue
+        if default in ("", ()):
+            continue
+        stated = re.search(r"\[default: ([^\],]+)", found.group(1))
+        assert stated, f"{flag(field)} does not state its default {default!r}: {found.group(1)!r}"
+        if isinstance(default, int | float):
+            assert float(stated.group(1)) == default, (field, stated.group(1), default)
+        else:
+            assert stated.group(1) == str(default), (field, stated.group(1), default)
+        checked += 1
+    assert checked >= {"train": 18, "sample": 7}[command]
+
+
+def test_a_new_config_field_is_an_option_with_its_help_and_default():
+    """A field declared with ``setting`` becomes an option: flag from its name (or the alias table), help and
+    default from the field, other fields named in its help by their flags; given values reach the command as
+    tables, and values not given leave the config's defaults."""
+    import dataclasses
 
     import typer
 
-    from fullrange.cli import TRAIN_FLAGS
-    from fullrange.sd import config as sd_config
+    from fullrange.cli._options import tables, with_fields
+    from fullrange.config import from_dict, setting
 
-    # the tables' classes, named as strings (``from __future__ import annotations``) in the config module
-    classes = {f.name: getattr(sd_config, f.type) for f in dataclasses.fields(sd_config.FinetuneConfig)}
-    defaults = {}
-    for table, cls in classes.items():
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                defaults[f"{table}.{f.name}"] = f.default
-    command = typer.main.get_command(app).commands["train"]
-    helps = {p.opts[0].removeprefix("--"): p.help or "" for p in command.params if p.opts}
-    checked = 0
-    for flag, field in TRAIN_FLAGS.items():
-        default = defaults.get(field)
-        if default is None or isinstance(default, bool) or default == ():
-            continue  # required, a flag that is off unless given, or empty
-        found = re.search(r"\[default: ([^\],]+)", helps[flag])
-        assert found, f"--{flag} does not state its default {default!r}: {helps[flag]!r}"
-        stated = found.group(1)
-        if isinstance(default, int | float):
-            assert float(stated.split()[0]) == default, (flag, stated, default)
-        else:
-            assert stated == str(default), (flag, stated, default)
-        checked += 1
-    assert checked >= 15
+    @dataclasses.dataclass(frozen=True)
+    class Knobs:
+        cfg_decay: float = setting(0.25, "How fast it decays, after `warm_steps`.")
+        warm_steps: int | None = setting(None, "Steps before it decays.", shown="a tenth of the run")
+        tags: tuple[str, ...] = setting((), "A tag (repeatable).")
+        loud: bool = setting(False, "Say more.")
+
+    @dataclasses.dataclass(frozen=True)
+    class Tables:
+        knobs: Knobs = dataclasses.field(default_factory=Knobs)
+
+    seen = []
+
+    def command(**fields):
+        seen.append(from_dict(Tables, tables(fields)))
+
+    tool = typer.Typer()
+    tool.command()(with_fields(command, Tables))
+    tool.command("other")(lambda: None)
+    text = " ".join(runner.invoke(tool, ["command", "--help"], terminal_width=1000).output.split())
+    assert "--cfg-decay <float> How fast it decays, after --warm-steps. [default: 0.25]" in text
+    assert "--warm-steps <int> Steps before it decays. [default: a tenth of the run]" in text
+    assert "--loud Say more." in text and "--tags" in text
+    result = runner.invoke(tool, ["command", "--cfg-decay", "0.5", "--tags", "a", "--tags", "b", "--loud"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].knobs == Knobs(0.5, None, ("a", "b"), True)
+    assert runner.invoke(tool, ["command"]).exit_code == 0 and seen[-1].knobs == Knobs()
 
 
 def test_help_shows_brackets_and_version():
@@ -117,7 +163,7 @@ def test_one_runtime_for_the_main_job_everywhere():
     """The README's set-up line, its reproduction section and ``reproduce --help`` state the same measured time."""
     from pathlib import Path
 
-    from fullrange.cli import QUICK_RUNTIME
+    from fullrange.cli.reproduce import QUICK_RUNTIME
 
     readme = Path(__file__).parents[1].joinpath("README.md").read_text()
     first_screen = readme[: readme.index("## Three things to try")]

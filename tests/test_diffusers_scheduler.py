@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusio
 
 import fullrange
 from fullrange import prediction, schedules, timesteps, toy
-from fullrange.diffusers import STEPWISE, FullrangeScheduler
+from fullrange.diffusers import FullrangeScheduler
+from fullrange.samplers import SAMPLERS
 from fullrange.sampling import SamplingSpec
 
 SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -49,7 +50,7 @@ def _run(scheduler, network, x, steps, begin=None, seed=0):
 
 @pytest.mark.parametrize("zero_terminal_snr", [False, True])
 @pytest.mark.parametrize("spacing", ["trailing", "karras"])
-@pytest.mark.parametrize("sampler", STEPWISE)
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_scheduler_steps_as_fullrange_sample(sampler, spacing, zero_terminal_snr):
     """Driven like a pipeline, the scheduler gives fullrange.sample's result (same ladder, same noise draws)."""
     config = _config(zero_terminal_snr)
@@ -218,10 +219,10 @@ def test_sample_img2img_equals_diffusers_img2img_pipeline_with_the_scheduler(tin
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
+    from fullrange.images import read_image
     from fullrange.sampling import retrained
     from fullrange.sd import load_stable_diffusion
     from fullrange.sd.sample import SampleSettings, generate
-    from fullrange.sd.tone import encode, read_image
 
     model = load_stable_diffusion(tiny_sd)
     model = replace(model, spec=retrained(model.spec, "v_prediction", zero_terminal_snr=True))
@@ -229,7 +230,7 @@ def test_sample_img2img_equals_diffusers_img2img_pipeline_with_the_scheduler(tin
     Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(10)) * 255).byte().numpy()).save(
         path
     )
-    latents = encode(model, read_image(path, (8, 8), model.vae_scale_factor, "image")[None]).expand(2, -1, -1, -1)
+    latents = model.encode_images(read_image(path, 16, "image")[None])[0].expand(2, -1, -1, -1)
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     config = pipe.scheduler.config | {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
@@ -315,7 +316,7 @@ def test_sample_inpaints_with_a_9_channel_unet_as_diffusers_inpainting_pipeline(
     pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler="unipc", spacing="trailing")
-    extra = inpaint_channels(model, str(image), str(mask), 8)
+    extra = inpaint_channels(model, str(image), str(mask), 16)
     noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
     theirs = pipe(
         prompts,
@@ -348,10 +349,10 @@ def test_sample_inpaints_with_a_plain_unet_as_diffusers_inpainting_pipeline(tiny
     from typer.testing import CliRunner
 
     from fullrange.cli import app
+    from fullrange.images import read_image
     from fullrange.sampling import retrained
     from fullrange.sd import load_stable_diffusion
     from fullrange.sd.sample import SampleSettings, generate
-    from fullrange.sd.tone import encode, read_image
 
     image, mask = tmp_path / "in.png", tmp_path / "mask.png"
     Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(13)) * 255).byte().numpy()).save(
@@ -370,7 +371,7 @@ def test_sample_inpaints_with_a_plain_unet_as_diffusers_inpainting_pipeline(tiny
     pipe.set_progress_bar_config(disable=True)
     config = pipe.scheduler.config | {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
     pipe.scheduler = FullrangeScheduler.from_config(config, sampler=sampler, spacing="trailing")
-    latents = encode(model, read_image(image, (8, 8), model.vae_scale_factor, "image")[None]).expand(2, -1, -1, -1)
+    latents = model.encode_images(read_image(image, 16, "image")[None])[0].expand(2, -1, -1, -1)
     noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
     kwargs = {"num_inference_steps": 5, "guidance_scale": 3.0, "height": 16, "width": 16, "output_type": "pt"}
     theirs = pipe(
@@ -421,10 +422,10 @@ def test_every_pipeline_gives_the_images_of_fullrange_sample(
     from diffusers import ControlNetModel
     from PIL import Image
 
+    from fullrange.images import read_image
     from fullrange.sampling import retrained
     from fullrange.sd import load_stable_diffusion
     from fullrange.sd.sample import SampleSettings, generate
-    from fullrange.sd.tone import encode, read_image
 
     folder = {"sdxl": tiny_sdxl, "inpaint9": assets / "inpaint9"}.get(kind, tiny_sd)
     classes = {
@@ -450,7 +451,7 @@ def test_every_pipeline_gives_the_images_of_fullrange_sample(
     prompts = ["a dark room", "a bright beach"]
     noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
     image = str(assets / "image.png")
-    latents = encode(model, read_image(image, (8, 8), model.vae_scale_factor, "image")[None]).expand(2, -1, -1, -1)
+    latents = model.encode_images(read_image(image, 16, "image")[None])[0].expand(2, -1, -1, -1)
     settings = {"guidance": 3.0, "resolution": 16}
     call = {"num_inference_steps": 5, "guidance_scale": 3.0, "output_type": "pt"}
     if kind == "img2img":
@@ -464,7 +465,7 @@ def test_every_pipeline_gives_the_images_of_fullrange_sample(
         if kind == "inpaint9":
             from fullrange.sd.sample import inpaint_channels
 
-            masked = inpaint_channels(model, image, settings["mask"], 8)[:, 1:].expand(2, -1, -1, -1)
+            masked = inpaint_channels(model, image, settings["mask"], 16)[:, 1:].expand(2, -1, -1, -1)
         call |= {"image": latents, "mask_image": Image.open(assets / "mask.png"), "masked_image_latents": masked}
     if kind == "controlnet":
         settings |= {"control_image": str(assets / "control.png")}

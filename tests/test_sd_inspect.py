@@ -14,6 +14,7 @@ from fullrange import prediction as targets
 from fullrange.cli import app
 from fullrange.sampling import retrained
 from fullrange.sd import load_stable_diffusion, markers
+from fullrange.sd.config import ModelConfig
 from fullrange.sd.export import export
 from fullrange.sd.inspection import inspect
 from fullrange.sd.testing import save_tiny_stable_diffusion
@@ -140,7 +141,7 @@ def test_a_folder_without_a_prediction_type_is_probed(trained, tmp_path):
 )
 def test_single_files_with_right_wrong_and_missing_markers(trained, tmp_path, kind, metadata, tensors, expected, how):
     path = single_file(trained[kind], tmp_path / "m.safetensors", metadata, tensors)
-    found = inspect(str(path), model_config=str(trained[kind]))
+    found = inspect(ModelConfig(str(path), config=str(trained[kind])))
     assert (found.prediction, found.how["prediction"]) == (expected, how), found.probe
     assert found.family == "sd1"
     assert bool(found.decision.conflicts) == (how == "probe" and bool(metadata or tensors))
@@ -148,14 +149,14 @@ def test_single_files_with_right_wrong_and_missing_markers(trained, tmp_path, ki
 
 def test_markers_that_agree_on_the_wrong_type_are_caught_by_a_forced_probe(trained, tmp_path):
     path = single_file(trained["epsilon"], tmp_path / "m.safetensors", {"ss_v_parameterization": "true"}, ("v_pred",))
-    assert inspect(str(path), model_config=str(trained["epsilon"])).prediction == "v_prediction"  # trusted
-    found = inspect(str(path), model_config=str(trained["epsilon"]), always_probe=True)
+    assert inspect(ModelConfig(str(path), config=str(trained["epsilon"]))).prediction == "v_prediction"  # trusted
+    found = inspect(ModelConfig(str(path), config=str(trained["epsilon"])), always_probe=True)
     assert found.prediction == "epsilon" and "the markers say v_prediction but the probe says epsilon" in found.notes
 
 
 def test_zero_terminal_snr_markers_and_an_adapter_that_changes_the_prediction(trained, tmp_path):
     path = single_file(trained["v_prediction"], tmp_path / "m.safetensors", {}, ("v_pred", "ztsnr"))
-    found = inspect(str(path), model_config=str(trained["v_prediction"]))
+    found = inspect(ModelConfig(str(path), config=str(trained["v_prediction"])))
     assert found.zero_terminal_snr and found.scheduler_config["rescale_betas_zero_snr"]
     assert found.settings["guidance_rescale"] == 0.7
     adapter = tmp_path / "adapter"

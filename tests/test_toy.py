@@ -82,12 +82,3 @@ def test_mixture_samples_have_the_stated_brightness(gen):
     b = metrics.brightness(x)
     assert b.std().item() == pytest.approx(levels.std(unbiased=False).item() / 2, rel=0.05)
     assert b.min().item() == pytest.approx((min(data.levels) + 1) / 2, abs=0.03)
-
-
-def test_tile_places_images_row_by_row():
-    from fullrange.images import tile
-
-    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 2, 2)
-    grid = tile(images, columns=2)
-    assert grid.shape == (6, 4, 3)
-    assert grid[::2, ::2, 0].tolist() == [[0, 1], [2, 3], [4, 0]]  # last cell padded black

@@ -1,13 +1,20 @@
 """Configs: nested frozen dataclasses, one per TOML table, each validated when built; read from dicts (TOML) with
 their types checked. Errors name the field in config terms (``adapter.rank``); the CLI alone turns that into a
-flag name."""
+flag name. A field declared with :func:`setting` carries its help, from which the CLI makes its option."""
 
 from __future__ import annotations
 
 import math
 import types
 import typing
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import MISSING, field, fields, is_dataclass
+
+
+def setting(default=MISSING, help: str = "", *, shown: str | None = None, factory=MISSING):
+    """A config field with its ``help`` (other fields named in backticks, as `field` or `table.field`), for the
+    command line; ``shown`` is what the help says the default is where the value would not say it (a default of
+    ``None`` that means "picked later")."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "shown": shown})
 
 
 class ConfigError(ValueError):

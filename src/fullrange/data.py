@@ -1,4 +1,4 @@
-"""Image + caption folders: validation up front, loading at a training resolution, and latent caching.
+"""Image + caption folders: validation up front, aspect-ratio buckets, and the keys of the latent cache.
 
 Captions come from a sidecar ``NAME.txt`` or a ``metadata.jsonl`` with ``file_name`` and ``text`` (the
 Hugging Face imagefolder convention); a sidecar wins. Text is UTF-8 (a byte-order mark is honoured); anything
@@ -6,24 +6,22 @@ else is refused. Every file is checked before training, and each one that cannot
 reason and skipped, the run training on the rest: a caption or metadata row that is not UTF-8 or not well-formed,
 a file that is not a regular file (a pipe would block), an image that is unreadable, truncated, a decompression
 bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``), in a format Pillow cannot decode, too small, or without a
-caption. EXIF orientation is applied; animated GIF and WebP give their first frame.
+caption. Images are read as :mod:`fullrange.images` reads them (EXIF orientation applied, the first frame of an
+animation).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from .files import read_text
+from .files import read_text, sha256
+from .images import open_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif")
 """Files the scan considers; those Pillow cannot decode here (HEIC without a plug-in) are listed as skipped."""
@@ -71,29 +69,6 @@ def _captions_from_metadata(folder: Path) -> tuple[dict[str, str], list[Problem]
             continue
         captions[name] = caption
     return captions, problems
-
-
-def open_rgb(path: Path) -> Image.Image:
-    """An image as 8-bit RGB, EXIF orientation applied, the first frame of an animation. 16-bit and 32-bit grey
-    are rescaled (PIL's own conversion clips them at 255); alpha is dropped, keeping the colour under it.
-    Decompression bombs raise (``PIL.Image.DecompressionBombError``, at any size above ``MAX_IMAGE_PIXELS``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(path)
-        except Image.DecompressionBombWarning as err:
-            raise Image.DecompressionBombError(str(err)) from None
-    with img:
-        img.seek(0)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            values = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if img.mode != "I" or values.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(values / peak * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
-        elif img.mode == "F":
-            img = Image.fromarray(np.clip(np.asarray(img) * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
-        return img.convert("RGB")
 
 
 def _caption(path: Path, captions: dict[str, str], default: str) -> tuple[str, str | None]:
@@ -150,26 +125,6 @@ def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[
     return items, problems
 
 
-def cover_crop(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """How :func:`load_image` fits an image of ``image_size`` (width, height) to ``size``: the resized (width,
-    height) that covers it, and the (left, top) corner of the centred crop."""
-    (w, h), (width, height) = image_size, size
-    scale = max(width / w, height / h)
-    resized = (max(width, round(w * scale)), max(height, round(h * scale)))
-    return resized, ((resized[0] - width) // 2, (resized[1] - height) // 2)
-
-
-def load_image(path: Path, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize to cover ``size`` (a side, or ``(width, height)``; Lanczos), centre-crop, scale to [-1, 1];
-    shape (3, height, width)."""
-    width, height = (size, size) if isinstance(size, int) else size
-    img = open_rgb(path)
-    resized, (left, top) = cover_crop(img.size, (width, height))
-    img = img.resize(resized, Image.LANCZOS).crop((left, top, left + width, top + height))
-    array = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
-    return array.permute(2, 0, 1) / 127.5 - 1
-
-
 def buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """Aspect-ratio buckets (NovelAI / kohya): ``(width, height)``, multiples of ``step``, with at most
     ``resolution²`` pixels and aspect ratios up to ``max_ratio``, the square one included."""
@@ -192,18 +147,6 @@ def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tup
     return min(sizes, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks (never whole); remembered while the file's size and time stay."""
-    stat = path.stat()
-    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=65536)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def cache_key(path: Path, model_id: str, resolution: int | tuple[int, int]) -> str:
     """Content hash of the file plus what the latent depends on: the same bytes give the same key anywhere."""
-    return hashlib.sha256(f"{file_digest(path)}:{model_id}:{resolution}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{sha256(path)}:{model_id}:{resolution}".encode()).hexdigest()[:32]

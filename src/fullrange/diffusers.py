@@ -21,19 +21,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .prediction import to_eps, to_x0
-from .samplers import SAMPLERS, knobs
+from .prediction import to_x0
+from .samplers import Stepper, get
 from .samplers._common import Ladder, prepare
-from .samplers.ddim import ddim_step
-from .samplers.dpmpp import dpmpp_step
-from .samplers.euler import euler_ancestral_step, euler_step
-from .samplers.unipc import UniPCState, unipc_correct, unipc_predict
 from .sampling import pick
 from .scheduler_config import spec_from_config
 from .timesteps import LADDERS, SPACINGS
-
-STEPWISE = tuple(SAMPLERS)
-"""The samplers the scheduler runs: all of fullrange's."""
 
 
 @dataclass
@@ -85,25 +78,19 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
         if spacing is not None and spacing not in SPACINGS + LADDERS:
             raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + LADDERS)}")
         self.sampler, self.spacing, self.note = pick(self.spec, (1, num_values), sampler, spacing)
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        self._solver = get(self.sampler, sampler_options)
         if self.note:
             logging.getLogger("fullrange").info(self.note)
-        self.options = knobs(self.sampler) | dict(sampler_options or {})
-        unknown = set(self.options) - set(knobs(self.sampler))
-        if unknown:
-            raise ValueError(f"sampler {self.sampler!r} has no option {', '.join(sorted(unknown))}")
-        self.order = 2 if self.sampler == "heun" else 1  # diffusers' pipelines read it for img2img's start
+        self.options = dict(sampler_options or {})
+        self.order = self._solver.stepper.evaluations  # diffusers' pipelines read it for img2img's start
         self.init_noise_sigma = 1.0
         self.timesteps = torch.empty(0)
         self.num_inference_steps: int | None = None
         self._ladder: Ladder | None = None
+        self._points: list[int] = []
         self._begin_index: int | None = None
         self._step_index: int | None = None
-        self._x0_prev: torch.Tensor | None = None
-        self._unipc = UniPCState()
-        self._points: list[int] = []
-        self._heun: tuple | str | None = None
+        self._stepper: Stepper | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Plan ``num_inference_steps`` steps with the scheduler's spacing (fractional timesteps on a σ ladder)."""
@@ -111,18 +98,13 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
 
     def _plan(self, steps: torch.Tensor, device: str | torch.device | None) -> None:
         self._ladder = prepare(self.spec.schedule, steps)
-        # Heun evaluates twice per step, at the step's start and at its Euler end, so after the first point each
-        # point is visited twice, as in diffusers' order-2 schedulers (whose img2img starts at 2 · begin). From
-        # σ = ∞ the step is Euler's: the evaluation at its end corrects nothing, and the same point is evaluated
-        # again as the next step's start (one evaluation more than fullrange.sample's heun, the same result).
-        self._points = list(range(len(steps)))
-        if self.sampler == "heun":
-            self._points = [0, *(i for i in self._points[1:] for _ in range(2))]
+        # A sampler of k evaluations per step visits every point after the first k times, as diffusers' order-2
+        # schedulers lay out Heun (its img2img starts at 2 · begin).
+        self._points = [0, *(i for i in range(1, len(steps)) for _ in range(self.order))]
         steps = steps[self._points]
         self.timesteps = (steps if steps.dtype == torch.int64 else steps.float()).to(device)
         self.num_inference_steps = self._ladder.num_steps
-        self._begin_index = self._step_index = self._x0_prev = self._heun = None
-        self._unipc = UniPCState()
+        self._begin_index = self._step_index = self._stepper = None
 
     def use_steps(self, steps: torch.Tensor, device: str | torch.device | None = None) -> None:
         """Visit these descending timesteps (a ladder planned elsewhere, an img2img tail of one) instead of
@@ -167,37 +149,21 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
             self._step_index = self._index_of(timestep) if self._begin_index is None else self._begin_index
-        lad, i = self._ladder, self._points[self._step_index]
+        k, lad = self._step_index, self._ladder
+        i = self._points[k]
+        if self._stepper is None:  # at the first step, or img2img's begin: no history yet
+            self._stepper = self._solver.make(lad, i, **self.options)
         x = sample.float()
         x0 = to_x0(self.spec.prediction, model_output.float(), x, lad.alphas_cumprod[i])
-        if self._heun == "from infinity":  # the end of an Euler step from σ = ∞: nothing to correct
-            prev, self._heun = x, None
-        elif self._heun is not None:  # Heun's second evaluation, at the end of its Euler step from point j
-            j, x_j, x0_j, d_j = self._heun
-            d = (d_j + to_eps(x0, x, lad.alphas_cumprod[i])) / 2
-            prev, self._heun = euler_step(lad, j, x_j, x0_j, d, lad.ve_sigma(j + 1)), None
-        elif i == lad.num_steps - 1:
+        stepper = self._stepper
+        if stepper.at_start and self._points[k + 1 : k + 2] == [i]:
+            # The layout evaluates this point twice, but a step from σ = ∞ (Heun's Euler step) has nothing to
+            # correct: the first evaluation leaves x as it is, the second starts the next step.
+            prev = x
+        elif stepper.at_start and i == lad.num_steps - 1:
             prev = x0
-        elif self.sampler in ("ddim", "ddpm"):
-            eta = 1.0 if self.sampler == "ddpm" else self.options["eta"]
-            prev = ddim_step(lad, i, x, x0, eta, generator)
-        elif self.sampler == "heun" and lad.alpha[i] > 0:
-            d = to_eps(x0, x, lad.alphas_cumprod[i])
-            prev = euler_step(lad, i, x, x0, d, lad.ve_sigma(i + 1))
-            self._heun = (i, x, x0, d)
-        elif self.sampler in ("euler", "heun"):
-            prev = euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), lad.ve_sigma(i + 1))
-            self._heun = "from infinity" if self.sampler == "heun" else None
-        elif self.sampler == "euler_ancestral":
-            prev = euler_ancestral_step(lad, i, x, x0, self.options["eta"], generator)
-        elif self.sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-            eta = 0.0 if self.sampler == "dpmpp_2m" else self.options["eta"]
-            prev = dpmpp_step(lad, i, x, x0, self._x0_prev, eta, generator)
-        else:  # unipc
-            if self.options["corrector"]:
-                x = unipc_correct(lad, i, x, x0, self._unipc)
-            prev = unipc_predict(lad, i, x, x0, self._unipc, self.options["order"])
-        self._x0_prev = x0
+        else:
+            prev = stepper.step(x, x0, generator)
         self._step_index += 1
         out = (prev.to(sample.dtype), x0.to(sample.dtype))
         return FullrangeSchedulerOutput(*out) if return_dict else out

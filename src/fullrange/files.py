@@ -5,6 +5,8 @@ they create (so a ComfyUI or A1111 running as another user can read them where t
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -15,9 +17,10 @@ from safetensors.torch import save_file
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, *, exclusive: bool = False) -> Iterator[Path]:
     """A fresh temporary path beside ``path`` (``.NAME.<random>.tmp``) to write; renamed over ``path`` when the
-    block succeeds, removed when it fails."""
+    block succeeds, removed when it fails. ``exclusive``: never replace anything at ``path`` (``FileExistsError``):
+    the file is linked in under its name, which fails if the name is taken, even by a link."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_file(path.parent, path.name)
@@ -30,7 +33,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -68,10 +75,27 @@ def share_like_new_files(folder: Path | str) -> None:
             os.chmod(path, mode)
 
 
-def write_bytes(path: Path | str, data: bytes) -> None:
-    """``data`` to ``path``, atomically."""
-    with atomic_path(path) as tmp:
+def write_bytes(path: Path | str, data: bytes, *, exclusive: bool = False) -> None:
+    """``data`` to ``path``, atomically (``exclusive``: see :func:`atomic_path`)."""
+    with atomic_path(path, exclusive=exclusive) as tmp:
         tmp.write_bytes(data)
+
+
+def sha256(path: Path | str, offset: int = 0) -> str:
+    """Hex SHA-256 of a file's bytes from ``offset`` on, read in chunks (never whole). Each file is hashed once
+    while its size and modification time stay the same (the digest is remembered by path, size and time)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, offset)
+
+
+@functools.lru_cache(maxsize=65536)
+def _sha256(path: str, size: int, mtime_ns: int, offset: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(16 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_safetensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
@@ -156,8 +180,6 @@ def fingerprint(path: Path | str, suffixes: tuple[str, ...] = (".safetensors", "
     """A short identity of a weights file, or of the weight files under a folder, without reading them whole: each
     file's relative name, size and SHA-256 of its first, middle and last MiB (which differ between two fine-tunes
     of one architecture, whose headers and sizes agree)."""
-    import hashlib
-
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
     digest = hashlib.sha256()

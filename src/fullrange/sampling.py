@@ -16,7 +16,7 @@ from . import samplers, schedules
 from .denoiser import from_model
 from .guidance import cfg
 from .prediction import check_prediction
-from .samplers import Callback
+from .samplers import Callback, Hook
 from .timesteps import SPACINGS, plan, resolution_sigma_max
 
 DEFAULT_SAMPLER = "unipc"
@@ -143,6 +143,7 @@ def sample(
     guidance_rescale: float = 0.0,
     rescale_space: str = "v",
     callback: Callback | None = None,
+    hook: Hook | None = None,
     leak: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
@@ -156,8 +157,9 @@ def sample(
     ``cond`` / ``uncond``: keyword arguments for the model (tensors, or dicts of them such as SDXL's
     ``added_cond_kwargs``); with ``guidance_scale != 1`` the model also runs on ``uncond`` (classifier-free
     guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``.
-    ``callback(StepInfo)`` runs after each step (progress bars). Other ``options`` are the sampler's own
-    (``fullrange.samplers.knobs(name)``), e.g. ``eta`` for ddim.
+    ``callback(StepInfo)`` runs after each step (progress bars); ``hook(x, alpha_cumprod) -> x`` edits the latents
+    after every step (blended inpainting). Other ``options`` are the sampler's own (``SAMPLERS[name].knobs``), e.g.
+    ``eta`` for ddim.
     ``leak``: the x0 content L the first step should carry (broadcast against ``noise``): the sampler starts
     from ``sqrt(ᾱ_first) L + sqrt(1 - ᾱ_first) noise`` at its actual first step (Everaert et al. 2024). At
     ᾱ_first = 0 (zero terminal SNR from t = T-1) it changes nothing, and a warning says so.
@@ -166,12 +168,7 @@ def sample(
     sampler, spacing, note = pick(spec, tuple(noise.shape), sampler, spec.spacing if explicit_steps else spacing)
     if note:
         logging.getLogger("fullrange").info(note)
-    fn = samplers.get(sampler)
-    unknown = set(options) - set(samplers.knobs(sampler))
-    if unknown:
-        raise ValueError(
-            f"sampler {sampler!r} has no option {', '.join(sorted(unknown))}; it takes {samplers.knobs(sampler)}"
-        )
+    solver = samplers.get(sampler, options)
     if isinstance(steps, int):
         steps = spec.plan(steps, spacing, num_values=math.prod(noise.shape[1:]))
     if leak is not None:
@@ -188,4 +185,14 @@ def sample(
     if guidance_scale != 1.0:
         denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space)
     with torch.no_grad():
-        return fn(denoiser, noise, spec.schedule, steps, cond=cond, generator=generator, callback=callback, **options)
+        return solver(
+            denoiser,
+            noise,
+            spec.schedule,
+            steps,
+            cond=cond,
+            generator=generator,
+            callback=callback,
+            hook=hook,
+            **options,
+        )

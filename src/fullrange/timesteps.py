@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .metrics import mean_leak
 from .schedules import Schedule
 
 SPACINGS = ("leading", "linspace", "trailing")
@@ -134,6 +135,29 @@ def plan(
         return ladder(schedule, num_steps, spacing, num_values=num_values)
     offset = steps_offset if spacing == "leading" else 0
     return spaced(schedule.num_train_timesteps, num_steps, spacing, offset)
+
+
+def describe_plan(
+    schedule: Schedule, num_steps: int, spacing: str = "trailing", steps_offset: int = 0, num_values: int = 4 * 64 * 64
+) -> list[dict]:
+    """Per sample step of :func:`plan`: its index, ``t``, ``alphas_cumprod``, ``snr``, ``sigma`` (k-diffusion's,
+    ``None`` at SNR = 0) and the ``mean_leak`` √(SNR·N) of samples of ``num_values`` values
+    (:func:`fullrange.metrics.mean_leak`)."""
+    t = plan(schedule, num_steps, spacing, steps_offset, num_values).double()
+    ac = schedule.alphas_cumprod_at(t)
+    snr = ac / (1 - ac)
+    leak = mean_leak(snr, num_values)
+    return [
+        {
+            "step": i,
+            "t": round(float(t[i]), 3),
+            "alphas_cumprod": float(ac[i]),
+            "snr": float(snr[i]),
+            "sigma": None if snr[i] == 0 else float(snr[i].rsqrt()),
+            "mean_leak": float(leak[i]),
+        }
+        for i in range(len(t))
+    ]
 
 
 def _check_range(sigma_min: float, sigma_max: float, num_steps: int) -> None:

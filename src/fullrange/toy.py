@@ -5,8 +5,8 @@ With ``a = sqrt(ᾱ)``, ``s = sqrt(1 - ᾱ)`` and ``x_t = a x0 + s eps``:
 - A mixture of flat images ``x0 = mu_k 1 + c z`` (weight w_k): each component is Gaussian as above, with
   responsibility ``∝ w_k exp((a mu_k Σx_t - a² mu_k² N / 2) / (a² c² + s²))`` over N values.
 - A mixture of arbitrary images ``x0 = m_k + c z``: the same with ``a <m_k, x_t> - a² |m_k|² / 2`` in the exponent.
-They let anyone see the seeds' brightness effect without training: the only way these denoisers learn a
-sample's brightness is through the image mean that ``a`` leaks into ``x_t``.
+They let anyone see the brightness effect of the article and the paper without training: the only way these
+denoisers learn a sample's brightness is through the image mean that ``a`` leaks into ``x_t``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .batches import Batches
 from .checkpoint import Checkpoint, save_checkpoint
-from .config import ConfigError, check_choice, check_finite, check_range
+from .config import ConfigError, check_choice, check_finite, check_range, setting
 from .files import write_bytes
 from .losses import Recipe, batch_loss
 
@@ -42,20 +42,22 @@ class TrainConfig:
     ``report_to``: ``"tensorboard"`` logs loss, learning rate and validation images through accelerate's
     trackers."""
 
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup: int | None = None
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0
-    checkpoint_every: int = 250
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    seed: int = 0
-    optimizer: str = "adamw"
-    lr_schedule: str = "cosine"
-    report_to: str = "none"
+    steps: int = setting(1000, "Training steps.")
+    batch_size: int = setting(1, "Batch size (per process).")
+    grad_accum: int = setting(1, "Batches accumulated per optimizer step.")
+    lr: float = setting(1e-4, "Peak learning rate.", shown="1e-4")
+    warmup: int | None = setting(None, "Linear warm-up steps.", shown="10% of `train.steps`, at most 100")
+    grad_clip: float = setting(1.0, "Clip the gradients' norm to this (0: no clipping).")
+    ema_decay: float = setting(0.0, "EMA decay of the trained weights.", shown="0, off: no copy is kept")
+    checkpoint_every: int = setting(250, "Steps between checkpoints.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, slower).")
+    mixed_precision: str = setting("no", "no, fp16 or bf16 (accelerate's autocast).")
+    seed: int = setting(0, "Seed of every random draw.")
+    optimizer: str = setting("adamw", "adamw, adafactor or adamw8bit (bitsandbytes, where it runs on the device).")
+    lr_schedule: str = setting("cosine", "constant, linear or cosine decay after the warm-up.")
+    report_to: str = setting(
+        "none", "none or tensorboard: loss, learning rate and validation images in OUT/train/logs."
+    )
 
     def __post_init__(self) -> None:
         check_finite(self)

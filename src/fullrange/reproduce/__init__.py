@@ -1,4 +1,5 @@
-"""``fullrange reproduce``: each finding of the seed documents as an experiment that writes JSON, PNGs and a report.
+"""``fullrange reproduce``: each finding of the offset-noise article and the zero-terminal-SNR paper as an
+experiment that writes JSON, PNGs and a report.
 
 Each experiment returns ``{"numbers", "plots", "grids", "findings"}``; :func:`run` writes it to
 ``OUT/<name>/results.json`` and skips experiments already done with the same preset, so an interrupted run
@@ -16,16 +17,16 @@ from pathlib import Path
 
 from .common import PRESETS, Context, Preset, provenance, write_json
 from .facts import exact_sweep, schedule_facts
-from .finetune import finetune
+from .finetune import finetune_experiment
 from .report import write_report
-from .trained import from_scratch, guidance, sample_steps, training_free
+from .trained import from_scratch, guidance_experiment, sample_steps, training_free
 
 EXPERIMENTS: dict[str, Callable[[Context], dict]] = {
     "schedule_facts": schedule_facts,
     "exact_sweep": exact_sweep,
     "from_scratch": from_scratch,
-    "finetune": finetune,
-    "guidance": guidance,
+    "finetune": finetune_experiment,
+    "guidance": guidance_experiment,
     "sample_steps": sample_steps,
     "training_free": training_free,
 }

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from .. import batches, metrics, toy
+from ..files import write_bytes
+from ..images import save_png, to_uint8
 from ..losses import RECIPES, Recipe
 from ..models import tiny_unet
 from ..sampling import sample
@@ -148,7 +150,7 @@ def default_recipes(size: int) -> dict[str, Recipe]:
     return dict(RECIPES) | {"offset_scaled": scaled}
 
 
-def generate(
+def sample_labels(
     ctx: Context,
     model: torch.nn.Module,
     recipe: Recipe,
@@ -172,7 +174,7 @@ def generate(
         recipe.spec,
         sampler=p.sampler,
         steps=steps or p.sample_steps,
-        spacing=spacing or recipe.spec.spacing,  # the recipe's own, as the seed documents sample
+        spacing=spacing or recipe.spec.spacing,  # the recipe's own, as the article and the paper sample
         cond={"class_labels": labels.to(device)},
         uncond={"class_labels": torch.full_like(labels, NULL_LABEL).to(device)},
         guidance_scale=guidance_scale,
@@ -245,8 +247,7 @@ def provenance() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_jsonable))
+    write_bytes(path, json.dumps(data, indent=2, default=_jsonable).encode())
 
 
 def _jsonable(value):
@@ -255,23 +256,6 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return path.name
 
 
 def label_grid(
@@ -321,19 +305,7 @@ def labelled_grid(rows: list[tuple[str, list[torch.Tensor]]], headers: list[str]
         draw.text((6, y + side // 2 - 7), label, fill=(0, 0, 0), font=font)
         for left, images in zip(lefts, groups, strict=True):
             for c, image in enumerate(images):
-                pixels = ((image[:3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).expand(3, -1, -1)
-                tile_image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+                tile_image = Image.fromarray(to_uint8((image[:3].expand(3, -1, -1) + 1) / 2))
                 canvas.paste(tile_image.resize((side, side), Image.NEAREST), (left + c * (side + gutter), y))
     draw.rectangle((0, 0, width - 1, height - 1), outline=(40, 40, 40), width=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path.name
-
-
-def log_steps_axis(ax, steps) -> None:
-    """A log x axis labelled at exactly the step counts used."""
-    from matplotlib.ticker import NullFormatter
-
-    ax.set_xscale("log")
-    ax.set_xticks(list(steps), [str(s) for s in steps])
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    return save_png(path, canvas).name

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import metrics, schedules, timesteps, toy
+from ..plots import pyplot, save_figure
 from ..samplers import SAMPLERS
-from .common import Context, pyplot, save_figure
+from .common import Context
 from .verdicts import closer, holds, spread_distance
 
 SD_LATENT = 4 * 64 * 64

@@ -9,14 +9,15 @@ import statistics
 import torch
 
 from .. import batches, metrics, toy
+from ..plots import pyplot, save_figure
 from ..train import train
-from .common import NULL_LABEL, Context, generate, pyplot, save_figure
+from .common import NULL_LABEL, Context, sample_labels
 from .verdicts import fmt, holds, interval
 
 TARGETS = {"solid black": -1.0}  # Guttenberg's experiment; a white target costs as much again and says the same
 
 
-def finetune(ctx: Context) -> dict:
+def finetune_experiment(ctx: Context) -> dict:
     """Mean brightness of samples for the fine-tuned label against fine-tuning steps, per recipe and seed (each
     seed fine-tunes its own baseline model)."""
     out = ctx.out / "finetune"
@@ -121,4 +122,4 @@ def finetune(ctx: Context) -> dict:
 
 
 def _brightness(ctx: Context, model, recipe, labels, seed: int) -> float:
-    return float(metrics.brightness(generate(ctx, model, recipe, labels, seed=seed + 1).clamp(-1, 1)).mean())
+    return float(metrics.brightness(sample_labels(ctx, model, recipe, labels, seed=seed + 1).clamp(-1, 1)).mean())

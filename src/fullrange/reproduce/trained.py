@@ -9,16 +9,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import leak, metrics, toy
+from ..plots import log_steps_axis, pyplot, save_figure
 from .common import (
     Context,
     balanced_labels,
     brightness_summary,
-    generate,
     label_grid,
     labelled_grid,
-    log_steps_axis,
-    pyplot,
-    save_figure,
+    sample_labels,
 )
 from .verdicts import closer, fmt, holds, interval, spread_distance
 
@@ -35,7 +33,7 @@ def from_scratch(ctx: Context) -> dict:
     for name, recipe in ctx.recipes.items():
         runs = []
         for seed in seeds:
-            samples = generate(ctx, ctx.model(name, seed), recipe, labels, seed=seed + 1)
+            samples = sample_labels(ctx, ctx.model(name, seed), recipe, labels, seed=seed + 1)
             per_seed[name].append(brightness_summary(samples, labels, images, data_labels))
             runs.append(samples)
             if seed == seeds[0]:
@@ -174,7 +172,7 @@ def sample_steps(ctx: Context) -> dict:
         for seed, spacing, steps in tqdm(jobs, desc=f"sample {name}", disable=not ctx.progress):
             with warnings.catch_warnings():  # leading steps at zero terminal SNR are what this measures
                 warnings.simplefilter("ignore")
-                samples = generate(
+                samples = sample_labels(
                     ctx, ctx.model(name, seed), recipe, labels, steps=steps, spacing=spacing, seed=seed + 1
                 )
             samples = samples.clamp(-1, 1)
@@ -238,7 +236,7 @@ def sample_steps(ctx: Context) -> dict:
     return {"numbers": numbers, "plots": [plot], "findings": findings}
 
 
-def guidance(ctx: Context) -> dict:
+def guidance_experiment(ctx: Context) -> dict:
     """A zero-terminal-SNR model with classifier-free guidance w = 7.5, φ in {0, 0.7} (Lin et al. §3.4), per seed:
     pixels beyond ±1 before clipping (the data has none), brightness and colour casts."""
     out = ctx.out / "guidance"
@@ -254,7 +252,7 @@ def guidance(ctx: Context) -> dict:
     jobs = [(seed, name) for seed in seeds for name in settings]
     for seed, name in tqdm(jobs, desc="guidance", disable=not ctx.progress):
         w, phi = settings[name]
-        samples = generate(
+        samples = sample_labels(
             ctx, ctx.model("ztsnr", seed), recipe, labels, guidance_scale=w, guidance_rescale=phi, seed=seed + 1
         )
         runs[name].append(
@@ -316,8 +314,8 @@ def guidance(ctx: Context) -> dict:
             "rule": "fewer pixels beyond ±1 in every seed and by 25% on average",
         },
         {
-            "claim": "Observed here, not a claim of the seeds: strong guidance adds a colour cast the data does "
-            "not have",
+            "claim": "Observed here, not a claim of the article or the paper: strong guidance adds a colour cast the "
+            "data does not have",
             "verdict": holds(
                 [
                     p["colour_cast"]["chroma"]
@@ -374,7 +372,7 @@ def training_free(ctx: Context) -> dict:
                 k = toy.LABELS.index(label)
                 labels = torch.full((n,), k)
                 start = source(seed) if leaked else None
-                samples = generate(ctx, net, recipe, labels, leak=start, seed=seed + 1).clamp(-1, 1)
+                samples = sample_labels(ctx, net, recipe, labels, leak=start, seed=seed + 1).clamp(-1, 1)
                 b, ref = metrics.brightness(samples), metrics.brightness(images[data_labels == k])
                 per_seed[name][label].append(
                     {

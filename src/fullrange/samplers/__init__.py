@@ -1,47 +1,42 @@
-"""Samplers: stateless functions ``fn(denoiser, x, schedule, steps, *, cond, generator, callback, **knobs)``.
+"""Samplers: solvers ``sampler(denoiser, x, schedule, steps, *, cond, generator, callback, hook, **knobs)``.
 
-Each visits the descending ``steps`` (training timesteps, possibly fractional) in order, reads the next
-point from the ladder itself, and returns the model's x0 at the last step. All are finite at zero
-terminal SNR: they step from x0 (never dividing by ``sqrt(ᾱ) = 0``) and need no clamp.
+Each is a :class:`Sampler` made of one :class:`Stepper` (its state and one step), which the shared loop, the diffusers
+scheduler (:mod:`fullrange.diffusers`) and per-step hooks all use. A sampler visits the descending ``steps``
+(training timesteps, possibly fractional) in order, reads the next point from the ladder itself, and returns the
+model's x0 at the last step. All are finite at zero terminal SNR: they step from x0 (never dividing by
+``sqrt(ᾱ) = 0``) and need no clamp.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+from ._common import Callback, Hook, Sampler, StepInfo, Stepper
+from .ddim import DDIM
+from .dpmpp import DPMSolverPP
+from .euler import Euler, EulerAncestral, Heun
+from .unipc import UniPC
 
-import torch
-
-from ._common import Callback, StepInfo
-from .ddim import ddim, ddpm
-from .dpmpp import dpmpp_2m, dpmpp_2m_sde
-from .euler import euler, euler_ancestral, heun
-from .unipc import unipc
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddim": ddim,
-    "ddpm": ddpm,
-    "euler": euler,
-    "euler_ancestral": euler_ancestral,
-    "heun": heun,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-    "unipc": unipc,
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": Sampler(DDIM),
+    "ddpm": Sampler(DDIM, fixed={"eta": 1.0}),
+    "euler": Sampler(Euler),
+    "euler_ancestral": Sampler(EulerAncestral),
+    "heun": Sampler(Heun),
+    "dpmpp_2m": Sampler(DPMSolverPP, fixed={"eta": 0.0}),
+    "dpmpp_2m_sde": Sampler(DPMSolverPP),
+    "unipc": Sampler(UniPC),
 }
 STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde"})
-_COMMON = {"cond", "generator", "callback"}
 
 
-def get(name: str) -> Callable[..., torch.Tensor]:
+def get(name: str, knobs: dict | None = None) -> Sampler:
+    """The sampler called ``name``, which must take every one of ``knobs`` (a ValueError names what is wrong)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    sampler = SAMPLERS[name]
+    unknown = set(knobs or {}) - set(sampler.knobs)
+    if unknown:
+        raise ValueError(f"sampler {name!r} has no option {', '.join(sorted(unknown))}; it takes {sampler.knobs}")
+    return sampler
 
 
-def knobs(name: str) -> dict[str, object]:
-    """A sampler's own options and their defaults (``eta``, ``order``, ...)."""
-    params = inspect.signature(get(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON}
-
-
-__all__ = ["SAMPLERS", "STOCHASTIC", "Callback", "StepInfo", "get", "knobs"]
+__all__ = ["SAMPLERS", "STOCHASTIC", "Callback", "Hook", "Sampler", "StepInfo", "Stepper", "get"]

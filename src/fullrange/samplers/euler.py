@@ -8,112 +8,77 @@ limit of ``x̃ + (σ' - σ) d``) so zero terminal SNR needs no clamp.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from ..denoiser import Denoiser
 from ..prediction import to_eps
-from ..schedules import Schedule
-from ._common import Callback, Ladder, prepare, randn_like, report
+from ._common import Ladder, Stepper, randn_like
 
 
 def euler_step(lad: Ladder, i: int, x: torch.Tensor, x0: torch.Tensor, d: torch.Tensor, sigma_to: float):
-    """``x̃' = x̃ + (σ_to - σ_i) d`` in VP coordinates at step i+1 (σ_to may be below σ_{i+1})."""
-    sigma = lad.ve_sigma(i)
-    x_ve = x0 + sigma_to * d if math.isinf(sigma) else x / lad.alpha[i] + (sigma_to - sigma) * d
-    return lad.alpha[i + 1] * x_ve
+    """``x̃' = x̃ + (σ_to - σ_i) d`` from point i, in VP coordinates at point i+1 (σ_to may be below σ_{i+1})."""
+    sigma = lad.sigma(i)
+    x_ve = x0 + sigma_to * d if math.isinf(sigma) else x / lad.a[i] + (sigma_to - sigma) * d
+    return lad.a[i + 1] * x_ve
 
 
-def euler(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    schedule: Schedule,
-    steps: torch.Tensor,
-    *,
-    cond: dict | None = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+@dataclass(eq=False)
+class Euler(Stepper):
     """Euler's method on the probability-flow ODE in σ (Karras et al. eq. 3); equals DDIM with η = 0."""
-    lad = prepare(schedule, steps)
-    cond = cond or {}
-    for i in range(lad.num_steps):
-        x0 = denoiser(x, lad.t[i], lad.alphas_cumprod[i], **cond)
-        report(callback, lad, i, x, x0)
-        if i == lad.num_steps - 1:
-            return x0
-        d = to_eps(x0, x, lad.alphas_cumprod[i])
-        x = euler_step(lad, i, x, x0, d, lad.ve_sigma(i + 1))
-    raise AssertionError("unreachable")
+
+    def step(self, x: torch.Tensor, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        lad, i = self.ladder, self.i
+        self.i += 1
+        return euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), lad.sigma(i + 1))
 
 
-def euler_ancestral(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    schedule: Schedule,
-    steps: torch.Tensor,
-    *,
-    cond: dict | None = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    eta: float = 1.0,
-) -> torch.Tensor:
+@dataclass(eq=False)
+class EulerAncestral(Stepper):
     """Euler to ``σ_down``, then fresh noise of std ``σ_up``: ``σ_up = η σ' sqrt(1 - σ'²/σ²)``,
     ``σ_down = sqrt(σ'² - σ_up²)`` (k-diffusion). With η = 1 this is the DDPM posterior."""
-    lad = prepare(schedule, steps)
-    cond = cond or {}
-    for i in range(lad.num_steps):
-        x0 = denoiser(x, lad.t[i], lad.alphas_cumprod[i], **cond)
-        report(callback, lad, i, x, x0)
-        if i == lad.num_steps - 1:
-            return x0
-        x = euler_ancestral_step(lad, i, x, x0, eta, generator)
-    raise AssertionError("unreachable")
+
+    eta: float = 1.0
+
+    def step(self, x: torch.Tensor, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        lad, i = self.ladder, self.i
+        self.i += 1
+        sigma_next = lad.sigma(i + 1)
+        ratio = (lad.s[i + 1] * lad.a[i]) / (lad.a[i + 1] * lad.s[i])  # σ'/σ written in VP terms: 0 at σ = ∞
+        sigma_up = min(sigma_next, self.eta * sigma_next * math.sqrt(1 - ratio**2))
+        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+        x = euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), sigma_down)
+        # In VP coordinates the VE noise σ_up z is scaled by a' like the rest of x̃'.
+        return x + lad.a[i + 1] * sigma_up * randn_like(x, generator) if sigma_up > 0 else x
 
 
-def euler_ancestral_step(
-    lad: Ladder, i: int, x: torch.Tensor, x0: torch.Tensor, eta: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One Euler ancestral step from point i to i+1: Euler to ``σ_down``, then noise of std ``σ_up``."""
-    sigma_next = lad.ve_sigma(i + 1)
-    # σ'/σ in VP terms, 0 at σ = ∞.
-    ratio = (lad.sigma[i + 1] * lad.alpha[i]) / (lad.alpha[i + 1] * lad.sigma[i])
-    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(1 - ratio**2))
-    sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
-    x = euler_step(lad, i, x, x0, to_eps(x0, x, lad.alphas_cumprod[i]), sigma_down)
-    if sigma_up > 0:
-        x = x + lad.alpha[i + 1] * sigma_up * randn_like(x, generator)
-    return x
+@dataclass(eq=False)
+class Heun(Stepper):
+    """Heun's 2nd-order method (Karras et al. Alg. 1, no churn): an Euler step to the next point, the model evaluated
+    there, and the step taken again with the mean of the two slopes; 2 evaluations per step, 2S - 1 in all.
 
-
-def heun(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    schedule: Schedule,
-    steps: torch.Tensor,
-    *,
-    cond: dict | None = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Heun's 2nd-order method (Karras et al. Alg. 1, no churn): 2 evaluations per step, 2S - 1 in all.
-
-    A step from σ = ∞ is an Euler step: the trapezoid rule over an infinite σ interval is undefined.
+    A step from σ = ∞ stays Euler's: the trapezoid rule over an infinite σ interval is undefined.
     """
-    lad = prepare(schedule, steps)
-    cond = cond or {}
-    for i in range(lad.num_steps):
-        x0 = denoiser(x, lad.t[i], lad.alphas_cumprod[i], **cond)
-        report(callback, lad, i, x, x0)
-        if i == lad.num_steps - 1:
-            return x0
+
+    evaluations: ClassVar[int] = 2
+    _start: tuple | None = field(default=None, init=False, repr=False)
+    """(i, x, x0, slope) at the start of the step being corrected; None at a step's start."""
+
+    @property
+    def at_start(self) -> bool:
+        return self._start is None
+
+    def step(self, x: torch.Tensor, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        lad = self.ladder
+        if self._start is not None:  # the second evaluation, at the Euler end point: average the slopes
+            j, x_j, x0_j, d_j = self._start
+            self._start = None
+            d = (d_j + to_eps(x0, x, lad.alphas_cumprod[self.i])) / 2
+            return euler_step(lad, j, x_j, x0_j, d, lad.sigma(j + 1))
+        i = self.i
+        self.i += 1
         d = to_eps(x0, x, lad.alphas_cumprod[i])
-        sigma, sigma_next = lad.ve_sigma(i), lad.ve_sigma(i + 1)
-        x_euler = euler_step(lad, i, x, x0, d, sigma_next)
-        if math.isinf(sigma):
-            x = x_euler
-            continue
-        x0_next = denoiser(x_euler, lad.t[i + 1], lad.alphas_cumprod[i + 1], **cond)
-        d_next = to_eps(x0_next, x_euler, lad.alphas_cumprod[i + 1])
-        x = euler_step(lad, i, x, x0, (d + d_next) / 2, sigma_next)
-    raise AssertionError("unreachable")
+        if lad.a[i] > 0:
+            self._start = (i, x, x0, d)
+        return euler_step(lad, i, x, x0, d, lad.sigma(i + 1))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import ADAPTERS
-from ..config import ConfigError, check_choice, check_finite, check_range, from_dict
+from ..config import ConfigError, check_choice, check_finite, check_range, from_dict, setting
 from ..prediction import PREDICTIONS
 from ..train import TrainConfig
 
@@ -30,10 +30,15 @@ class ModelConfig:
     checks a single file before it is read; ``config`` is a diffusers folder describing a single file's
     architecture (default: bundled SD 1.x / 2.x / XL); pickle weights load only with ``allow_pickle``."""
 
-    path: str
-    sha256: str | None = None
-    config: str | None = None
-    allow_pickle: bool = False
+    path: str = setting(
+        help="Stable Diffusion 1.x / 2.x / XL: a diffusers folder (a checkpoint, or fullrange's output) or a single "
+        ".safetensors file."
+    )
+    sha256: str | None = setting(None, "Expected SHA-256 of a single-file `model.path`, checked before loading.")
+    config: str | None = setting(
+        None, "Diffusers folder with the configs of a single-file `model.path`.", shown="bundled SD 1.x / 2.x / XL"
+    )
+    allow_pickle: bool = setting(False, "Allow pickle weights (they can run code when loaded).")
 
     def __post_init__(self) -> None:
         digest = self.sha256
@@ -47,14 +52,14 @@ class DataConfig:
     ``caption_dropout``, and Dreambooth's prior preservation (``class_prompt`` with ``class_data`` or
     ``num_class_images`` to generate, weighed ``prior_loss_weight``)."""
 
-    path: str
-    resolution: int = 512
-    buckets: bool = False
-    caption_dropout: float = 0.1
-    class_prompt: str | None = None
-    class_data: str | None = None
-    num_class_images: int = 0
-    prior_loss_weight: float = 1.0
+    path: str = setting(help="Folder of images with NAME.txt captions or a metadata.jsonl.")
+    resolution: int = setting(512, "Training resolution in pixels.")
+    buckets: bool = setting(False, "Aspect-ratio buckets instead of square crops.")
+    caption_dropout: float = setting(0.1, "Probability of training on the empty caption.")
+    class_prompt: str | None = setting(None, "Dreambooth prior preservation: the class prompt.")
+    class_data: str | None = setting(None, "Folder of class images (captions default to `data.class_prompt`).")
+    num_class_images: int = setting(0, "Class images to have; missing ones are generated.")
+    prior_loss_weight: float = setting(1.0, "Weight of the class images' loss.")
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -81,13 +86,15 @@ class NoiseConfig:
     (one of them), input perturbation γ, zero terminal SNR (with v-prediction unless ``prediction`` says
     otherwise), min-SNR-γ weighting (0: off) with a floor."""
 
-    offset: float = 0.0
-    pyramid: float = 0.0
-    input_perturbation: float = 0.0
-    zero_terminal_snr: bool = False
-    prediction: str | None = None
-    min_snr_gamma: float = 0.0
-    snr_weight_floor: float = 0.0
+    offset: float = setting(0.0, "Offset-noise strength, e.g. 0.1 (Guttenberg 2023).", shown="0, off")
+    pyramid: float = setting(0.0, "Pyramid-noise discount, e.g. 0.8.", shown="0, off")
+    input_perturbation: float = setting(0.0, "Input perturbation γ, e.g. 0.1.", shown="0, off")
+    zero_terminal_snr: bool = setting(False, "Rescale the schedule to zero terminal SNR (Lin et al. Alg. 1).")
+    prediction: str | None = setting(
+        None, "epsilon or v_prediction.", shown="the checkpoint's; v_prediction with `noise.zero_terminal_snr`"
+    )
+    min_snr_gamma: float = setting(0.0, "Min-SNR-γ loss weighting, e.g. 5.", shown="0, off")
+    snr_weight_floor: float = setting(0.0, "Floor on the min-SNR weight (keeps the steps at SNR = 0).")
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -112,11 +119,11 @@ class AdapterConfig:
     """``[adapter]``: what is trained: the whole UNet (``full``), LoRA of ``rank``, or OFT of ``block_size``
     (``coft``: constrained); ``text_encoder``: LoRA of the same rank on the text encoder(s) too."""
 
-    kind: str = "lora"
-    rank: int = 4
-    block_size: int = 4
-    coft: bool = False
-    text_encoder: bool = False
+    kind: str = setting("lora", "full, lora or oft.")
+    rank: int = setting(4, "LoRA rank.")
+    block_size: int = setting(4, "OFT block size.")
+    coft: bool = setting(False, "Constrained OFT: ||R - I|| <= eps.")
+    text_encoder: bool = setting(False, "Train a LoRA on the text encoder(s) too (with `adapter.kind` lora).")
 
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, ADAPTERS)
@@ -130,7 +137,7 @@ class AdapterConfig:
 class ValidationConfig:
     """``[validation]``: prompts sampled at every checkpoint."""
 
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = setting((), "Prompt sampled at each checkpoint (repeatable).")
 
 
 @dataclass(frozen=True)
@@ -138,8 +145,12 @@ class OutputConfig:
     """``[output]``: the run's folder (checkpoints, caches, config.json, results), and the ``family`` (sd1, sd2,
     sdxl) of the kohya LoRA file a LoRA run writes beside its folder (default: from the model)."""
 
-    path: str
-    family: str | None = None
+    path: str = setting(help="Output folder: checkpoints, cache, config.json, results.")
+    family: str | None = setting(
+        None,
+        "sd1, sd2 or sdxl: the layout of the files written for other tools (kohya LoRA, single file).",
+        shown="from the model",
+    )
 
     def __post_init__(self) -> None:
         if self.family is not None:

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 from .. import metrics
+from ..files import write_bytes
+from ..plots import brightness_per_prompt
 from .model import StableDiffusion
 from .sample import SampleSettings, generate, save_grid, save_images
 
 PROMPTS = {
-    # From the seed documents.
+    # From the offset-noise article.
     "A dark alley in the rain": "dark",
     "Monochrome line-art logo on a white background": "bright",
     "A sunny snowy slope": "bright",
@@ -57,32 +59,10 @@ def summarize(results: dict) -> dict:
     return {"darkest_dark_prompt": min(dark), "brightest_bright_prompt": max(bright), "range": max(bright) - min(dark)}
 
 
-def plot(all_results: dict[str, dict], path: Path) -> None:
-    """Mean brightness per prompt, one bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prompts = list(next(iter(all_results.values())))
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(prompts) + 1.5))
-    height = 0.8 / len(all_results)
-    for k, (name, results) in enumerate(all_results.items()):
-        ys = [i + k * height for i in range(len(prompts))]
-        ax.barh(ys, [results[p]["mean_brightness"] for p in prompts], height, label=name)
-    ax.set_yticks([i + height * (len(all_results) - 1) / 2 for i in range(len(prompts))], prompts, fontsize=8)
-    ax.invert_yaxis()
-    ax.axvline(0.5, color="gray", linestyle="--")
-    ax.set(xlabel="mean brightness of the images (0 black, 1 white)", xlim=(0, 1), title="Brightness per prompt")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write(all_results: dict[str, dict], out: Path) -> Path:
+    """``brightness.json`` (per model: per prompt and :func:`summarize`) and ``brightness.png`` in ``out``."""
     summary = {name: {"prompts": results, "summary": summarize(results)} for name, results in all_results.items()}
     path = out / "brightness.json"
-    path.write_text(json.dumps(summary, indent=2))
-    plot(all_results, out / "brightness.png")
+    write_bytes(path, json.dumps(summary, indent=2).encode())
+    brightness_per_prompt(all_results, out / "brightness.png")
     return path

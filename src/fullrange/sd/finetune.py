@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .. import adapters, data, schedules
 from ..batches import Batches, with_prior
 from ..config import ConfigError
-from ..files import Busy, fingerprint, lock, overwrites, save_safetensors, share_like_new_files, write_bytes
+from ..files import Busy, fingerprint, lock, overwrites, save_safetensors, sha256, share_like_new_files, write_bytes
+from ..images import save_new_png, to_uint8
 from ..losses import Recipe
 from ..models import seeded
 from ..sampling import SamplingSpec
@@ -163,7 +164,7 @@ def data_fingerprint(items: list[data.Item]) -> str:
     """What the data is: every usable image's name, content hash and caption."""
     digest = hashlib.sha256()
     for item in items:
-        digest.update(json.dumps([item.path.name, data.file_digest(item.path), item.caption]).encode())
+        digest.update(json.dumps([item.path.name, sha256(item.path), item.caption]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -204,9 +205,8 @@ def _scan(folder, field: str, min_size: int, log, default_caption: str = "") -> 
 
 
 def make_class_images(model: StableDiffusion, config: DataConfig, folder: Path, progress: bool) -> None:
-    """Generate class images with the base model until ``folder`` holds ``num_class_images`` (Dreambooth)."""
-    from PIL import Image
-
+    """Generate class images with the base model until ``folder`` holds ``num_class_images`` (Dreambooth), each a new
+    PNG (a name already taken gets ``-2``, ...) with its caption beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     have = sum(1 for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
     missing = max(0, config.num_class_images - have)
@@ -214,11 +214,9 @@ def make_class_images(model: StableDiffusion, config: DataConfig, folder: Path, 
         count = min(4, missing - start)
         settings = SampleSettings(steps=25, seed=have + start, resolution=config.resolution)
         images = generate(model, [config.class_prompt] * count, settings)
-        for k, image in enumerate(images):
-            name = folder / f"class_{have + start + k:05d}"
-            array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(array).save(name.with_suffix(".png"))
-            name.with_suffix(".txt").write_text(config.class_prompt)
+        for k, array in enumerate(to_uint8(images)):
+            path = save_new_png(folder, f"class_{have + start + k:05d}", array)
+            write_bytes(path.with_suffix(".txt"), config.class_prompt.encode())
 
 
 def attach_adapter(model: StableDiffusion, config: AdapterConfig, seed: int) -> int:

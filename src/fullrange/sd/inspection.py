@@ -99,12 +99,12 @@ def probe(model: StableDiffusion, seed: int = 0) -> Probe:
     return Probe(cosine, verdict)
 
 
-def inspect(
-    model_path: str, adapter: str | None = None, *, model_config: str | None = None, always_probe: bool = False
-) -> Inspection:
-    """Inspect the checkpoint at ``model_path`` (with ``adapter``, whose markers come first: they describe the
-    combined model). The probe runs where the markers say nothing of the prediction type or disagree about it,
-    or with ``always_probe``."""
+def inspect(model: ModelConfig | str, adapter: str | None = None, *, always_probe: bool = False) -> Inspection:
+    """Inspect the checkpoint a ``[model]`` table (or just a path) names, with ``adapter``, whose markers come first:
+    they describe the combined model. The probe runs where the markers say nothing of the prediction type or
+    disagree about it, or with ``always_probe``."""
+    config = model if isinstance(model, ModelConfig) else ModelConfig(str(model))
+    model_path = config.path
     base = read_markers(model_path)
     extra = read_markers(adapter) if adapter is not None else []
     found = extra + base
@@ -116,7 +116,7 @@ def inspect(
     )
     with warnings.catch_warnings():  # the loader's warning about disagreeing markers: reported below instead
         warnings.simplefilter("ignore")
-        model = load_stable_diffusion(ModelConfig(model_path, config=model_config))
+        model = load_stable_diffusion(config)
     if adapter is not None and Path(adapter).is_dir():
         model = load_adapter(model, adapter)
     notes = []

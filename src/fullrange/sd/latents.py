@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .. import data
 from ..batches import Batch, Batches, one_of
 from ..files import save_safetensors
+from ..images import cover_crop, load_image
 from .config import DataConfig
 from .model import StableDiffusion
 
@@ -40,9 +41,9 @@ def model_id(model: StableDiffusion) -> str:
 def encode_latents(
     model: StableDiffusion, items: list[data.Item], size: int | tuple[int, int], cache: Path, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of the VAE latents of every image at ``size`` (side or (width, height)), from
-    ``cache`` where already encoded."""
-    key = model_id(model)
+    """Posterior mean and std of the VAE latents of every image at ``size`` (side or (width, height)), in the UNet's
+    units (:meth:`~fullrange.sd.model.StableDiffusion.encode_images`), from ``cache`` where already encoded."""
+    key = f"{model_id(model)}:scaled"  # entries of an older layout (unscaled) are not read as these
     width, height = (size, size) if isinstance(size, int) else size
     factor = model.vae_scale_factor
     shape = (model.vae.config.latent_channels, height // factor, width // factor)
@@ -51,9 +52,8 @@ def encode_latents(
         path = cache / f"latent_{data.cache_key(item.path, key, size)}.safetensors"
         stored = _cached(path, {"mean": shape, "std": shape})
         if stored is None:
-            pixels = data.load_image(item.path, size).unsqueeze(0).to(model.vae.device, model.vae.dtype)
-            dist = model.vae.encode(pixels).latent_dist
-            stored = {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
+            mean, std = model.encode_images(load_image(item.path, size).unsqueeze(0))
+            stored = {"mean": mean[0], "std": std[0]}
             save_safetensors(path, stored)
         means.append(stored["mean"])
         stds.append(stored["std"])
@@ -98,7 +98,7 @@ def latent_batches(
     time_ids: torch.Tensor | None = None,
     token_ids: bool = False,
 ) -> Batches:
-    """Batches of VAE latents (a fresh posterior draw, times the VAE's scaling factor) with their captions' UNet
+    """Batches of VAE latents (a fresh posterior draw) with their captions' UNet
     conditioning, each caption replaced by the empty one with probability ``dropout``; ``time_ids``: per-image
     size conditioning (SDXL). With ``token_ids`` the captions are given as token ids for
     :class:`~fullrange.sd.model.TextConditionedUNet` (when the text encoders train), else as the encoders'
@@ -107,7 +107,6 @@ def latent_batches(
         texts = {k: v.cpu() for k, v in model.tokenize([*captions, ""]).items()}
     else:
         texts = encode_captions(model, captions, cache)
-    scale = model.vae.config.scaling_factor
 
     def draw(batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
@@ -116,8 +115,8 @@ def latent_batches(
         text = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), v[-1:], v[:-1][index]) for k, v in texts.items()}
         sizes = None if time_ids is None else time_ids[index]
         if token_ids:
-            return Batch(z * scale, text | ({} if sizes is None else {"time_ids": sizes}))
-        return Batch(z * scale, model.condition(text, sizes))
+            return Batch(z, text | ({} if sizes is None else {"time_ids": sizes}))
+        return Batch(z, model.condition(text, sizes))
 
     return draw
 
@@ -147,7 +146,7 @@ def image_batches(
         group = [item for item, s in zip(items, sizes, strict=True) if s == size]
         means, stds = encode_latents(model, group, size, cache, progress)
         target = (size, size) if isinstance(size, int) else size
-        ids = [model.time_ids(i.size[::-1], data.cover_crop(i.size, target)[1][::-1], target[::-1]) for i in group]
+        ids = [model.time_ids(i.size[::-1], cover_crop(i.size, target)[1][::-1], target[::-1]) for i in group]
         time_ids = torch.stack(ids) if model.is_xl else None
         captions = [i.caption for i in group]
         sources.append(

@@ -46,6 +46,30 @@ def load_stable_diffusion(model: ModelConfig | Path | str, *, dtype=torch.float3
     return _load_folder(path, model.allow_pickle, dtype)
 
 
+def inference_device() -> torch.device:
+    """Where fullrange samples: this process's device as accelerate sees it (its GPU under a launcher, the first
+    CUDA device, else the CPU), the same the training loop uses."""
+    from ..train import process_state
+
+    return process_state().device
+
+
+def load_controlnet(path: Path | str, model: StableDiffusion, allow_pickle: bool = False) -> torch.nn.Module:
+    """A diffusers ControlNet folder, frozen, on ``model``'s UNet device and dtype (safetensors only unless pickle
+    is allowed); errors name ``controlnet``."""
+    from diffusers import ControlNetModel
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError("controlnet", f"{path}: not a folder (a diffusers ControlNet has config.json and weights)")
+    try:
+        controlnet = ControlNetModel.from_pretrained(path, use_safetensors=not allow_pickle)
+    except (OSError, ValueError) as err:
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError("controlnet", f"{path}: not a loadable ControlNet ({detail})") from None
+    return controlnet.to(model.unet.device, model.unet.dtype).eval().requires_grad_(False)
+
+
 def fetch(repo_id: str) -> Path:
     """Download what fullrange uses of a diffusers repository on the Hugging Face Hub into the hub cache: the
     configs, tokenizers and safetensors weights of ``HUB_PARTS``; no fp16 / non-EMA variants, no pickle files,

@@ -42,6 +42,21 @@ class StableDiffusion:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior of images in [-1, 1], (N, 3, H, W): its mean and std in the UNet's units (times the VAE's
+        ``scaling_factor``), float32 on the CPU."""
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        scale = self.vae.config.scaling_factor
+        return dist.mean.float().cpu() * scale, dist.std.float().cpu() * scale
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], float32 on the CPU, from latents in the UNet's units."""
+        latents = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(latents).sample
+        return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids of ``prompts`` for each text encoder, padded to the tokenizer's max length: ``input_ids``
         and, for SDXL, ``input_ids_2``; on the encoders' devices."""

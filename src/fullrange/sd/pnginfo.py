@@ -4,11 +4,12 @@ PNG Info, ComfyUI and civitai read."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import asdict
 from pathlib import Path
+
+from ..files import sha256
 
 A1111_SAMPLERS = {
     "ddim": "DDIM",
@@ -32,7 +33,7 @@ def model_hash(path: Path) -> str:
         if not found:
             return ""
         path = found[0]
-    return _sha256(path, 0)[:10]
+    return sha256(path)[:10]
 
 
 def lora_hash(path: Path) -> str:
@@ -45,16 +46,34 @@ def lora_hash(path: Path) -> str:
         path = next((path / n for n in names if (path / n).is_file()), path)
     with path.open("rb") as f:
         (header,) = struct.unpack("<Q", f.read(8))
-    return _sha256(path, 8 + header)[:12]
+    return sha256(path, 8 + header)[:12]
 
 
-def _sha256(path: Path, offset: int) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        f.seek(offset)
-        while chunk := f.read(2**24):
-            digest.update(chunk)
-    return digest.hexdigest()
+def source(model, adapter: Path | str | None = None, strength: float = 1.0, dtype: str = "fp32") -> dict:
+    """What made a sampled image, for its PNG chunks: the model and adapter with A1111's hashes (each file hashed
+    once while it is unchanged, :func:`fullrange.files.sha256`), the adapter's strength, the prediction type and zero
+    terminal SNR it was sampled as, the weights' ``dtype`` and fullrange's version."""
+    from importlib.metadata import version
+
+    return {
+        "model": str(model.source),
+        "model_hash": model_hash(model.source),
+        "adapter": None if adapter is None else str(adapter),
+        "adapter_hash": None if adapter is None else lora_hash(adapter),
+        "adapter_strength": None if adapter is None else strength,
+        "prediction_type": model.spec.prediction,
+        "zero_terminal_snr": model.spec.schedule.zero_terminal_snr,
+        "dtype": dtype,
+        "fullrange": version("fullrange"),
+    }
+
+
+def text_chunks(settings, i: int, prompt: str, source: dict | None = None) -> dict[str, str]:
+    """The PNG text chunks of image ``i`` of a batch sampled with (effective) ``settings`` from ``prompt``:
+    fullrange's ``fullrange`` JSON and A1111's ``parameters``."""
+    info = describe(settings, settings.seed + i, prompt, source or {})
+    size = (settings.resolution, settings.resolution)
+    return {"fullrange": json.dumps(info), "parameters": a1111_parameters(info, size)}
 
 
 def describe(settings, seed: int, prompt: str, source: dict) -> dict:

@@ -1,9 +1,12 @@
-"""Sample Stable Diffusion with fullrange's samplers and guidance, as its spec says; PNGs carry their settings."""
+"""Sample Stable Diffusion with fullrange's samplers and guidance, as its spec says.
+
+One path, made of parts: a *start* (pure noise, noise with a tone's leak, or an image noised to the step img2img
+begins at), a *network* (the UNet, a UNet with a ControlNet, or a 9-channel inpainting UNet), and an optional
+per-step *hook* (blended inpainting with a plain UNet), all handed to :func:`fullrange.sample` at once.
+"""
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import math
 import re
@@ -11,49 +14,64 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from ..config import ConfigError, check_choice, check_finite, check_range
-from ..denoiser import from_model, map_cond
-from ..guidance import cfg
-from ..images import tile
+from ..config import ConfigError, check_choice, check_finite, check_range, setting
+from ..denoiser import map_cond
+from ..images import read_image, save_new_png, tile, to_uint8
 from ..prediction import add_noise
-from ..samplers import SAMPLERS, StepInfo
+from ..samplers import SAMPLERS, Callback, Hook
 from ..sampling import pick, sample
 from ..timesteps import LADDERS, SPACINGS
 from .model import StableDiffusion
-from .tone import encode, leak_for, parse_tone, read_image
+from .tone import leak_for, parse_tone
+
+TONE_SOURCES = ("tone", "tone_image", "tone_stats")
 
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """How to sample: ``sampler`` / ``spacing`` ``None`` take what :func:`fullrange.sampling.pick` picks for the latent
-    size; ``resolution`` ``None`` the UNet's. ``image``: img2img from that file, starting at the step ``strength``
-    picks as diffusers does (the last ``int(steps · strength)`` steps, at least one). ``control_image``: the
-    ControlNet's condition, with ``control_scale``. ``mask``: inpaint ``image`` where the mask is white, with an
-    inpainting UNet (latent channels + mask + masked image latents); at strength 1 from pure noise, as diffusers.
-    At most one of ``tone`` (a brightness or #rrggbb colour), ``tone_image`` and ``tone_stats`` (files) sets the
-    starting latent's leak (:mod:`fullrange.sd.tone`)."""
+    """How to sample. ``sampler`` / ``spacing`` ``None`` take what :func:`fullrange.sampling.pick` picks for the
+    latent size; ``resolution`` ``None`` the UNet's. ``image``: img2img from that file, starting at the step
+    ``strength`` picks as diffusers does (the last ``int(steps · strength)`` steps, at least one). ``control_image``:
+    the ControlNet's condition, with ``control_scale``. ``mask``: inpaint ``image`` where the mask is white. At most
+    one of ``tone`` (a brightness or #rrggbb colour), ``tone_image`` and ``tone_stats`` (files) sets the starting
+    latent's leak (:mod:`fullrange.sd.tone`)."""
 
-    sampler: str | None = None
-    steps: int = 25
-    spacing: str | None = None
-    guidance: float = 7.5
-    guidance_rescale: float = 0.0
-    seed: int = 0
-    resolution: int | None = None
-    negative_prompt: str = ""
-    tone: str | None = None
-    tone_image: str | None = None
-    tone_stats: str | None = None
-    image: str | None = None
-    strength: float = 1.0
-    control_image: str | None = None
-    control_scale: float = 1.0
-    mask: str | None = None
+    sampler: str | None = setting(
+        None, "Any of fullrange's samplers: " + ", ".join(SAMPLERS) + ".", shown="unipc, see the README"
+    )
+    steps: int = setting(25, "Sample steps.")
+    spacing: str | None = setting(
+        None,
+        "leading, linspace, trailing, karras or exponential.",
+        shown="at zero terminal SNR a Karras ladder topped by the latent size, else the model's own",
+    )
+    guidance: float = setting(7.5, "Classifier-free guidance scale.")
+    guidance_rescale: float = setting(0.0, "Guidance rescale φ (Lin et al.; 0.7 recommended at zero terminal SNR).")
+    seed: int = setting(0, "Seed of the first image; image i uses seed + i.")
+    resolution: int | None = setting(None, "Image side in pixels, a multiple of 8.", shown="the UNet's")
+    negative_prompt: str = setting("", "Negative prompt (the unconditional branch of guidance).")
+    tone: str | None = setting(
+        None, "Start from this brightness (0 black … 1 white) or colour (#1a1a1a): works on any model (signal leak)."
+    )
+    tone_image: str | None = setting(None, "Start from the lowest frequencies of this image's latent (tones, layout).")
+    tone_stats: str | None = setting(None, "Start from tones drawn per image from a file of fullrange tone-stats.")
+    image: str | None = setting(None, "img2img: start from this image, noised as `strength` says.")
+    strength: float = setting(
+        1.0, "img2img: how much of the ladder to run, 0 < s <= 1 (1 at zero terminal SNR: from pure noise)."
+    )
+    control_image: str | None = setting(None, "The ControlNet's condition image (edges, depth, ...).")
+    control_scale: float = setting(1.0, "How strongly the ControlNet's residuals are added.")
+    mask: str | None = setting(
+        None,
+        "Inpainting: repaint `image` where this mask is white (an inpainting UNet of 9 channels, or any UNet, blended "
+        "back after every step).",
+    )
 
     def __post_init__(self) -> None:
         check_finite(self)
-        sources = [name for name in ("tone", "tone_image", "tone_stats") if getattr(self, name) is not None]
+        sources = [name for name in TONE_SOURCES if getattr(self, name) is not None]
         if len(sources) > 1:
             raise ConfigError(sources[1], "is a second source of tone: give only one")
         if self.tone is not None:
@@ -120,24 +138,6 @@ class InpaintingUNet(torch.nn.Module):
         return self.unet(torch.cat([x, inpaint_channels.to(x.dtype)], dim=1), t, **cond)
 
 
-def pixel_mask(model: StableDiffusion, mask: str, size: int) -> torch.Tensor:
-    """(1, 1, H, W) booleans at pixel size: where the mask file is white (binarised at 0.5), to repaint."""
-    return (read_image(mask, (size, size), model.vae_scale_factor, "mask").mean(0, keepdim=True)[None] + 1) / 2 >= 0.5
-
-
-def latent_mask(binary: torch.Tensor, size: int) -> torch.Tensor:
-    """(1, 1, h, w): a pixel mask at latent size (nearest), as diffusers' inpainting pipeline resizes it."""
-    return torch.nn.functional.interpolate(binary.float(), size=(size, size))
-
-
-def inpaint_channels(model: StableDiffusion, image: str, mask: str, size: int) -> torch.Tensor:
-    """(1, 1 + C, h, w): the mask at latent size (white = repaint) and the latents of the image with the repainted
-    part blacked out, as diffusers' inpainting pipeline builds them for a 9-channel UNet."""
-    binary = pixel_mask(model, mask, size)
-    pixels = read_image(image, (size, size), model.vae_scale_factor, "image")[None]
-    return torch.cat([latent_mask(binary, size), encode(model, pixels * ~binary)], dim=1)
-
-
 def resolve(model: StableDiffusion, settings: SampleSettings) -> tuple[SampleSettings, str]:
     """The settings sampling actually uses: the sampler and spacing :func:`~fullrange.sampling.pick` picks where
     none is given, and the UNet's own resolution; with the note saying what was picked (``""`` if nothing)."""
@@ -148,125 +148,135 @@ def resolve(model: StableDiffusion, settings: SampleSettings) -> tuple[SampleSet
     return replace(settings, sampler=sampler, spacing=spacing, resolution=resolution), note
 
 
+def pixel_mask(path: str, resolution: int) -> torch.Tensor:
+    """(1, 1, H, W) booleans at pixel size: where the mask file is white (binarised at 0.5), to repaint."""
+    return (read_image(path, resolution, "mask")[None].mean(1, keepdim=True) + 1) / 2 >= 0.5
+
+
+def latent_mask(binary: torch.Tensor, size: int) -> torch.Tensor:
+    """(1, 1, h, w): a pixel mask at latent size (nearest), as diffusers' inpainting pipeline resizes it."""
+    return torch.nn.functional.interpolate(binary.float(), size=(size, size))
+
+
+def inpaint_channels(model: StableDiffusion, image: str, mask: str, resolution: int) -> torch.Tensor:
+    """(1, 1 + C, h, w): the mask at latent size (white = repaint) and the latents of the image with the repainted
+    part blacked out, as diffusers' inpainting pipeline builds them for a 9-channel UNet; ``resolution`` in pixels."""
+    binary = pixel_mask(mask, resolution)
+    masked, _ = model.encode_images(read_image(image, resolution, "image")[None] * ~binary)
+    return torch.cat([latent_mask(binary, masked.shape[-1]), masked], dim=1)
+
+
+def _start(model: StableDiffusion, settings: SampleSettings, noise: torch.Tensor, steps: torch.Tensor):
+    """Where sampling starts, as ``(x, steps, leak, image)``: pure noise (with a tone's ``leak`` for the first
+    step, if a tone is set), or img2img's image latents noised to the step ``strength`` picks, the steps before it
+    dropped. Inpainting at strength 1 starts from pure noise, as diffusers'."""
+    n, size = noise.shape[0], noise.shape[-1]
+    if settings.image is None:
+        tones = {name: getattr(settings, name) for name in TONE_SOURCES}
+        return noise, steps, leak_for(model, n, (size, size), settings.seed, **tones), None
+    begin = min(settings.steps - int(settings.steps * settings.strength), settings.steps - 1)
+    steps = steps[begin:]
+    image, _ = model.encode_images(read_image(settings.image, settings.resolution, "image")[None])
+    if settings.mask is not None and settings.strength == 1:
+        return noise, steps, None, image
+    alpha_cumprod = float(model.spec.schedule.alphas_cumprod_at(steps[:1].double())[0])
+    return add_noise(image, noise, alpha_cumprod), steps, None, image
+
+
+def _network(model: StableDiffusion, settings: SampleSettings, controlnet: torch.nn.Module | None, n: int):
+    """The network sampled and what it takes besides the prompt's conditioning, in both guidance branches: the
+    UNet; a UNet with a ControlNet and its condition image; or a 9-channel inpainting UNet and its extra channels."""
+    unet, device = model.unet, model.unet.device
+    if controlnet is not None:
+        if settings.control_image is None:
+            raise ConfigError("control_image", "is needed with a ControlNet")
+        control = (read_image(settings.control_image, settings.resolution, "control_image")[None] + 1) / 2
+        return ControlledUNet(unet, controlnet, settings.control_scale), {
+            "controlnet_cond": control.expand(n, -1, -1, -1).to(device, unet.dtype)
+        }
+    if settings.mask is not None and _is_inpainting(model):
+        extra = inpaint_channels(model, settings.image, settings.mask, settings.resolution).expand(n, -1, -1, -1)
+        return InpaintingUNet(unet), {"inpaint_channels": extra.to(device, unet.dtype)}
+    return unet, {}
+
+
+def _is_inpainting(model: StableDiffusion) -> bool:
+    """Whether the UNet takes the mask and the masked image's latents besides the noisy latents (9 channels for SD)."""
+    return model.unet.config.in_channels == 2 * model.vae.config.latent_channels + 1
+
+
+def _blend(model: StableDiffusion, settings: SampleSettings, image: torch.Tensor, noise: torch.Tensor) -> Hook:
+    """Blended inpainting with a plain UNet, as diffusers' inpainting pipeline does it: after every step the part
+    outside the mask is replaced by the image noised to the point the step reached (the image itself at ᾱ = 1)."""
+    channels = model.vae.config.latent_channels
+    if model.unet.config.in_channels != channels:
+        raise ConfigError("mask", f"a UNet of {model.unet.config.in_channels} input channels cannot inpaint")
+    device = model.unet.device
+    mask = latent_mask(pixel_mask(settings.mask, settings.resolution), noise.shape[-1]).to(device)
+    image, noise = image.to(device), noise.to(device)
+
+    def hook(x: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
+        return mask * x + (1 - mask) * add_noise(image, noise, alpha_cumprod)
+
+    return hook
+
+
 @torch.no_grad()
 def generate(
     model: StableDiffusion,
     prompts: list[str],
     settings: SampleSettings,
-    callback=None,
+    callback: Callback | None = None,
     controlnet: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1], shape (N, 3, H, W), one per prompt, seeds ``seed + i``; on the UNet's device. A tone in
-    ``settings`` starts every sample from its leak (the same noise as without); an ``image`` starts it from that
-    image noised to the step ``strength`` picks (img2img); a ``controlnet`` is conditioned on ``control_image``."""
+    """Images in [0, 1], shape (N, 3, H, W), one per prompt, image i from the noise of seed ``seed + i``, as
+    ``settings`` say (start, network and hook: the module docstring); float32 on the CPU."""
     settings, note = resolve(model, settings)
     if note:
         logging.getLogger("fullrange").info(note)
-    sampler, size = settings.sampler, settings.resolution // model.vae_scale_factor
-    channels = model.vae.config.latent_channels
-    inpainting_unet = model.unet.config.in_channels == 2 * channels + 1
-    if settings.mask is not None and not inpainting_unet and model.unet.config.in_channels != channels:
-        raise ConfigError("mask", f"a UNet of {model.unet.config.in_channels} input channels cannot inpaint")
-    noise = torch.stack(
-        [
-            torch.randn(channels, size, size, generator=torch.Generator().manual_seed(settings.seed + i))
-            for i in range(len(prompts))
-        ]
-    )
-    device = model.unet.device
-    pixels = (size * model.vae_scale_factor,) * 2
-    time_ids = model.time_ids(pixels, (0, 0), pixels)
-    time_ids = None if time_ids is None else time_ids.expand(len(prompts), -1)
-    text = model.encode_prompts(prompts)
-    if model.is_xl and not settings.negative_prompt:  # SDXL's empty negative prompt is zeros (diffusers' default)
-        negative = {k: torch.zeros_like(v) for k, v in text.items()}
-    else:
-        negative = model.encode_prompts([settings.negative_prompt] * len(prompts))
-    to_device = lambda v: v.to(device)  # noqa: E731
-    tones = {"tone": settings.tone, "tone_image": settings.tone_image, "tone_stats": settings.tone_stats}
-    leak = leak_for(model, len(prompts), (size, size), settings.seed, **tones)
+    n, size = len(prompts), settings.resolution // model.vae_scale_factor
+    noise = seeded_noise(n, (model.vae.config.latent_channels, size, size), settings.seed)
     steps = model.spec.plan(settings.steps, settings.spacing, num_values=math.prod(noise.shape[1:]))
-    start = noise
-    if settings.image is not None:  # img2img: the last int(steps · strength) steps (at least one), as diffusers
-        begin = min(settings.steps - int(settings.steps * settings.strength), settings.steps - 1)
-        steps = steps[begin:]
-        image = encode(model, read_image(settings.image, (size, size), model.vae_scale_factor, "image")[None])
-        start = add_noise(image, noise, float(model.spec.schedule.alphas_cumprod_at(steps[:1].double())[0]))
-        if settings.mask is not None and settings.strength == 1:  # inpainting from pure noise, as diffusers'
-            start = noise
-    cond, uncond = model.condition(text, time_ids), model.condition(negative, time_ids)
-    network = model.unet
-    if controlnet is not None:
-        if settings.control_image is None:
-            raise ConfigError("control_image", "is needed with a ControlNet")
-        control = read_image(settings.control_image, (size, size), model.vae_scale_factor, "control_image")
-        control = ((control + 1) / 2).expand(len(prompts), -1, -1, -1).to(device, model.unet.dtype)
-        cond, uncond = cond | {"controlnet_cond": control}, uncond | {"controlnet_cond": control}
-        network = ControlledUNet(model.unet, controlnet, settings.control_scale)
-    if settings.mask is not None and not inpainting_unet:  # blend the image back in after every step, as diffusers
-        mask = latent_mask(pixel_mask(model, settings.mask, size), size)
-        latents = blended(model, start, noise, image, mask, steps, sampler, settings, cond, uncond, callback)
-        return decode(model, latents)
-    if settings.mask is not None:
-        extra = inpaint_channels(model, settings.image, settings.mask, size).expand(len(prompts), -1, -1, -1)
-        extra = extra.to(device, model.unet.dtype)
-        cond, uncond = cond | {"inpaint_channels": extra}, uncond | {"inpaint_channels": extra}
-        network = InpaintingUNet(model.unet)
+    start, steps, leak, image = _start(model, settings, noise, steps)
+    network, extra = _network(model, settings, controlnet, n)
+    hook = _blend(model, settings, image, noise) if settings.mask is not None and network is model.unet else None
+    cond, uncond = _conditions(model, prompts, settings.negative_prompt, settings.resolution)
+    device = model.unet.device
     latents = sample(
         network,
         start.to(device),
         model.spec,
-        sampler=sampler,
+        sampler=settings.sampler,
         steps=steps,
-        cond=map_cond(to_device, cond),
-        uncond=map_cond(to_device, uncond),
+        cond=map_cond(lambda v: v.to(device), cond) | extra,
+        uncond=map_cond(lambda v: v.to(device), uncond) | extra,
         guidance_scale=settings.guidance,
         guidance_rescale=settings.guidance_rescale,
         callback=callback,
+        hook=hook,
         generator=torch.Generator().manual_seed(settings.seed),
         leak=None if leak is None else leak.to(device),
     )
-    return decode(model, latents)
+    return model.decode_latents(latents)
 
 
-def decode(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] from the UNet's latents, through the VAE."""
-    latents = latents.to(model.vae.device, model.vae.dtype) / model.vae.config.scaling_factor
-    images = model.vae.decode(latents).sample
-    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+def seeded_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(n, *shape) standard normal noise, sample i drawn from its own generator seeded ``seed + i``: an image keeps its
+    noise whatever the batch it is sampled in."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
 
 
-def blended(model, start, noise, image, mask, steps, sampler, settings, cond, uncond, callback) -> torch.Tensor:
-    """Inpainting with a plain UNet: the sampler steps on the whole latent, and after every step the part outside
-    ``mask`` is replaced by ``image`` noised to the next step (the image itself after the last), as diffusers'
-    inpainting pipeline does. Runs the sampler step by step through :class:`~fullrange.diffusers.FullrangeScheduler`,
-    the one form of it that takes latents edited between steps."""
-    from ..diffusers import FullrangeScheduler
-    from ..scheduler_config import config_from_spec
-
-    spec, device = model.spec, model.unet.device
-    config = config_from_spec(spec) | {"prediction_type": "sample"}  # the guided denoiser hands it x0
-    scheduler = FullrangeScheduler.from_config(config, sampler=sampler, spacing="trailing")
-    scheduler.use_steps(steps, device)
-    denoiser = from_model(model.unet, spec.prediction)
-    if settings.guidance != 1.0:
-        denoiser = cfg(denoiser, settings.guidance, map_cond(lambda v: v.to(device), uncond), settings.guidance_rescale)
-    cond = map_cond(lambda v: v.to(device), cond)
-    x, mask, image, noise = (v.to(device) for v in (start, mask, image, noise))
-    ts = scheduler.timesteps
-    g = torch.Generator().manual_seed(settings.seed)
-    for k, t in enumerate(ts):
-        ac = float(spec.schedule.alphas_cumprod_at(float(t)))
-        x0 = denoiser(x, float(t), ac, **cond)
-        x = scheduler.step(x0, t, x, generator=g).prev_sample
-        if k + 1 < len(ts):
-            kept = add_noise(image, noise, float(spec.schedule.alphas_cumprod_at(float(ts[k + 1]))))
-        else:
-            kept = image
-        x = mask * x + (1 - mask) * kept
-        if callback is not None:
-            callback(StepInfo(k, len(ts), float(t), x, x0))
-    return x
+def _conditions(model: StableDiffusion, prompts: list[str], negative_prompt: str, resolution: int):
+    """The UNet's conditioning of ``prompts`` and of the negative prompt (SDXL's empty one is zeros, diffusers'
+    default), with SDXL's size conditioning for square images of ``resolution`` pixels."""
+    time_ids = model.time_ids((resolution, resolution), (0, 0), (resolution, resolution))
+    time_ids = None if time_ids is None else time_ids.expand(len(prompts), -1)
+    text = model.encode_prompts(prompts)
+    if model.is_xl and not negative_prompt:
+        negative = {k: torch.zeros_like(v) for k, v in text.items()}
+    else:
+        negative = model.encode_prompts([negative_prompt] * len(prompts))
+    return model.condition(text, time_ids), model.condition(negative, time_ids)
 
 
 def save_images(
@@ -274,51 +284,58 @@ def save_images(
 ) -> list[Path]:
     """One PNG per image, named by its seed (``settings.seed + i``) and a slug of its prompt, with a ``fullrange``
     text chunk (JSON: prompt, seed, ``settings`` and ``source``: what made it, see :mod:`fullrange.sd.pnginfo`) and
-    A1111's ``parameters`` text. Nothing is overwritten: a name already taken gets ``-2``, ``-3``, ... Returns the
-    paths."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
+    A1111's ``parameters`` text. Written atomically, and nothing is overwritten: a name already taken gets ``-2``,
+    ``-3``, ... Returns the paths."""
+    from .pnginfo import text_chunks
 
-    from .pnginfo import a1111_parameters, describe
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, (array, prompt) in enumerate(zip(arrays, prompts, strict=True)):
-        info = describe(settings, settings.seed + i, prompt, source or {})
-        png = PngInfo()
-        png.add_text("fullrange", json.dumps(info))
-        png.add_text("parameters", a1111_parameters(info, (array.shape[1], array.shape[0])))
-        path, f = _new_file(out, f"{settings.seed + i:06d}-{_slug(prompt)}")
-        with f:
-            Image.fromarray(array).save(f, format="PNG", pnginfo=png)
-        paths.append(path)
-    return paths
+    arrays = to_uint8(images)
+    return [
+        save_new_png(out, f"{settings.seed + i:06d}-{_slug(prompt)}", array, text_chunks(settings, i, prompt, source))
+        for i, (array, prompt) in enumerate(zip(arrays, prompts, strict=True))
+    ]
 
 
 def save_grid(images: torch.Tensor, out: Path, seed: int, columns: int = 4) -> Path:
     """All ``images`` (in [0, 1]) as one PNG grid, ``grid-SEED.png`` (never overwriting: ``-2``, ... if taken)."""
-    from PIL import Image
+    return save_new_png(out, f"grid-{seed:06d}", tile(to_uint8(images), columns=columns))
 
-    arrays = (images * 255).round().to(torch.uint8)
-    grid, f = _new_file(out, f"grid-{seed:06d}")
-    with f:
-        Image.fromarray(tile(arrays, columns=columns).numpy()).save(f, format="PNG")
-    return grid
+
+def sample_to_folder(
+    model: StableDiffusion,
+    prompts: list[str],
+    settings: SampleSettings,
+    out: Path,
+    *,
+    num_images: int = 1,
+    batch_size: int = 1,
+    controlnet: torch.nn.Module | None = None,
+    source: dict | None = None,
+    progress: bool = True,
+) -> tuple[list[Path], Path]:
+    """Every prompt ``num_images`` times, sampled ``batch_size`` at a time (image i of the run from seed
+    ``settings.seed + i``, whatever the batch), into ``out``: one PNG per image with the settings it was sampled
+    with (:func:`save_images`) and a grid of all. Returns the images' paths and the grid's."""
+    check_counts(num_images, batch_size)
+    effective, _ = resolve(model, settings)  # what the PNGs record: the sampler and spacing picked too
+    all_prompts = [p for p in prompts for _ in range(num_images)]
+    paths, images = [], []
+    total = settings.steps * math.ceil(len(all_prompts) / batch_size)
+    with tqdm(total=total, desc="sample", disable=not progress) as bar:
+        for first in range(0, len(all_prompts), batch_size):
+            chunk = all_prompts[first : first + batch_size]
+            part = replace(settings, seed=settings.seed + first)
+            batch = generate(model, chunk, part, callback=lambda info: bar.update(1), controlnet=controlnet)
+            paths += save_images(batch, chunk, replace(effective, seed=part.seed), out, source)
+            images.append(batch)
+    return paths, save_grid(torch.cat(images), out, settings.seed)
+
+
+def check_counts(num_images: int, batch_size: int) -> None:
+    """Images per prompt and per batch are positive (a ConfigError names the one that is not)."""
+    check_range("num_images", num_images, 0, open_low=True)
+    check_range("batch_size", batch_size, 0, open_low=True)
 
 
 def _slug(prompt: str, length: int = 40) -> str:
     """``"A dark alley, in the rain!"`` → ``"a-dark-alley-in-the-rain"``; ``"image"`` when nothing is left."""
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:length].rstrip("-") or "image"
-
-
-def _new_file(folder: Path, stem: str):
-    """A PNG path in ``folder`` no file has, opened for writing (created exclusively, so two runs cannot both
-    take it): ``stem.png``, else ``stem-2.png``, ``stem-3.png``, ..."""
-    for n in itertools.count(1):
-        path = folder / f"{stem}{'' if n == 1 else f'-{n}'}.png"
-        try:
-            return path, path.open("xb")
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")

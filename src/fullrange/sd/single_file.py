@@ -7,7 +7,6 @@ SNR that diffusers ignores. Errors name the file; :mod:`fullrange.sd.load` says 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import tempfile
@@ -17,18 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..files import sha256
 from . import markers
 from .ldm import OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_OPENCLIP_PREFIX
 from .tokenizer import clip_tokenizer_files
-
-
-def sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(16 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: Path | str, expected: str) -> None:

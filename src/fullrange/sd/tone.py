@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .. import data
 from ..config import ConfigError
 from ..files import save_safetensors
+from ..images import load_image, read_image
 from ..leak import ToneStats, from_low_frequencies, low_frequencies
 from .model import StableDiffusion
 
@@ -40,26 +41,19 @@ def parse_tone(text: str) -> tuple[float, float, float]:
     return (level,) * 3
 
 
-@torch.no_grad()
-def encode(model: StableDiffusion, pixels: torch.Tensor) -> torch.Tensor:
-    """The scaled VAE latents (posterior means times ``scaling_factor``, as the UNet sees them) of ``pixels`` in
-    [-1, 1], (N, 3, H, W); float32 on the CPU."""
-    dist = model.vae.encode(pixels.to(model.vae.device, model.vae.dtype)).latent_dist
-    return dist.mean.float().cpu() * model.vae.config.scaling_factor
-
-
 def colour_leak(model: StableDiffusion, rgb: tuple[float, float, float]) -> torch.Tensor:
     """(1, C, 1, 1): the per-channel mean of the latent of a solid image of colour ``rgb`` (in [0, 1])."""
     side = 8 * model.vae_scale_factor
     pixels = (torch.tensor(rgb).view(1, 3, 1, 1) * 2 - 1).expand(1, 3, side, side)
-    return encode(model, pixels).mean((-2, -1), keepdim=True)
+    return model.encode_images(pixels)[0].mean((-2, -1), keepdim=True)
 
 
 def image_leak(model: StableDiffusion, path: Path | str, size: tuple[int, int], k: int = K) -> torch.Tensor:
     """(1, C, h, w): the ``k × k`` lowest DCT frequencies of the latent of the image at ``path``, fitted (cover,
     centre crop) to a latent of ``size`` (h, w)."""
-    pixels = read_image(path, size, model.vae_scale_factor, "tone_image")
-    latent = encode(model, pixels.unsqueeze(0))
+    factor = model.vae_scale_factor
+    pixels = read_image(path, (size[1] * factor, size[0] * factor), "tone_image")
+    latent, _ = model.encode_images(pixels.unsqueeze(0))
     return from_low_frequencies(low_frequencies(latent.double(), k), size).float()
 
 
@@ -76,7 +70,7 @@ def fit_stats(
     except data.DataError as err:
         raise ConfigError("data", str(err)) from None
     coefficients = [
-        low_frequencies(encode(model, data.load_image(item.path, resolution).unsqueeze(0)).double(), k)
+        low_frequencies(model.encode_images(load_image(item.path, resolution).unsqueeze(0))[0].double(), k)
         for item in tqdm(items, desc="encode images", disable=not progress)
     ]
     return ToneStats.from_coefficients(torch.cat(coefficients)), len(items), problems
@@ -139,15 +133,3 @@ def leak_for(
         )
     draws = [stats.draw(1, size, torch.Generator().manual_seed(SEED_STREAM + seed + i)) for i in range(n)]
     return torch.cat(draws).float()
-
-
-def read_image(path: Path | str, size: tuple[int, int], factor: int, field: str) -> torch.Tensor:
-    """The image at ``path`` in [-1, 1], (3, H, W), fitted (cover, centre crop) to a latent of ``size`` (h, w) times
-    ``factor``; a missing or unreadable file is a one-line error naming ``field``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(field, f"{path}: no such file")
-    try:
-        return data.load_image(path, (size[1] * factor, size[0] * factor))
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ConfigError(field, f"{path}: not a readable image ({type(err).__name__})") from None

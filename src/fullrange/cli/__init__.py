@@ -1,0 +1,67 @@
+"""Command line: thin commands that parse, validate and call the library, one module per command.
+
+| command | module |
+|---|---|
+| ``schedule`` | :mod:`.schedule` |
+| ``reproduce`` | :mod:`.reproduce` (the main job) |
+| ``train`` | :mod:`.train` (flags made from the config tables) |
+| ``sample`` | :mod:`.sample` (sampling flags made from :class:`~fullrange.sd.sample.SampleSettings`) |
+| ``tone-stats`` | :mod:`.tone_stats` |
+| ``inspect`` | :mod:`.inspect` |
+| ``eval brightness`` | :mod:`.eval` |
+| ``export`` | :mod:`.export` |
+
+Options shared by several commands are declared once, in :mod:`._options`; how commands fail, in :mod:`._errors`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from . import eval, export, inspect, reproduce, sample, schedule, tone_stats, train
+from ._errors import DEBUG_ENV, OneLineErrors
+
+COMMANDS = {
+    "schedule": schedule.command,
+    "reproduce": reproduce.command,
+    "train": train.command,
+    "sample": sample.command,
+    "tone-stats": tone_stats.command,
+    "inspect": inspect.command,
+    "export": export.command,
+}
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="fullrange: diffusion models whose outputs reach the full brightness range.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,  # plain help: Rich markup would eat "[default: …]" and "[model]"
+)
+for name, function in COMMANDS.items():
+    app.command(name)(function)
+app.add_typer(eval.app, name="eval")
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        from importlib.metadata import version
+
+        typer.echo(f"fullrange {version('fullrange')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show stack traces (also: {DEBUG_ENV}=1).")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version.")
+    ] = False,
+) -> None:
+    """fullrange: diffusion models whose outputs reach the full brightness range."""
+    # transformers warns at import about optional image processors fullrange never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -1,0 +1,91 @@
+"""``fullrange export``: files other tools load (single file, diffusers folder, kohya LoRA, LyCORIS OFT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._errors import fail, library_errors, refuse_overwrite, warnings_as_lines
+from ._options import (
+    MODEL_FLAGS,
+    Adapter,
+    AdapterStrength,
+    AllowPickle,
+    Dtype,
+    Family,
+    Model,
+    ModelConfigDir,
+    Sha256,
+    dtype_of,
+    load_model,
+)
+
+FORMATS = ("single-file", "diffusers", "kohya", "lycoris")
+ADAPTER_FORMATS = {"kohya": "a LoRA", "lycoris": "an OFT"}
+ERROR_NAMES = MODEL_FLAGS | {"adapter": "--adapter", "family": "--family"}
+
+
+def command(
+    model: Model,
+    out: Annotated[Path, typer.Option(help="The .safetensors file to write (a new folder with --format diffusers).")],
+    adapter: Adapter = None,
+    adapter_strength: AdapterStrength = 1.0,
+    family: Family = None,
+    dtype: Dtype = "fp16",
+    file_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="single-file: the model (adapter merged in) in the LDM layout; diffusers: the same as a diffusers "
+            "folder with its scheduler config; kohya: the --adapter LoRA alone, in kohya's format; lycoris: the "
+            "--adapter OFT as LyCORIS weight differences (--model is the base).",
+        ),
+    ] = "single-file",
+    sha256: Sha256 = None,
+    model_config: ModelConfigDir = None,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Write what A1111, ComfyUI or diffusers load: a single-file checkpoint (LDM layout) with v_pred / ztsnr markers,
+    a diffusers folder, a LoRA in kohya's format or an OFT in LyCORIS', with ss_* / modelspec metadata."""
+    from ..sd import load_adapter
+    from ..sd.export import export, export_diffusers, export_kohya_lora, export_lycoris_oft
+
+    _check(out, file_format, adapter)
+    weights = dtype_of(dtype)
+    refuse_overwrite(out, {"--model": model, "--adapter": adapter, "--model-config": model_config})
+    with library_errors(ERROR_NAMES):
+        sd_model = load_model(model, sha256, model_config, allow_pickle)
+        if file_format in ADAPTER_FORMATS:
+            write = export_kohya_lora if file_format == "kohya" else export_lycoris_oft
+            write(out, adapter, sd_model, family=family)
+            typer.echo(f"wrote {out}: the adapter {adapter} in {file_format}'s format", err=True)
+            return
+        if adapter is not None:
+            with warnings_as_lines():
+                sd_model = load_adapter(sd_model, adapter, adapter_strength)
+        if file_format == "diffusers":
+            export_diffusers(out, sd_model, dtype=weights)
+        else:
+            export(out, sd_model, family=family, dtype=weights)
+    spec = sd_model.spec
+    typer.echo(
+        f"wrote {out}: prediction {spec.prediction}, zero terminal SNR {spec.schedule.zero_terminal_snr}", err=True
+    )
+
+
+def _check(out: Path, file_format: str, adapter: Path | None) -> None:
+    """The format is known, has what it needs, and ``out`` can be what it writes."""
+    if file_format not in FORMATS:
+        fail(f"--format {file_format!r}: choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+    if file_format in ADAPTER_FORMATS and adapter is None:
+        kind = ADAPTER_FORMATS[file_format]
+        fail(f"--format {file_format} writes {kind} adapter: give it with --adapter (a folder of fullrange train)")
+    if file_format == "diffusers":
+        if out.exists():
+            fail(f"--out {out}: already exists; --format diffusers writes a new folder")
+    elif out.suffix != ".safetensors":
+        fail(f"--out {out}: the file name must end in .safetensors")
+    elif out.is_dir():
+        fail(f"--out {out}: is a directory, not a file name")

@@ -1,0 +1,63 @@
+"""``fullrange inspect``: how a checkpoint must be sampled."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ._errors import fail, library_errors
+from ._options import MODEL_FLAGS, Adapter, AllowPickle, ModelConfigDir, Sha256
+
+
+def command(
+    model: Annotated[str, typer.Argument(help="Diffusers folder or single .safetensors file.")],
+    adapter: Adapter = None,
+    probe: Annotated[bool, typer.Option("--probe", help="Run the probe even when the markers agree.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    sha256: Sha256 = None,
+    model_config: ModelConfigDir = None,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Say how a checkpoint must be sampled: family, prediction type and zero terminal SNR from every convention
+    (diffusers, ComfyUI, kohya, modelspec), a probe where they are silent or disagree, and the settings to use."""
+    from ..sd.config import ModelConfig
+    from ..sd.inspection import inspect
+
+    if adapter is not None and not adapter.exists():
+        fail(f"--adapter {adapter}: no such file or directory")
+    with library_errors(MODEL_FLAGS | {"model.path": "MODEL", "adapter": "--adapter"}):
+        config = ModelConfig(model, sha256, model_config, allow_pickle)
+        found = inspect(config, None if adapter is None else str(adapter), always_probe=probe)
+    typer.echo(found.to_json() if as_json else "\n".join(describe(found, model)))
+
+
+def describe(found, model: str) -> list[str]:
+    """The lines ``inspect`` prints for an :class:`~fullrange.sd.inspection.Inspection` of ``model``."""
+    lines = [f"family: {found.family}", "markers:"]
+    for m in found.found or ():
+        meaning = m.prediction if m.prediction is not None else f"zero terminal SNR {m.zero_terminal_snr}"
+        lines.append(f"  {m.convention:<9} {m.key} = {m.value} -> {meaning}  ({m.source})")
+    if not found.found:
+        lines.append("  none")
+    lines += [f"  disagree on {c}" for c in found.decision.conflicts]
+    if found.probe is not None:
+        lines.append(f"probe: {found.probe.describe()}")
+    flags = " ".join(_flag(k, v) for k, v in found.settings.items())
+    return [
+        *lines,
+        f"prediction: {found.prediction} (from the {found.how['prediction']})",
+        f"zero terminal SNR: {'on' if found.zero_terminal_snr else 'off'} ({found.how['zero_terminal_snr']})",
+        *(f"note: {note}" for note in found.notes),
+        f"sample with: fullrange sample --model {model} {flags}",
+        "diffusers scheduler config:",
+        json.dumps(found.scheduler_config, indent=2),
+    ]
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {value}"
