@@ -131,7 +131,6 @@ def _adapter_folder(folder, tmp_path, kind="lora", ztsnr=False):
     from fullrange import adapters
     from fullrange.sampling import retrained
     from fullrange.sd.config import AdapterConfig
-    from fullrange.sd.finetune import save_outputs
 
     trained = load_stable_diffusion(folder)
     if kind == "lora":
@@ -145,7 +144,7 @@ def _adapter_folder(folder, tmp_path, kind="lora", ztsnr=False):
     if ztsnr:
         trained = replace(trained, spec=retrained(trained.spec, "v_prediction", zero_terminal_snr=True))
     config = AdapterConfig("lora", rank=2) if kind == "lora" else AdapterConfig("oft", block_size=4)
-    return save_outputs(trained, config, tmp_path)[kind]
+    return adapters.ADAPTERS[kind].save(trained, config, tmp_path)[kind]
 
 
 def test_cli_export_then_sample_the_single_file(tiny_sd, tmp_path):

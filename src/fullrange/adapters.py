@@ -1,5 +1,6 @@
-"""LoRA (Hu et al. 2021) and OFT (Qiu et al. 2023) adapters on a diffusers UNet, through peft. All peft calls
-live here.
+"""What a fine-tune trains: the whole UNet, LoRA (Hu et al. 2021) or OFT (Qiu et al. 2023). One record per kind
+(:data:`ADAPTERS`) says how to attach it for training, save, load, merge, describe and export it; all peft calls
+live in this module.
 
 OFT is applied only to Linear and 1×1 convolution layers. peft's OFT on a k×k convolution rotates the
 unfolded patches and folds the overlapping ones back by summing, which is not an orthogonal map of the
@@ -9,13 +10,24 @@ unmerged adapter. fullrange refuses such targets.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 
-ADAPTERS = ("full", "lora", "oft")
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .sd.config import AdapterConfig
+    from .sd.model import StableDiffusion
+
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention, as kohya and diffusers train it
 OFT_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "conv_shortcut")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name in a LoRA folder
+OFT_FILES = ("adapter.json", "adapter_model.safetensors")  # an OFT folder: its shape and its weights
 
 
 def _matching(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
@@ -47,7 +59,7 @@ def add_lora(
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(config, model, adapter_name="default")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable(model)
 
 
 def add_oft(
@@ -85,18 +97,30 @@ def add_oft(
             use_cayley_neumann=False,
         )
     )
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    return trainable(unet)
 
 
 def _in_features(module: torch.nn.Module) -> int:
     return module.in_features if isinstance(module, torch.nn.Linear) else module.in_channels
 
 
-def adapter_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable(model: torch.nn.Module) -> int:
+    """The number of ``model``'s parameters that require grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapted(model: torch.nn.Module) -> bool:
+    """Whether any layer of ``model`` carries an adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's own weights (peft names), for saving."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(unet)
+    return get_peft_model_state_dict(model)
 
 
 def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
@@ -104,8 +128,8 @@ def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     in place (no copy of the model): afterwards ``model`` has its original architecture and names. Returns it."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    for name, module in adapted:
+    adapted_layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in adapted_layers:
         module.merge()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
@@ -115,12 +139,180 @@ def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_oft(
-    unet: torch.nn.Module, weights: dict[str, torch.Tensor], block_size: int, coft: bool = False, strength: float = 1.0
-) -> None:
-    """Add an OFT adapter saved by :func:`adapter_state_dict` to ``unet``. ``strength`` scales the skew-symmetric
-    generator Q: 0 is the identity (no change), 1 the trained rotation, in between a rotation along the way."""
-    from peft import set_peft_model_state_dict
+def merged_differences(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Merge every adapter layer of ``model`` into its base layer, in place, one layer at a time; returns each adapted
+    layer's weight change (merged − base) by module name, on the CPU."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    add_oft(unet, block_size=block_size, coft=coft)
-    set_peft_model_state_dict(unet, {k: v * strength for k, v in weights.items()})
+    diffs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            before = base.weight.detach().clone()
+            module.merge()
+            diffs[name] = (base.weight.detach() - before).cpu().contiguous()
+    return diffs
+
+
+class Full:
+    """The whole UNet is trained; its weights are the training checkpoint's, and the run leaves a pipeline."""
+
+    name: ClassVar[str] = "full"
+    pipeline: ClassVar[bool] = True  # what the run leaves for other tools is a whole pipeline
+    tool_file: ClassVar[tuple[str, str] | None] = None
+
+    def describe(self, config: AdapterConfig) -> str:
+        return "the whole UNet"
+
+    def attach(self, model: StableDiffusion, config: AdapterConfig, seed: int) -> int:
+        """Make the UNet trainable; returns its number of parameters."""
+        model.unet.requires_grad_(True)
+        return trainable(model.unet)
+
+    def save(self, model: StableDiffusion, config: AdapterConfig, folder: Path) -> dict[str, Path]:
+        """Nothing beside the training checkpoint, which holds the weights."""
+        return {}
+
+    def merge(self, model: StableDiffusion) -> None:
+        """Nothing to merge."""
+
+
+class LoRA:
+    """LoRA on the UNet (and with ``text_encoder`` on the text encoders), saved as diffusers saves it (peft's
+    ``lora_A`` / ``lora_B`` names) with the scheduler config that says how to sample the result; exported as a kohya
+    file for A1111 and ComfyUI."""
+
+    name: ClassVar[str] = "lora"
+    pipeline: ClassVar[bool] = False
+    tool_file: ClassVar[tuple[str, str] | None] = ("kohya", "lora_kohya.safetensors")
+    """What a run writes beside the adapter's folder for A1111 and ComfyUI (:meth:`export`): its kind and name."""
+
+    def describe(self, config: AdapterConfig) -> str:
+        return f"a LoRA of rank {config.rank}"
+
+    def attach(self, model: StableDiffusion, config: AdapterConfig, seed: int) -> int:
+        """Add LoRA of ``config.rank`` to the UNet (and the text encoders), its random init drawn from ``seed`` (the
+        same in every process and run); returns the number of trainable parameters."""
+        from .models import seeded
+
+        with seeded(seed):
+            count = add_lora(model.unet, rank=config.rank)
+            for encoder in model.text_encoders.values() if config.text_encoder else ():
+                count += add_lora(encoder, rank=config.rank, targets=TEXT_LORA_TARGETS)
+        return count
+
+    def save(self, model: StableDiffusion, config: AdapterConfig, folder: Path) -> dict[str, Path]:
+        """``folder/lora``: the weights as diffusers' ``save_lora_weights`` writes them and the scheduler config.
+        Not peft's older "lora.down" names: converted, attention layers get them and ResNet layers keep lora_A,
+        and diffusers' loader, which tells the format from the first key, then skips the attention ones."""
+        from .files import share_like_new_files
+        from .scheduler_config import ddim_scheduler
+        from .sd.model import pipeline_class
+
+        layers = {"unet_lora_layers": adapter_state_dict(model.unet)}
+        for name, encoder in model.text_encoders.items():
+            if adapted(encoder):
+                layers[f"{name}_lora_layers"] = adapter_state_dict(encoder)
+        pipeline_class(model).save_lora_weights(folder / "lora", **layers, safe_serialization=True)
+        ddim_scheduler(model.spec).save_config(folder / "lora")
+        share_like_new_files(folder / "lora")
+        return {"lora": folder / "lora"}
+
+    def export(self, path: Path, saved: Path, base: StableDiffusion, family: str | None) -> Path:
+        """The LoRA folder ``saved`` as one kohya-format file (:func:`fullrange.sd.export.export_kohya_lora`)."""
+        from .sd.export import export_kohya_lora
+
+        return export_kohya_lora(path, saved, base, family=family)
+
+    def load(self, model: StableDiffusion, path: Path, strength: float) -> None:
+        """A LoRA folder or file (diffusers', kohya's or peft's names, as diffusers' loader reads them) onto the UNet
+        and text encoders, at ``strength``."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from .sd.model import as_pipeline
+
+        file = path / LORA_FILE if path.is_dir() else path
+        pipe = as_pipeline(model)
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="fullrange")
+        networks = [model.unet, *model.text_encoders.values()]
+        layers = [m for net in networks for m in net.modules() if isinstance(m, BaseTunerLayer)]
+        if not any("fullrange" in layer.lora_A for layer in layers if hasattr(layer, "lora_A")):
+            raise ConfigError("adapter", f"{file}: holds no LoRA weight for this model's layers")
+        pipe.set_adapters(["fullrange"], adapter_weights=[strength])
+
+    def merge(self, model: StableDiffusion) -> None:
+        for network in (model.unet, *model.text_encoders.values()):
+            merge_adapters(network)
+
+
+class OFT:
+    """OFT on the UNet's Linear and 1×1 layers, saved as its shape (``adapter.json``), its weights and the scheduler
+    config; diffusers cannot load it, so the run also leaves the merged pipeline. Exported as LyCORIS weight
+    differences."""
+
+    name: ClassVar[str] = "oft"
+    pipeline: ClassVar[bool] = True
+    tool_file: ClassVar[tuple[str, str] | None] = None  # the merged pipeline serves them (the LyCORIS file: export)
+
+    def describe(self, config: AdapterConfig) -> str:
+        return f"OFT, block size {config.block_size}"
+
+    def attach(self, model: StableDiffusion, config: AdapterConfig, seed: int) -> int:
+        """Add OFT of ``config.block_size`` to the UNet (identity at init: no random draw)."""
+        return add_oft(model.unet, block_size=config.block_size, coft=config.coft)
+
+    def save(self, model: StableDiffusion, config: AdapterConfig, folder: Path) -> dict[str, Path]:
+        """``folder/oft``: the adapter's shape and weights, and the scheduler config."""
+        from .files import save_safetensors, write_bytes
+        from .scheduler_config import ddim_scheduler
+
+        shape = {"block_size": config.block_size, "coft": config.coft}
+        write_bytes(folder / "oft" / OFT_FILES[0], json.dumps(shape).encode())
+        save_safetensors(folder / "oft" / OFT_FILES[1], adapter_state_dict(model.unet))
+        ddim_scheduler(model.spec).save_config(folder / "oft")
+        return {"oft": folder / "oft"}
+
+    def export(self, path: Path, saved: Path, base: StableDiffusion, family: str | None) -> Path:
+        """The OFT folder ``saved`` as LyCORIS weight differences (:func:`fullrange.sd.export.export_lycoris_oft`)."""
+        from .sd.export import export_lycoris_oft
+
+        return export_lycoris_oft(path, saved, base, family=family)
+
+    def load(self, model: StableDiffusion, path: Path, strength: float) -> None:
+        """An OFT folder onto the UNet. ``strength`` scales the skew-symmetric generator Q: 0 is the identity (no
+        change), 1 the trained rotation, in between a rotation along the way."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from .files import read_json
+
+        try:
+            shape = read_json(path / OFT_FILES[0])
+        except ValueError as err:
+            raise ConfigError("adapter", str(err)) from None
+        if not isinstance(shape, dict) or not {"block_size", "coft"} <= set(shape):
+            raise ConfigError("adapter", f"{path / OFT_FILES[0]}: needs block_size and coft")
+        weights = load_file(path / OFT_FILES[1])
+        add_oft(model.unet, block_size=shape["block_size"], coft=shape["coft"])
+        set_peft_model_state_dict(model.unet, {k: v * strength for k, v in weights.items()})
+
+    def merge(self, model: StableDiffusion) -> None:
+        merge_adapters(model.unet)
+
+
+ADAPTERS: dict[str, Full | LoRA | OFT] = {"full": Full(), "lora": LoRA(), "oft": OFT()}
+
+
+def kind_of(path: Path | str) -> LoRA | OFT:
+    """Which adapter a saved one at ``path`` is: a LoRA (a ``.safetensors`` file, or a folder with diffusers' LoRA
+    file) or an OFT folder (:data:`OFT_FILES`); a ConfigError naming ``adapter`` otherwise."""
+    path = Path(path)
+    if (path.is_file() and path.suffix == ".safetensors") or (path / LORA_FILE).is_file():
+        return ADAPTERS["lora"]
+    if path.is_dir() and all((path / name).is_file() for name in OFT_FILES):
+        return ADAPTERS["oft"]
+    raise ConfigError(
+        "adapter",
+        f"{path}: neither a LoRA (a .safetensors file, or a folder with {LORA_FILE}) nor an OFT folder "
+        f"({', '.join(OFT_FILES)})",
+    )

@@ -23,7 +23,8 @@ from ._options import (
 )
 
 FORMATS = ("single-file", "diffusers", "kohya", "lycoris")
-ADAPTER_FORMATS = {"kohya": "a LoRA", "lycoris": "an OFT"}
+ADAPTER_FORMATS = {"kohya": "lora", "lycoris": "oft"}
+"""The formats that write an adapter alone, and the adapter each writes (:data:`fullrange.adapters.ADAPTERS`)."""
 ERROR_NAMES = MODEL_FLAGS | {"adapter": "--adapter", "family": "--family"}
 
 
@@ -49,8 +50,9 @@ def command(
 ) -> None:
     """Write what A1111, ComfyUI or diffusers load: a single-file checkpoint (LDM layout) with v_pred / ztsnr markers,
     a diffusers folder, a LoRA in kohya's format or an OFT in LyCORIS', with ss_* / modelspec metadata."""
+    from ..adapters import ADAPTERS
     from ..sd import load_adapter
-    from ..sd.export import export, export_diffusers, export_kohya_lora, export_lycoris_oft
+    from ..sd.export import export, export_diffusers
 
     _check(out, file_format, adapter)
     weights = dtype_of(dtype)
@@ -58,8 +60,7 @@ def command(
     with library_errors(ERROR_NAMES):
         sd_model = load_model(model, sha256, model_config, allow_pickle)
         if file_format in ADAPTER_FORMATS:
-            write = export_kohya_lora if file_format == "kohya" else export_lycoris_oft
-            write(out, adapter, sd_model, family=family)
+            ADAPTERS[ADAPTER_FORMATS[file_format]].export(out, adapter, sd_model, family)
             typer.echo(f"wrote {out}: the adapter {adapter} in {file_format}'s format", err=True)
             return
         if adapter is not None:
@@ -80,7 +81,7 @@ def _check(out: Path, file_format: str, adapter: Path | None) -> None:
     if file_format not in FORMATS:
         fail(f"--format {file_format!r}: choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
     if file_format in ADAPTER_FORMATS and adapter is None:
-        kind = ADAPTER_FORMATS[file_format]
+        kind = {"lora": "a LoRA", "oft": "an OFT"}[ADAPTER_FORMATS[file_format]]
         fail(f"--format {file_format} writes {kind} adapter: give it with --adapter (a folder of fullrange train)")
     if file_format == "diffusers":
         if out.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters import ADAPTERS
 from ..files import write_bytes
 from ..sampling import SamplingSpec
 from .config import FinetuneConfig
@@ -19,7 +20,6 @@ def write_model_card(
     v = spec.prediction == "v_prediction"
     ztsnr = spec.schedule.zero_terminal_snr
     a, t = config.adapter, config.train
-    trained = {"full": "the whole UNet", "lora": f"a LoRA of rank {a.rank}", "oft": f"OFT, block size {a.block_size}"}
     noise = config.noise
     fixes = [
         f"offset noise {noise.offset}" if noise.offset else "",
@@ -31,13 +31,13 @@ def write_model_card(
     files = "\n".join(
         f"- `{Path(p).relative_to(out) if Path(p).is_relative_to(out) else p}`: {kind}" for kind, p in outputs.items()
     )
-    adapter = outputs.get("lora") or outputs.get("oft")
+    adapter = outputs.get(a.kind)
     pipeline = "StableDiffusionXLPipeline" if base.is_xl else "StableDiffusionPipeline"
     lines = [
         f"# {out.resolve().name}",
         "",
         f"Fine-tuned with fullrange from `{base.source}` ({'SDXL' if base.is_xl else 'Stable Diffusion'}): "
-        f"{trained[a.kind]}{' and the text encoders' if a.text_encoder else ''}, {t.steps} steps at "
+        f"{ADAPTERS[a.kind].describe(a)}{' and the text encoders' if a.text_encoder else ''}, {t.steps} steps at "
         f"{config.data.resolution} px, batch {t.batch_size}×{t.grad_accum}, {t.optimizer} at {t.lr:g} "
         f"({t.lr_schedule} after {t.warmup_steps} warm-up steps), seed {t.seed}.",
         "",

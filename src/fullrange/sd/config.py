@@ -126,7 +126,7 @@ class AdapterConfig:
     text_encoder: bool = setting(False, "Train a LoRA on the text encoder(s) too (with `adapter.kind` lora).")
 
     def __post_init__(self) -> None:
-        check_choice("kind", self.kind, ADAPTERS)
+        check_choice("kind", self.kind, tuple(ADAPTERS))
         check_range("rank", self.rank, 0, open_low=True)
         check_range("block_size", self.block_size, 0, open_low=True)
         if self.text_encoder and self.kind != "lora":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import merge_adapters
+from ..adapters import merge_adapters, merged_differences
 from ..config import ConfigError
 from ..files import save_safetensors, share_like_new_files
 from .ldm import text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
@@ -120,8 +120,6 @@ def export_lycoris_oft(path: Path | str, oft: Path | str, model: StableDiffusion
     LyCORIS, A1111 and ComfyUI apply exactly. Not LyCORIS' own OFT: peft rotates the other side of the weight, so
     its rotation would not carry over; the difference is exact. ``model`` is the base; the adapter is merged into
     its UNet in place."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     from .load import adapter_spec, load_adapter
 
     family = _family(model, family)
@@ -129,13 +127,7 @@ def export_lycoris_oft(path: Path | str, oft: Path | str, model: StableDiffusion
     if not (oft / "adapter.json").is_file():
         raise ConfigError("adapter", f"{oft}: not an OFT folder (no adapter.json)")
     load_adapter(model, oft)
-    diffs = {}
-    for name, module in model.unet.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            base = module.get_base_layer()
-            before = base.weight.detach().clone()  # one layer at a time
-            module.merge()
-            diffs[f"lora_unet_{name.replace('.', '_')}.diff"] = (base.weight.detach() - before).cpu().contiguous()
+    diffs = {f"lora_unet_{name.replace('.', '_')}.diff": d for name, d in merged_differences(model.unet).items()}
     meta = _adapter_metadata(adapter_spec(oft, model.spec), model.spec, family, oft.name) | {
         "ss_network_module": "lycoris.kohya",
         "ss_network_args": '{"algo": "full"}',

@@ -17,22 +17,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import adapters, data, schedules
+from .. import data, schedules
+from ..adapters import ADAPTERS
 from ..batches import Batches, with_prior
 from ..config import ConfigError
-from ..files import Busy, fingerprint, lock, overwrites, save_safetensors, sha256, share_like_new_files, write_bytes
+from ..files import Busy, fingerprint, lock, overwrites, sha256, write_bytes
 from ..images import save_new_png, to_uint8
 from ..losses import Recipe
-from ..models import seeded
 from ..sampling import SamplingSpec
-from ..scheduler_config import ddim_scheduler
 from ..train import check_resume, process_state, train
 from .card import write_model_card
-from .config import AdapterConfig, DataConfig, FinetuneConfig, NoiseConfig
-from .export import export_kohya_lora, save_pipeline
+from .config import DataConfig, FinetuneConfig, NoiseConfig
+from .export import save_pipeline
 from .latents import bucket_step, image_batches
 from .load import load_stable_diffusion
-from .model import StableDiffusion, TextConditionedUNet, pipeline_class
+from .model import StableDiffusion, TextConditionedUNet
 from .sample import SampleSettings, generate, save_grid, save_images
 
 
@@ -83,12 +82,11 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
         out / "config.json", json.dumps({"config": asdict(config), "recipe": recipe.describe()}, indent=2).encode()
     )
     batches = training_batches(model, config.data, items, out, progress, log, token_ids=config.adapter.text_encoder)
-    count = attach_adapter(model, config.adapter, config.train.seed)
+    count = ADAPTERS[config.adapter.kind].attach(model, config.adapter, config.train.seed)
     where = " (UNet and text encoders)" if config.adapter.text_encoder else ""
     log(f"{config.adapter.kind}: {count:,} trainable parameters{where}")
     tuned = replace(model, spec=recipe.spec)
-    settings = SampleSettings(steps=25, seed=config.train.seed, resolution=config.data.resolution)
-    on_checkpoint = at_checkpoint(model, tuned, config, settings, out)
+    on_checkpoint = at_checkpoint(model, tuned, config, out)
     result = train(
         TextConditionedUNet(model) if config.adapter.text_encoder else model.unet,
         batches,
@@ -104,14 +102,7 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
         return {}
     if result.ema is not None:
         result.apply_ema()  # into tuned.unet, which is the model trained
-    outputs = save_outputs(tuned, config.adapter, out)
-    if "lora" in outputs:  # one file for A1111 / ComfyUI; the base's spec says whether the LoRA changes it
-        try:
-            outputs["kohya"] = export_kohya_lora(
-                out / "lora_kohya.safetensors", outputs["lora"], model, family=config.output.family
-            )
-        except ConfigError as err:
-            log(f"kohya LoRA file not written: {err} (give [output] family, --family)")
+    outputs = save_outputs(tuned, model, config, out, log)
     outputs["card"] = write_model_card(out / "README.md", config, model, tuned.spec, outputs)
     for kind, path in outputs.items():
         log(f"wrote {kind}: {path}")
@@ -219,48 +210,18 @@ def make_class_images(model: StableDiffusion, config: DataConfig, folder: Path, 
             write_bytes(path.with_suffix(".txt"), config.class_prompt.encode())
 
 
-def attach_adapter(model: StableDiffusion, config: AdapterConfig, seed: int) -> int:
-    """Make the UNet trainable as ``config`` says (LoRA or OFT added in place, or all of it), and with
-    ``config.text_encoder`` a LoRA on each text encoder; the adapters' random init comes from ``seed``, the same in
-    every process and run. Returns the number of trainable parameters."""
-    if config.kind == "full":
-        model.unet.requires_grad_(True)
-        return sum(p.numel() for p in model.unet.parameters())
-    if config.kind == "oft":
-        return adapters.add_oft(model.unet, block_size=config.block_size, coft=config.coft)
-    with seeded(seed):
-        count = adapters.add_lora(model.unet, rank=config.rank)
-        for encoder in text_encoders(model).values() if config.text_encoder else ():
-            count += adapters.add_lora(encoder, rank=config.rank, targets=adapters.TEXT_LORA_TARGETS)
-    return count
-
-
-def text_encoders(model: StableDiffusion) -> dict[str, torch.nn.Module]:
-    """The model's text encoders by diffusers' name for them."""
-    found = {"text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
-    return {name: encoder for name, encoder in found.items() if encoder is not None}
-
-
-def at_checkpoint(
-    base: StableDiffusion, model: StableDiffusion, config: FinetuneConfig, settings: SampleSettings, out: Path
-):
+def at_checkpoint(base: StableDiffusion, model: StableDiffusion, config: FinetuneConfig, out: Path):
     """What runs at each checkpoint, as a callback for :func:`~fullrange.train.train` (which puts the EMA weights,
-    if any, into the model's networks first): the adapter as it is then, in ``OUT/checkpoints/step_N/`` (a LoRA
-    also as a kohya file; a full fine-tune's weights are in the training checkpoint), and the validation prompts
+    if any, into the model's networks first): the adapter as it is then, in ``OUT/checkpoints/step_N/``
+    (:func:`save_adapter`; a full fine-tune's weights are in the training checkpoint), and the validation prompts
     sampled into ``OUT/validation/step_N/``, whose images it returns for the trackers. ``model`` is the model in
     training (sharing ``base``'s networks, with the recipe's spec)."""
     prompts = list(config.validation.prompts)
+    settings = SampleSettings(steps=25, seed=config.train.seed, resolution=config.data.resolution)
 
     def callback(step: int, _trained: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         folder = out / "checkpoints" / f"step_{step:06d}"
-        if config.adapter.kind == "lora":
-            save_lora(model, folder / "lora")
-            with contextlib.suppress(ConfigError):  # a family it cannot tell is said once, at the end
-                export_kohya_lora(
-                    folder / "lora_kohya.safetensors", folder / "lora", model, family=config.output.family
-                )
-        elif config.adapter.kind == "oft":
-            save_oft(model, config.adapter, folder / "oft")
+        save_adapter(model, base, config, folder, log=lambda _: None)  # a family it cannot tell is said at the end
         if not prompts:
             return None
         images = generate(model, prompts, settings)
@@ -271,41 +232,29 @@ def at_checkpoint(
     return callback
 
 
-def save_lora(model: StableDiffusion, folder: Path) -> Path:
-    """The model's LoRA (UNet, and text encoders if they have one) as diffusers saves it, with the scheduler
-    config that says how to sample the result. Files get the permissions new files get (the umask)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    # peft's names (lora_A / lora_B), which diffusers loads as they are. Not its older "lora.down" names:
-    # converted, attention layers get them and ResNet layers keep lora_A, and diffusers' loader, which
-    # tells the format from the first key, then skips the attention ones.
-    layers = {"unet_lora_layers": adapters.adapter_state_dict(model.unet)}
-    for name, encoder in text_encoders(model).items():
-        if any(isinstance(m, BaseTunerLayer) for m in encoder.modules()):
-            layers[f"{name}_lora_layers"] = adapters.adapter_state_dict(encoder)
-    pipeline_class(model).save_lora_weights(folder, **layers, safe_serialization=True)
-    ddim_scheduler(model.spec).save_config(folder)
-    share_like_new_files(folder)
-    return folder
+def save_adapter(model: StableDiffusion, base: StableDiffusion, config: FinetuneConfig, folder: Path, log):
+    """The adapter as it is now (:data:`~fullrange.adapters.ADAPTERS`' ``save``) in ``folder``, and the file other
+    tools load beside it (a LoRA's kohya file, whose metadata says whether it changes ``base``'s sampling); returns
+    the files written by kind. A file whose layout cannot be told is logged and left out."""
+    kind = ADAPTERS[config.adapter.kind]
+    outputs = kind.save(model, config.adapter, folder)
+    if kind.tool_file is not None:
+        key, name = kind.tool_file
+        try:
+            outputs[key] = kind.export(folder / name, outputs[kind.name], base, config.output.family)
+        except ConfigError as err:
+            log(f"{key} file not written: {err} (give [output] family, --family)")
+    return outputs
 
 
-def save_oft(model: StableDiffusion, adapter: AdapterConfig, folder: Path) -> Path:
-    """The UNet's OFT adapter, its shape and the scheduler config."""
-    write_bytes(folder / "adapter.json", json.dumps({"block_size": adapter.block_size, "coft": adapter.coft}).encode())
-    save_safetensors(folder / "adapter_model.safetensors", adapters.adapter_state_dict(model.unet))
-    ddim_scheduler(model.spec).save_config(folder)
-    return folder
-
-
-def save_outputs(model: StableDiffusion, adapter: AdapterConfig, out: Path) -> dict[str, Path]:
-    """What the run leaves for other tools: ``lora/`` (diffusers' LoRA file and scheduler config), ``oft/`` (the
-    adapter, its shape, scheduler config) and ``pipeline/`` (full fine-tunes, and OFT merged in place)."""
-    outputs = {}
-    if adapter.kind == "lora":
-        outputs["lora"] = save_lora(model, out / "lora")
-    elif adapter.kind == "oft":
-        outputs["oft"] = save_oft(model, adapter, out / "oft")
-        adapters.merge_adapters(model.unet)
-    if adapter.kind in ("full", "oft"):
+def save_outputs(
+    model: StableDiffusion, base: StableDiffusion, config: FinetuneConfig, out: Path, log
+) -> dict[str, Path]:
+    """What the run leaves for other tools (:func:`save_adapter` in ``out``), and where the adapter cannot be loaded
+    by them (full, OFT) the model merged, as a diffusers pipeline in ``pipeline/``."""
+    outputs = save_adapter(model, base, config, out, log)
+    kind = ADAPTERS[config.adapter.kind]
+    if kind.pipeline:
+        kind.merge(model)
         outputs["pipeline"] = save_pipeline(model, out / "pipeline")
     return outputs

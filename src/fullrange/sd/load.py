@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import kind_of
 from ..config import ConfigError
 from ..files import read_json
 from ..sampling import SamplingSpec
 from ..scheduler_config import spec_from_config
 from . import single_file
 from .config import ModelConfig
-from .model import StableDiffusion, as_pipeline
+from .model import StableDiffusion
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -196,55 +197,28 @@ def _json(path: Path, field: str):
 def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0) -> StableDiffusion:
     """``model`` with an adapter added at ``strength``: a LoRA folder (diffusers' ``save_lora_weights`` format, UNet
     and text encoders), a LoRA file (``.safetensors`` in diffusers', kohya's or peft's names, as diffusers' loader
-    reads them), or an OFT folder written by ``fullrange train``. How the result must be sampled (prediction type,
-    zero terminal SNR) comes from a scheduler config beside a folder's weights, or from a file's metadata (kohya's
-    ``ss_*``, ``modelspec.*``); at strength 0 the model is the base and keeps the base's spec. An adapter that
-    changes the prediction type or the terminal SNR has no meaning at another strength (it mixes two targets):
-    that is warned about.
+    reads them), or an OFT folder written by ``fullrange train`` (:func:`fullrange.adapters.kind_of`). How the
+    result must be sampled (prediction type, zero terminal SNR) comes from a scheduler config beside a folder's
+    weights, or from a file's metadata (kohya's ``ss_*``, ``modelspec.*``); at strength 0 the model is the base and
+    keeps the base's spec. An adapter that changes the prediction type or the terminal SNR has no meaning at another
+    strength (it mixes two targets): that is warned about.
 
     The networks are shared, not copied: the adapter's layers are added to them in place, so ``model`` itself
     should not be sampled afterwards.
     """
-    from safetensors.torch import load_file
-
-    from ..adapters import load_oft
-
     path = Path(path)
     if not path.exists():
         raise ConfigError("adapter", f"{path}: no such file or directory")
     if not math.isfinite(strength):
         raise ConfigError("adapter_strength", f"must be a finite number, got {strength}")
-    lora_file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
-    if lora_file.is_file() and lora_file.suffix == ".safetensors":
-
-        def attach():
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            pipe = as_pipeline(model)
-            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="fullrange")
-            networks = [model.unet, model.text_encoder, model.text_encoder_2]
-            layers = [m for net in networks if net is not None for m in net.modules() if isinstance(m, BaseTunerLayer)]
-            if not any("fullrange" in layer.lora_A for layer in layers if hasattr(layer, "lora_A")):
-                raise ConfigError("adapter", f"{lora_file}: holds no LoRA weight for this model's layers")
-            pipe.set_adapters(["fullrange"], adapter_weights=[strength])
-
-        _adapter(path, attach)
-    elif path.is_dir() and (path / "adapter.json").is_file() and (path / "adapter_model.safetensors").is_file():
-        shape = _json(path / "adapter.json", "adapter")
-        if not isinstance(shape, dict) or not {"block_size", "coft"} <= set(shape):
-            raise ConfigError("adapter", f"{path / 'adapter.json'}: needs block_size and coft")
-        _adapter(
-            path,
-            lambda: load_oft(
-                model.unet, load_file(path / "adapter_model.safetensors"), shape["block_size"], shape["coft"], strength
-            ),
-        )
-    else:
-        raise ConfigError(
-            "adapter",
-            f"{path}: neither a LoRA (a .safetensors file, or a folder with pytorch_lora_weights.safetensors) nor an "
-            "OFT folder (adapter.json, adapter_model.safetensors)",
-        )
+    kind = kind_of(path)
+    try:
+        kind.load(model, path, strength)
+    except ConfigError:
+        raise
+    except Exception as err:  # shape mismatches, missing keys, damaged files: peft, diffusers, safetensors raise many
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ConfigError("adapter", f"{path}: does not fit this model ({type(err).__name__}: {detail})") from None
     spec = adapter_spec(path, model.spec)
     ztsnr = spec.schedule.zero_terminal_snr
     if strength == 0:
@@ -279,14 +253,3 @@ def adapter_spec(path: Path, base: SamplingSpec) -> SamplingSpec:
         return spec_from_config(_json(config_path, "adapter"))
     except (ValueError, TypeError) as err:
         raise ConfigError("adapter", f"{config_path}: {err}") from None
-
-
-def _adapter(path: Path, attach) -> None:
-    """``attach()``; what peft, diffusers or safetensors raise for an adapter that does not fit, as one line."""
-    try:
-        attach()
-    except ConfigError:
-        raise
-    except Exception as err:  # shape mismatches, missing keys, damaged files: many kinds
-        detail = (str(err).strip().splitlines() or [""])[0][:300]
-        raise ConfigError("adapter", f"{path}: does not fit this model ({type(err).__name__}: {detail})") from None

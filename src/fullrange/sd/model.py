@@ -35,6 +35,12 @@ class StableDiffusion:
         return self
 
     @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by diffusers' name for them (``text_encoder``, SDXL's ``text_encoder_2``)."""
+        found = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: encoder for name, encoder in found.items() if encoder is not None}
+
+    @property
     def is_xl(self) -> bool:
         return self.text_encoder_2 is not None
 
