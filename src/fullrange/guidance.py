@@ -53,8 +53,8 @@ def cfg(
         negative, positive = denoiser(torch.cat([x, x]), t, alpha_cumprod, **both).chunk(2)
         if space == "v":
             negative, positive = to_v(negative, x, alpha_cumprod), to_v(positive, x, alpha_cumprod)
-        out = negative + scale * (positive - negative)
-        if guidance_rescale > 0:
+        out = negative + scale * (positive - negative)  # affine: the same image in eps, v or x0 space
+        if guidance_rescale > 0:  # the std ratio is not affine: it depends on the space (module docstring)
             out = rescale(out, positive, guidance_rescale)
         return from_v(out, x, alpha_cumprod) if space == "v" else out
 

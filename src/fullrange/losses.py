@@ -17,8 +17,8 @@ WEIGHTINGS = ("none", "min_snr")
 
 @dataclass(frozen=True)
 class Recipe:
-    """How training noise, targets and loss weights are made (the seeds' fixes), and how the model it trains is
-    sampled: ``spec`` holds the schedule, the prediction target and the spacing."""
+    """How training noise, targets and loss weights are made (the article's and the paper's fixes), and how the model
+    it trains is sampled: ``spec`` holds the schedule, the prediction target and the spacing."""
 
     name: str
     spec: SamplingSpec = field(default=STABLE_DIFFUSION)
@@ -52,7 +52,8 @@ RECIPES = {
     "pyramid": Recipe("pyramid", noise="pyramid", pyramid_discount=0.8),
     "ztsnr": Recipe("ztsnr", ZERO_TERMINAL_SNR),
 }
-"""Stable Diffusion's recipe (scaled_linear, eps, iid noise, leading steps) and the seeds' three fixes."""
+"""Stable Diffusion's recipe (scaled_linear, eps, iid noise, leading steps) and the three fixes of the article and the
+paper: offset noise, pyramid noise, zero terminal SNR with v-prediction and trailing steps."""
 
 
 def get_recipe(name: str) -> Recipe:
@@ -80,7 +81,7 @@ def min_snr_weight(snr: torch.Tensor, prediction: str, gamma: float = 5.0, floor
     snr = snr.to(torch.float64)
     clipped = snr.clamp(max=gamma)
     if prediction == "epsilon":
-        weight = (gamma / snr).clamp(max=1.0)
+        weight = (gamma / snr).clamp(max=1.0)  # γ / 0 = inf at SNR = 0 clamps to 1, the limit
     elif prediction == "v_prediction":
         weight = clipped / (snr + 1)
     else:
@@ -131,7 +132,7 @@ def batch_loss(
     cond = map_cond(lambda v: v[shard].to(device), cond)
     ac = schedule.alphas_cumprod[t].to(device)
     x_t = prediction.add_noise(x0, eps_in, ac)
-    target = prediction.training_target(target_kind, x0, eps, ac)
+    target = prediction.training_target(target_kind, x0, eps, ac)  # the unperturbed eps: perturbation moves only x_t
     output = model(x_t, t.to(device), **cond)
     per_sample = per_sample_mse(getattr(output, "sample", output), target)
     if recipe.weighting == "min_snr":

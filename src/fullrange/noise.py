@@ -30,6 +30,8 @@ def offset(
 ) -> torch.Tensor:
     """Offset noise (Guttenberg 2023): ``randn(shape) + strength · randn(B, C, 1, 1)``; variance ``1 + strength²``."""
     eps = gaussian(shape, generator, device, dtype)
+    # One draw per sample and channel: a shift of the channel's mean, which iid noise of N values only makes at
+    # std 1/sqrt(N), so the model learns to move the mean where it would otherwise read it from the noise.
     per_channel = gaussian((*shape[:2], *(1,) * (len(shape) - 2)), generator, device, dtype)
     return eps + strength * per_channel
 

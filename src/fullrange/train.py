@@ -136,7 +136,6 @@ class TrainResult:
     model: torch.nn.Module
     ema: dict[str, torch.Tensor] | None
     losses: list[float] = field(default_factory=list)
-    step: int = 0
 
     def apply_ema(self) -> torch.nn.Module:
         """Put the EMA weights into the model, in place (no copy); returns the model."""
@@ -396,7 +395,8 @@ def train(
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
             if state.ema is not None:
-                # Decay warmed up so early averages are not dominated by the random init.
+                # TensorFlow's warm-up of the decay, (1 + n) / (10 + n): 0.1 at the first step, so the average follows
+                # the early weights instead of keeping the random init for ~1 / (1 - decay) steps.
                 decay = min(config.ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(state.ema.values()), [p.detach() for p in params], 1 - decay)
             state.losses.append(loss.item())
@@ -405,12 +405,13 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
     bar.close()
+    # The final checkpoint: not again for a run resumed from a checkpoint already at the last step (it is that one).
     if start < config.steps or not ckpt_path.exists():
         checkpoint(config.steps)
     trained = accelerator.unwrap_model(model)
     accelerator.end_training()  # closes the trackers' files
     accelerator.free_memory()  # drops accelerate's references to the optimizer and its state
-    return TrainResult(trained, state.ema, state.losses, config.steps)
+    return TrainResult(trained, state.ema, state.losses)
 
 
 def _scalar(value) -> bool:

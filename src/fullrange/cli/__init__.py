@@ -25,13 +25,13 @@ from . import eval, export, inspect, reproduce, sample, schedule, tone_stats, tr
 from ._errors import DEBUG_ENV, OneLineErrors
 
 COMMANDS = {
-    "schedule": schedule.command,
-    "reproduce": reproduce.command,
-    "train": train.command,
-    "sample": sample.command,
-    "tone-stats": tone_stats.command,
-    "inspect": inspect.command,
-    "export": export.command,
+    "schedule": schedule.schedule_command,
+    "reproduce": reproduce.reproduce_command,
+    "train": train.train_command,
+    "sample": sample.sample_command,
+    "tone-stats": tone_stats.tone_stats_command,
+    "inspect": inspect.inspect_command,
+    "export": export.export_command,
 }
 
 app = typer.Typer(

@@ -29,7 +29,7 @@ SETTINGS = ("sampler", "steps", "guidance", "guidance_rescale", "seed", "resolut
 ERROR_NAMES = MODEL_FLAGS | field_flags(SampleSettings) | {"num_images": "--num-images"}
 
 
-def brightness(
+def brightness_command(
     model: Model,
     out: Annotated[Path, typer.Option(help="Output folder: brightness.json, brightness.png, images per prompt.")],
     adapter: Adapter = None,
@@ -88,4 +88,4 @@ def _variants(settings: SampleSettings, with_tone: bool) -> dict[str, SampleSett
     return {"": plain, " + " + ", ".join(f"{k.replace('_', ' ')} {Path(v).name}" for k, v in given.items()): settings}
 
 
-app.command("brightness")(with_fields(brightness, SampleSettings, only=SETTINGS))
+app.command("brightness")(with_fields(brightness_command, SampleSettings, only=SETTINGS))

@@ -28,7 +28,7 @@ ADAPTER_FORMATS = {"kohya": "lora", "lycoris": "oft"}
 ERROR_NAMES = MODEL_FLAGS | {"adapter": "--adapter", "family": "--family"}
 
 
-def command(
+def export_command(
     model: Model,
     out: Annotated[Path, typer.Option(help="The .safetensors file to write (a new folder with --format diffusers).")],
     adapter: Adapter = None,

@@ -11,7 +11,7 @@ from ._errors import fail, library_errors
 from ._options import MODEL_FLAGS, Adapter, AllowPickle, ModelConfigDir, Sha256
 
 
-def command(
+def inspect_command(
     model: Annotated[str, typer.Argument(help="Diffusers folder or single .safetensors file.")],
     adapter: Adapter = None,
     probe: Annotated[bool, typer.Option("--probe", help="Run the probe even when the markers agree.")] = False,
@@ -30,10 +30,10 @@ def command(
     with library_errors(MODEL_FLAGS | {"model.path": "MODEL", "adapter": "--adapter"}):
         config = ModelConfig(model, sha256, model_config, allow_pickle)
         found = inspect(config, None if adapter is None else str(adapter), always_probe=probe)
-    typer.echo(found.to_json() if as_json else "\n".join(describe(found, model)))
+    typer.echo(found.to_json() if as_json else "\n".join(_lines(found, model)))
 
 
-def describe(found, model: str) -> list[str]:
+def _lines(found, model: str) -> list[str]:
     """The lines ``inspect`` prints for an :class:`~fullrange.sd.inspection.Inspection` of ``model``."""
     lines = [f"family: {found.family}", "markers:"]
     for m in found.found or ():

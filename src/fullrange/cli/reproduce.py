@@ -13,7 +13,7 @@ from ._options import Progress
 QUICK_RUNTIME = "6 min 24 s"  # the quick preset, measured; the README states the same (a test)
 
 
-def command(
+def reproduce_command(
     out: Annotated[Path, typer.Option(help="Output folder: results, plots, report.md/html.")] = Path(
         "fullrange-report"
     ),

@@ -49,7 +49,7 @@ def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[st
     return prompts
 
 
-def command(
+def sample_command(
     model: Model,
     out: Annotated[
         Path, typer.Option(help="Output folder for the PNGs (SEED-PROMPT.png) and a grid; nothing is overwritten.")
@@ -126,4 +126,4 @@ def command(
     typer.echo(f"wrote {len(paths)} images ({paths[0].name} …) and {grid}", err=True)
 
 
-command = with_fields(command, SampleSettings)
+sample_command = with_fields(sample_command, SampleSettings)

@@ -26,7 +26,7 @@ def parse_resolution(text: str) -> tuple[int, ...]:
     return sides
 
 
-def command(
+def schedule_command(
     name: Annotated[str, typer.Option("--schedule", help="linear, scaled_linear or cosine.")] = "scaled_linear",
     zero_terminal_snr: Annotated[bool, typer.Option(help="Rescale to zero terminal SNR (Lin et al. Alg. 1).")] = False,
     num_train_timesteps: Annotated[int, typer.Option("--train-timesteps", help="T, the training timesteps.")] = 1000,

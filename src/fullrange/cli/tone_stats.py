@@ -13,7 +13,7 @@ from ._errors import fail, library_errors, refuse_overwrite
 from ._options import MODEL_FLAGS, AllowPickle, Model, ModelConfigDir, Progress, Sha256, load_model, tables, with_fields
 
 
-def command(
+def tone_stats_command(
     model: Model,
     data: Annotated[Path, typer.Option(help="A folder of images (captions are not needed).")],
     out: Annotated[Path, typer.Option(help="The .safetensors file to write, for sample --tone-stats.")],
@@ -48,4 +48,4 @@ def command(
     )
 
 
-command = with_fields(command, SampleSettings, only=("resolution",))
+tone_stats_command = with_fields(tone_stats_command, SampleSettings, only=("resolution",))

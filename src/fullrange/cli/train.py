@@ -52,7 +52,7 @@ def train_tables(config_file: Path | None, given: dict) -> dict:
     return merge(merge(nested, _nest(flat, f"--config {config_file}")), given)
 
 
-def command(
+def train_command(
     config: Annotated[
         Path | None,
         typer.Option(
@@ -86,4 +86,4 @@ def command(
             raise typer.Exit(INTERRUPTED) from None
 
 
-command = with_fields(command, FinetuneConfig)
+train_command = with_fields(train_command, FinetuneConfig)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-VERDICTS = ("reproduced", "partly", "not reproduced")
-
 
 def spread_distance(spread_ratio: float) -> float:
     """How far a brightness spread ratio (samples / data) is from the data's own, 1.0."""

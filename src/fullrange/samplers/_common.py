@@ -93,7 +93,7 @@ class Stepper:
         raise NotImplementedError
 
 
-def run(
+def solve(
     stepper: Stepper,
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -151,4 +151,4 @@ class Sampler:
         **knobs,
     ) -> torch.Tensor:
         stepper = self.make(prepare(schedule, steps), **knobs)
-        return run(stepper, denoiser, x, cond or {}, generator, callback, hook)
+        return solve(stepper, denoiser, x, cond or {}, generator, callback, hook)
