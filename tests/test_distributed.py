@@ -21,6 +21,15 @@ train.train(model, batches.labelled(images, labels, 5), losses.get_recipe("ztsnr
 """
 
 
+def free_port() -> int:
+    """A TCP port on this machine that the OS says is free (bound to port 0, then released for the launcher)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun comes with torch")
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     script = tmp_path / "run.py"
@@ -28,7 +37,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8"], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29531", str(script), str(tmp_path / "two"), "4"],
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(tmp_path / "two"),
+            "4",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -76,7 +94,7 @@ def test_accelerate_launch_two_cpu_processes_fine_tune_like_one(tmp_path, tiny_s
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29532",
+        str(free_port()),
     ]
     two = subprocess.run(
         [*launch, "-m", "fullrange", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"],

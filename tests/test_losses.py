@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fullrange import losses, schedules
+from fullrange import losses, models, schedules, toy
 
 
 def test_min_snr_weights_match_hang_et_al():
@@ -56,3 +56,20 @@ def test_zero_terminal_snr_recipe_is_lin_et_al():
     assert spec.schedule.zero_terminal_snr and spec.prediction == "v_prediction" and spec.spacing == "trailing"
     rescaled = schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
     torch.testing.assert_close(spec.schedule.alphas_cumprod, rescaled.alphas_cumprod, atol=0, rtol=0)
+
+
+def test_batch_loss_weights_each_sample_and_shards_add_up():
+    """Each process's share (rank of world) is its slice of the same draws; weights scale per-sample losses."""
+    images, labels = toy.synthetic_images(4, size=8, channels=3, seed=0)
+    recipe = losses.get_recipe("baseline")
+    model = models.tiny_unet(8, 3, width=8)
+    cond = {"class_labels": labels[:4]}
+
+    def loss(**kwargs):
+        with torch.no_grad():
+            return losses.batch_loss(model, images[:4], cond, recipe, torch.Generator().manual_seed(3), **kwargs).item()
+
+    per_sample = [loss(rank=r, world=4) for r in range(4)]
+    assert loss() == pytest.approx(sum(per_sample) / 4, rel=1e-5)
+    weighted = loss(weight=torch.tensor([1.0, 0.0, 2.0, 0.0]))
+    assert weighted == pytest.approx((per_sample[0] + 2 * per_sample[2]) / 4, rel=1e-5)

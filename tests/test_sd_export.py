@@ -129,8 +129,8 @@ def _adapter_folder(folder, tmp_path, kind="lora", ztsnr=False):
     """A LoRA (rank 2) or OFT (block 4) folder as ``fullrange train`` writes it, for the tiny model at ``folder``,
     with random non-zero adapter weights; ``ztsnr``: trained as zero-SNR v-prediction on the epsilon base."""
     from fullrange import adapters
+    from fullrange.adapters import AdapterConfig
     from fullrange.sampling import retrained
-    from fullrange.sd.config import AdapterConfig
 
     trained = load_stable_diffusion(folder)
     if kind == "lora":
@@ -171,13 +171,13 @@ def test_kohya_lora_loads_in_diffusers_with_every_weight_and_the_same_images(tin
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
+    from fullrange import adapters
     from fullrange.diffusers import FullrangeScheduler
     from fullrange.sd import load_adapter, load_stable_diffusion
-    from fullrange.sd.export import export_kohya_lora
     from fullrange.sd.sample import SampleSettings, generate
 
     lora = _adapter_folder(tiny_sd, tmp_path, ztsnr=True)
-    out = export_kohya_lora(tmp_path / "kohya.safetensors", lora, load_stable_diffusion(tiny_sd), family="sd1")
+    out = adapters.ADAPTERS["lora"].export(tmp_path / "kohya.safetensors", lora, load_stable_diffusion(tiny_sd), "sd1")
 
     with safe_open(out, "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
@@ -243,10 +243,9 @@ def test_oft_exports_as_lycoris_weight_differences_that_lycoris_applies_exactly(
     gives the UNet that fullrange's merged OFT has (to float32 rounding)."""
     from fullrange import adapters
     from fullrange.sd import load_adapter, load_stable_diffusion
-    from fullrange.sd.export import export_lycoris_oft
 
     oft = _adapter_folder(tiny_sd, tmp_path, "oft")
-    out = export_lycoris_oft(tmp_path / "oft.safetensors", oft, load_stable_diffusion(tiny_sd), family="sd1")
+    out = adapters.ADAPTERS["oft"].export(tmp_path / "oft.safetensors", oft, load_stable_diffusion(tiny_sd), "sd1")
 
     merged = adapters.merge_adapters(load_adapter(load_stable_diffusion(tiny_sd), oft).unet)
     unet = load_stable_diffusion(tiny_sd).unet
@@ -265,10 +264,9 @@ def test_kohya_lora_loads_in_lycoris_with_every_module(tiny_sd, tmp_path):
     fullrange's LoRA merged (alpha = rank, so the scale is 1)."""
     from fullrange import adapters
     from fullrange.sd import load_adapter, load_stable_diffusion
-    from fullrange.sd.export import export_kohya_lora
 
     lora = _adapter_folder(tiny_sd, tmp_path)
-    out = export_kohya_lora(tmp_path / "lora.safetensors", lora, load_stable_diffusion(tiny_sd), family="sd1")
+    out = adapters.ADAPTERS["lora"].export(tmp_path / "lora.safetensors", lora, load_stable_diffusion(tiny_sd), "sd1")
     modules = sum(1 for k in load_file(out) if k.endswith(".lora_down.weight"))
     unet = load_stable_diffusion(tiny_sd).unet
     assert _lycoris_merge(out, unet) == modules
@@ -285,10 +283,9 @@ def test_kohya_lora_on_sdxl_loads_in_diffusers_with_every_weight(tiny_sdxl, tmp_
 
     from fullrange import adapters
     from fullrange.sd import load_adapter, load_stable_diffusion
-    from fullrange.sd.export import export_kohya_lora
 
     lora = _adapter_folder(tiny_sdxl, tmp_path)
-    out = export_kohya_lora(tmp_path / "xl.safetensors", lora, load_stable_diffusion(tiny_sdxl))
+    out = adapters.ADAPTERS["lora"].export(tmp_path / "xl.safetensors", lora, load_stable_diffusion(tiny_sdxl))
     downs = [k for k in load_file(out) if k.endswith(".lora_down.weight")]
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.load_lora_weights(str(out), adapter_name="kohya")

@@ -53,9 +53,15 @@ def _config(workspace, out, **tables):
 PROMPTS = ["solid black", "a bright scene"]
 
 
-def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, diffusers_images):
+@pytest.fixture(scope="module")
+def lora_run(workspace) -> dict:
+    """The outputs of a LoRA fine-tune with zero terminal SNR into ``workspace/lora``, made once for the module."""
     tables = {"adapter": {"kind": "lora"}, "noise": {"zero_terminal_snr": True}, "output": {"family": "sd1"}}
-    outputs = finetune(_config(workspace, "lora", **tables), progress=False, log=lambda _: None)
+    return finetune(_config(workspace, "lora", **tables), progress=False, log=lambda _: None)
+
+
+def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, lora_run, diffusers_images):
+    outputs = lora_run
     # The kohya file beside the LoRA folder holds the same weights, in kohya's names.
     with safe_open(outputs["kohya"], "pt") as f:
         kohya, meta = set(f.keys()), f.metadata()
@@ -344,7 +350,7 @@ def test_validation_images_at_each_checkpoint_with_accumulation(workspace):
     assert image.size == (16, 16) and json.loads(image.text["fullrange"])["prompt"] == "a white background"
 
 
-def test_latents_and_caption_states_are_cached(workspace, tmp_path):
+def test_latents_and_caption_states_are_cached(workspace, lora_run, tmp_path):
     cache = workspace / "lora" / "cache"
     latents = sorted(cache.glob("latent_*.safetensors"))
     texts = sorted(cache.glob("text_*.safetensors"))
@@ -407,11 +413,8 @@ def test_oft_adapter_in_sample_matches_the_merged_pipeline_and_scales(workspace)
     torch.testing.assert_close(generate(off, PROMPTS, settings), base, atol=1e-6, rtol=0)
 
 
-def test_lora_strength_zero_is_the_base_model(workspace):
-    lora_dir = workspace / "lora" / "lora"
-    if not lora_dir.exists():
-        config = _config(workspace, "lora", adapter={"kind": "lora"}, noise={"zero_terminal_snr": True})
-        finetune(config, progress=False, log=lambda _: None)
+def test_lora_strength_zero_is_the_base_model(workspace, lora_run):
+    lora_dir = lora_run["lora"]
     settings = SampleSettings(steps=3, guidance=3.0)
     base = load_stable_diffusion(workspace / "sd")
     off = load_adapter(load_stable_diffusion(workspace / "sd"), lora_dir, strength=0.0)
@@ -425,13 +428,10 @@ def test_lora_strength_zero_is_the_base_model(workspace):
         load_adapter(base, workspace / "data")
 
 
-def test_inspect_names_an_adapter_that_changes_the_prediction_type(workspace):
+def test_inspect_names_an_adapter_that_changes_the_prediction_type(workspace, lora_run):
     from fullrange.sd.inspection import inspect
 
-    lora_dir = workspace / "lora" / "lora"
-    if not lora_dir.exists():
-        config = _config(workspace, "lora", adapter={"kind": "lora"}, noise={"zero_terminal_snr": True})
-        finetune(config, progress=False, log=lambda _: None)
+    lora_dir = lora_run["lora"]
     found = inspect(str(workspace / "sd"), str(lora_dir))
     assert (found.prediction, found.zero_terminal_snr, found.how["prediction"]) == ("v_prediction", True, "markers")
     assert [m.convention for m in found.found] == ["diffusers", "diffusers", "diffusers", "diffusers"]
@@ -468,7 +468,7 @@ def test_config_file_values_are_type_checked(workspace, tmp_path):
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float) and config.noise.offset == 0.1
 
 
-def test_export_merges_a_lora_and_marks_its_sampling(workspace, tmp_path):
+def test_export_merges_a_lora_and_marks_its_sampling(workspace, lora_run, tmp_path):
     """`fullrange export --adapter` writes one file whose UNet is the LoRA merged in, with v_pred / ztsnr keys
     from the adapter's scheduler config; it reloads as a v-prediction, zero-terminal-SNR model."""
     from fullrange.sd import markers, single_file

@@ -25,6 +25,16 @@ def test_core_imports_only_torch():
             assert f"import {banned}" not in text and f"from {banned}" not in text, (path.name, banned)
 
 
+def test_matplotlib_and_peft_each_have_one_home():
+    """matplotlib is imported only by fullrange.plots, peft only by fullrange.adapters."""
+    homes = {"matplotlib": "plots.py", "peft": "adapters.py"}
+    for path in (ROOT / "src" / "fullrange").rglob("*.py"):
+        text = path.read_text()
+        for library, home in homes.items():
+            if f"import {library}" in text or f"from {library}" in text:
+                assert path.relative_to(ROOT / "src" / "fullrange").as_posix() == home, (path.name, library)
+
+
 def _imports(path, package):
     """The fullrange modules a module imports (relative imports resolved), at any depth of the file."""
     import ast

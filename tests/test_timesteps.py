@@ -133,3 +133,21 @@ def test_latent_size_leaves_schedules_without_zero_terminal_snr_alone():
     torch.testing.assert_close(timesteps.ladder(sd, 10, num_values=16384), timesteps.ladder(sd, 10))
     with pytest.raises(ValueError, match="num_values must be positive"):
         timesteps.resolution_sigma_max(0)
+
+
+def test_describe_plan_is_the_plan_with_its_snr_and_mean_leak():
+    """Each row is the plan's step with ᾱ from the schedule, SNR = ᾱ/(1-ᾱ), σ = SNR^-1/2 (None at SNR = 0) and
+    the mean leak √(SNR·N)."""
+    import math
+
+    sd, z = schedules.scaled_linear(), schedules.rescale_zero_terminal_snr(schedules.scaled_linear())
+    rows = timesteps.describe_plan(sd, 10, "leading", 1, 4 * 64 * 64)
+    assert [r["t"] for r in rows] == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    ac = float(sd.alphas_cumprod[901])
+    assert rows[0]["alphas_cumprod"] == pytest.approx(ac, rel=1e-12)
+    assert rows[0]["snr"] == pytest.approx(ac / (1 - ac), rel=1e-12)
+    assert rows[0]["sigma"] == pytest.approx(math.sqrt((1 - ac) / ac), rel=1e-12)
+    assert rows[0]["mean_leak"] == pytest.approx(math.sqrt(ac / (1 - ac) * 4 * 64 * 64), rel=1e-12)
+    top = timesteps.describe_plan(z, 12, "karras", num_values=4 * 64 * 64)
+    assert top[0]["t"] == 999 and top[0]["sigma"] is None and top[0]["mean_leak"] == 0.0
+    assert top[1]["sigma"] == pytest.approx(timesteps.resolution_sigma_max(4 * 64 * 64), rel=1e-6)

@@ -11,15 +11,16 @@ unmerged adapter. fullrange refuses such targets.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, check_choice, check_range, setting
 
 if TYPE_CHECKING:
-    from .sd.config import AdapterConfig
+    from .sampling import SamplingSpec
     from .sd.model import StableDiffusion
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -28,6 +29,25 @@ TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attenti
 OFT_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "conv_shortcut")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name in a LoRA folder
 OFT_FILES = ("adapter.json", "adapter_model.safetensors")  # an OFT folder: its shape and its weights
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """``[adapter]``: what is trained: the whole UNet (``full``), LoRA of ``rank``, or OFT of ``block_size``
+    (``coft``: constrained); ``text_encoder``: LoRA of the same rank on the text encoder(s) too."""
+
+    kind: str = setting("lora", "full, lora or oft.")
+    rank: int = setting(4, "LoRA rank.")
+    block_size: int = setting(4, "OFT block size.")
+    coft: bool = setting(False, "Constrained OFT: ||R - I|| <= eps.")
+    text_encoder: bool = setting(False, "Train a LoRA on the text encoder(s) too (with `adapter.kind` lora).")
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, tuple(ADAPTERS))
+        check_range("rank", self.rank, 0, open_low=True)
+        check_range("block_size", self.block_size, 0, open_low=True)
+        if self.text_encoder and self.kind != "lora":
+            raise ConfigError("text_encoder", f"is a LoRA on the text encoders: it needs kind lora, not {self.kind}")
 
 
 def _matching(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
@@ -218,11 +238,39 @@ class LoRA:
         share_like_new_files(folder / "lora")
         return {"lora": folder / "lora"}
 
-    def export(self, path: Path, saved: Path, base: StableDiffusion, family: str | None) -> Path:
-        """The LoRA folder ``saved`` as one kohya-format file (:func:`fullrange.sd.export.export_kohya_lora`)."""
-        from .sd.export import export_kohya_lora
+    def export(self, path: Path, saved: Path, base: StableDiffusion, family: str | None = None) -> Path:
+        """The LoRA folder ``saved`` (diffusers' format) as one kohya-format ``.safetensors`` file, atomically:
+        ``lora_unet_…`` names (``lora_te_…``, SDXL's ``lora_te1_…`` / ``lora_te2_…``, for text encoders) with
+        ``.lora_down`` / ``.lora_up`` / ``.alpha``, and kohya's ``ss_*`` and ``modelspec.*`` metadata, so A1111,
+        ComfyUI and diffusers' kohya loader take it. ``base`` is the model it was trained on; the spec the folder
+        records (prediction type, zero terminal SNR) goes into the metadata. ``.alpha`` is the trained alpha: the
+        one in the file's metadata if it has one, else the rank, which is what ``fullrange train`` uses."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_kohya
 
-        return export_kohya_lora(path, saved, base, family=family)
+        from .files import save_safetensors
+        from .sd.markers import adapter_metadata
+
+        family = base.layout(family)
+        saved = Path(saved)
+        if not (saved / LORA_FILE).is_file():
+            raise ConfigError("adapter", f"{saved}: not a LoRA folder (no {LORA_FILE})")
+        state, _, metadata = StableDiffusionPipeline.lora_state_dict(saved, return_lora_metadata=True)
+        alpha = (metadata or {}).get("lora_alpha")
+        kohya = convert_state_dict_to_kohya(state)
+        if family != "sdxl":  # kohya names SD 1.x / 2.x's one text encoder lora_te_, SDXL's two lora_te1_ / lora_te2_
+            kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+        for key in [k for k in kohya if k.endswith(".alpha")]:
+            rank = kohya[key.removesuffix(".alpha") + ".lora_down.weight"].shape[0]
+            kohya[key] = torch.tensor(float(alpha if alpha is not None else rank))
+        rank = max(int(v.shape[0]) for k, v in kohya.items() if k.endswith(".lora_down.weight"))
+        meta = adapter_metadata(adapter_spec(saved, base.spec), base.spec, family, saved.name) | {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(alpha if alpha is not None else rank),
+        }
+        save_safetensors(path, {k: t.detach().to("cpu").contiguous() for k, t in kohya.items()}, meta)
+        return Path(path)
 
     def load(self, model: StableDiffusion, path: Path, strength: float) -> None:
         """A LoRA folder or file (diffusers', kohya's or peft's names, as diffusers' loader reads them) onto the UNet
@@ -272,11 +320,27 @@ class OFT:
         ddim_scheduler(model.spec).save_config(folder / "oft")
         return {"oft": folder / "oft"}
 
-    def export(self, path: Path, saved: Path, base: StableDiffusion, family: str | None) -> Path:
-        """The OFT folder ``saved`` as LyCORIS weight differences (:func:`fullrange.sd.export.export_lycoris_oft`)."""
-        from .sd.export import export_lycoris_oft
+    def export(self, path: Path, saved: Path, base: StableDiffusion, family: str | None = None) -> Path:
+        """The OFT folder ``saved`` as one LyCORIS-format ``.safetensors`` file of weight differences (LyCORIS' "full"
+        algorithm: ``lora_unet_<module>.diff`` = the merged weight − the base's), which LyCORIS, A1111 and ComfyUI
+        apply exactly. Not LyCORIS' own OFT: peft rotates the other side of the weight, so its rotation would not
+        carry over; the difference is exact. ``base`` is the model it was trained on; the adapter is merged into
+        its UNet in place."""
+        from .files import save_safetensors
+        from .sd.markers import adapter_metadata
 
-        return export_lycoris_oft(path, saved, base, family=family)
+        family = base.layout(family)
+        saved = Path(saved)
+        if not (saved / OFT_FILES[0]).is_file():
+            raise ConfigError("adapter", f"{saved}: not an OFT folder (no {OFT_FILES[0]})")
+        self.load(base, saved, 1.0)
+        diffs = {f"lora_unet_{name.replace('.', '_')}.diff": d for name, d in merged_differences(base.unet).items()}
+        meta = adapter_metadata(adapter_spec(saved, base.spec), base.spec, family, saved.name) | {
+            "ss_network_module": "lycoris.kohya",
+            "ss_network_args": '{"algo": "full"}',
+        }
+        save_safetensors(path, diffs, meta)
+        return Path(path)
 
     def load(self, model: StableDiffusion, path: Path, strength: float) -> None:
         """An OFT folder onto the UNet. ``strength`` scales the skew-symmetric generator Q: 0 is the identity (no
@@ -301,6 +365,36 @@ class OFT:
 
 
 ADAPTERS: dict[str, Full | LoRA | OFT] = {"full": Full(), "lora": LoRA(), "oft": OFT()}
+
+
+def adapter_spec(path: Path, base: SamplingSpec) -> SamplingSpec:
+    """How a model with the adapter at ``path`` must be sampled: the spec a folder's scheduler config records, or
+    what a file's metadata says (prediction type, zero terminal SNR) applied to ``base``; ``base`` when neither
+    says anything. Errors name ``adapter``."""
+    from .files import read_json
+    from .sampling import retrained
+    from .scheduler_config import spec_from_config
+    from .sd.markers import decide, from_header
+    from .sd.single_file import read_header
+
+    path = Path(path)
+    if path.is_file():
+        decision = decide(from_header(read_header(path), str(path)))
+        try:
+            return retrained(base, decision.prediction, decision.zero_terminal_snr)
+        except ValueError as err:
+            raise ConfigError("adapter", f"{path}: {err}") from None
+    config_path = path / "scheduler_config.json"
+    if not config_path.is_file():
+        return base
+    try:
+        config = read_json(config_path)
+    except ValueError as err:
+        raise ConfigError("adapter", str(err)) from None
+    try:
+        return spec_from_config(config)
+    except (ValueError, TypeError) as err:
+        raise ConfigError("adapter", f"{config_path}: {err}") from None
 
 
 def kind_of(path: Path | str) -> LoRA | OFT:

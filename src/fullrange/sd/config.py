@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapters import ADAPTERS
+from ..adapters import AdapterConfig
 from ..config import ConfigError, check_choice, check_finite, check_range, from_dict, setting
 from ..prediction import PREDICTIONS
 from ..train import TrainConfig
@@ -112,25 +112,6 @@ class NoiseConfig:
                 "epsilon with zero terminal SNR: at SNR = 0 eps says nothing about x0; use v_prediction "
                 "(Lin et al. §3.2)",
             )
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """``[adapter]``: what is trained: the whole UNet (``full``), LoRA of ``rank``, or OFT of ``block_size``
-    (``coft``: constrained); ``text_encoder``: LoRA of the same rank on the text encoder(s) too."""
-
-    kind: str = setting("lora", "full, lora or oft.")
-    rank: int = setting(4, "LoRA rank.")
-    block_size: int = setting(4, "OFT block size.")
-    coft: bool = setting(False, "Constrained OFT: ||R - I|| <= eps.")
-    text_encoder: bool = setting(False, "Train a LoRA on the text encoder(s) too (with `adapter.kind` lora).")
-
-    def __post_init__(self) -> None:
-        check_choice("kind", self.kind, tuple(ADAPTERS))
-        check_range("rank", self.rank, 0, open_low=True)
-        check_range("block_size", self.block_size, 0, open_low=True)
-        if self.text_encoder and self.kind != "lora":
-            raise ConfigError("text_encoder", f"is a LoRA on the text encoders: it needs kind lora, not {self.kind}")
 
 
 @dataclass(frozen=True)

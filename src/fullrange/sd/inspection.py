@@ -20,7 +20,6 @@ from ..sampling import retrained
 from ..scheduler_config import config_from_spec
 from . import markers, single_file
 from .config import ModelConfig
-from .export import default_family
 from .load import load_adapter, load_stable_diffusion
 from .model import StableDiffusion
 
@@ -174,6 +173,6 @@ def _family(path: str, model: StableDiffusion) -> str:
     if Path(path).is_file() and Path(path).suffix == ".safetensors":
         return single_file.family(single_file.read_header(path), path)
     try:
-        return default_family(model)
+        return model.family
     except ValueError:
         return f"unknown (UNet cross-attention width {model.unet.config.cross_attention_dim})"

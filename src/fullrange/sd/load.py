@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import kind_of
+from ..adapters import adapter_spec, kind_of
 from ..config import ConfigError
 from ..files import read_json
-from ..sampling import SamplingSpec
 from ..scheduler_config import spec_from_config
 from . import single_file
 from .config import ModelConfig
@@ -231,25 +230,3 @@ def load_adapter(model: StableDiffusion, path: Path | str, strength: float = 1.0
             stacklevel=2,
         )
     return replace(model, spec=spec)
-
-
-def adapter_spec(path: Path, base: SamplingSpec) -> SamplingSpec:
-    """How a model with the adapter at ``path`` must be sampled: the spec a folder's scheduler config records, or
-    what a file's metadata says (prediction type, zero terminal SNR) applied to ``base``; ``base`` when neither
-    says anything."""
-    from ..sampling import retrained
-    from . import markers
-
-    if path.is_file():
-        decision = markers.decide(markers.from_header(single_file.read_header(path), str(path)))
-        try:
-            return retrained(base, decision.prediction, decision.zero_terminal_snr)
-        except ValueError as err:
-            raise ConfigError("adapter", f"{path}: {err}") from None
-    config_path = path / "scheduler_config.json"
-    if not config_path.is_file():
-        return base
-    try:
-        return spec_from_config(_json(config_path, "adapter"))
-    except (ValueError, TypeError) as err:
-        raise ConfigError("adapter", f"{config_path}: {err}") from None

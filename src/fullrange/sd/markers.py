@@ -95,3 +95,36 @@ def decide(markers: list[Marker]) -> Decision:
             claims = "; ".join(f"{m.convention} {m.key} = {m.value} ({Path(m.source).name})" for m in said)
             conflicts.append(f"{field.replace('_', ' ')}: {claims}")
     return Decision(chosen["prediction"], chosen["zero_terminal_snr"], tuple(conflicts))
+
+
+KOHYA_BASE_MODEL = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
+
+
+def adapter_metadata(spec, base, family: str, title: str) -> dict[str, str]:
+    """kohya's ``ss_*`` and ``modelspec.*`` keys for an adapter trained as ``spec`` on a ``base`` (sampling specs) of
+    ``family``, and a description when the adapter changes the base's prediction type or terminal SNR."""
+    v = spec.prediction == "v_prediction"
+    ztsnr = spec.schedule.zero_terminal_snr
+    meta = {
+        "ss_base_model_version": KOHYA_BASE_MODEL[family],
+        "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(v),
+        "ss_zero_terminal_snr": str(ztsnr),  # fullrange's; kohya has no key for it
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.prediction_type": "v" if v else "epsilon",
+    }
+    if spec.prediction != base.prediction or ztsnr != base.schedule.zero_terminal_snr:
+        meta["modelspec.description"] = (
+            f"Trained as {spec.prediction}{' with zero terminal SNR' if ztsnr else ''} on a {base.prediction} "
+            "base: sample it at strength 1 with those settings; a lower strength or another adapter on top mixes "
+            "two prediction types and has no meaning."
+        )
+    return meta

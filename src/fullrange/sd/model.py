@@ -8,8 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..sampling import SamplingSpec
 from ..scheduler_config import ddim_scheduler
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+"""The layouts of the files other tools load: SD 1.x, SD 2.x, SDXL."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,30 @@ class StableDiffusion:
     @property
     def is_xl(self) -> bool:
         return self.text_encoder_2 is not None
+
+    @property
+    def family(self) -> str:
+        """``sdxl`` for SDXL, else ``sd1`` or ``sd2`` from the UNet's cross-attention width (768: CLIP ViT-L, 1024:
+        OpenCLIP ViT-H); a ConfigError naming ``family`` where the width is neither."""
+        if self.is_xl:
+            return "sdxl"
+        names = {768: "sd1", 1024: "sd2"}
+        width = self.unet.config.cross_attention_dim
+        if width not in names:
+            raise ConfigError(
+                "family",
+                f"is needed: cross_attention_dim {width} is neither SD 1.x's 768 nor SD 2.x's 1024; give sd1 or sd2",
+            )
+        return names[width]
+
+    def layout(self, family: str | None) -> str:
+        """The layout of files written for other tools: ``family`` if given (checked), else :attr:`family`."""
+        family = family or self.family
+        if family not in FAMILIES:
+            raise ConfigError("family", f"{family!r} is not one of {', '.join(FAMILIES)}")
+        if (family == "sdxl") != self.is_xl:
+            raise ConfigError("family", f"{family}: the model is {'' if self.is_xl else 'not '}SDXL")
+        return family
 
     @property
     def vae_scale_factor(self) -> int:
