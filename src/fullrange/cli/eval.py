@@ -29,12 +29,17 @@ SETTINGS = ("sampler", "steps", "guidance", "guidance_rescale", "seed", "resolut
 ERROR_NAMES = MODEL_FLAGS | field_flags(SampleSettings) | {"num_images": "--num-images"}
 
 
+Out = Annotated[Path, typer.Option(help="Output folder: brightness.json, brightness.png, images per prompt.")]
+Against = Annotated[str | None, typer.Option(help="A second model to compare, side by side.")]
+NumImages = Annotated[int, typer.Option(help="Images per prompt.")]
+
+
 def brightness_command(
     model: Model,
-    out: Annotated[Path, typer.Option(help="Output folder: brightness.json, brightness.png, images per prompt.")],
+    out: Out,
     adapter: Adapter = None,
-    against: Annotated[str | None, typer.Option(help="A second model to compare, side by side.")] = None,
-    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 4,
+    against: Against = None,
+    num_images: NumImages = 4,
     sha256: Sha256 = None,
     model_config: ModelConfigDir = None,
     allow_pickle: AllowPickle = False,
@@ -43,8 +48,7 @@ def brightness_command(
     """Generate the offset-noise article's dark and bright prompts and report the brightness range reached; with a
     tone, --model is sampled with and without it, on the same prompts and seeds. --model-config, --allow-pickle also
     apply to --against."""
-    from ..sd import load_adapter
-    from ..sd.eval import evaluate, summarize, write
+    from ..sd.eval import summarize, write
 
     if num_images <= 0:
         fail(f"--num-images must be positive, got {num_images}")
@@ -57,14 +61,9 @@ def brightness_command(
     for name, (path, checksum, lora) in models.items():
         with library_errors(ERROR_NAMES | ({"model.path": "--against"} if name == "against" else {})):
             sd_model = load_model(path, checksum, model_config, allow_pickle)
-            if lora is not None:
-                sd_model = load_adapter(sd_model, lora)
             label = Path(path).name + (f" + {lora.name}" if lora else "")
             label = label if label not in results else f"{label} ({name})"
-            for suffix, variant in _variants(settings, with_tone=name == "model").items():
-                with warnings_as_lines():
-                    folder = out / (name + ("_tone" if suffix else ""))
-                    results[label + suffix] = evaluate(sd_model, variant, folder, num_images)
+            results |= _evaluate(sd_model, lora, settings, name, label, out, num_images)
     try:
         report = write(results, out)
     except OSError as err:
@@ -76,6 +75,21 @@ def brightness_command(
             f"{summary['brightest_bright_prompt']:.3f}, range {summary['range']:.3f}"
         )
     typer.echo(f"wrote {report} and {out / 'brightness.png'}", err=True)
+
+
+def _evaluate(model, adapter: Path | None, settings: SampleSettings, name: str, label: str, out: Path, n: int) -> dict:
+    """The results of ``model`` (with ``adapter``) by label: with ``settings`` as they are, and for ``--model`` also
+    with its tone (:func:`_variants`); images under ``OUT/NAME`` and ``OUT/NAME_tone``."""
+    from ..sd import load_adapter
+    from ..sd.eval import evaluate
+
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    results = {}
+    for suffix, variant in _variants(settings, with_tone=name == "model").items():
+        with warnings_as_lines():
+            results[label + suffix] = evaluate(model, variant, out / (name + ("_tone" if suffix else "")), n)
+    return results
 
 
 def _variants(settings: SampleSettings, with_tone: bool) -> dict[str, SampleSettings]:

@@ -28,22 +28,26 @@ ADAPTER_FORMATS = {"kohya": "lora", "lycoris": "oft"}
 ERROR_NAMES = MODEL_FLAGS | {"adapter": "--adapter", "family": "--family"}
 
 
+Out = Annotated[Path, typer.Option(help="The .safetensors file to write (a new folder with --format diffusers).")]
+Format = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="single-file: the model (adapter merged in) in the LDM layout; diffusers: the same as a diffusers folder "
+        "with its scheduler config; kohya: the --adapter LoRA alone, in kohya's format; lycoris: the --adapter OFT as "
+        "LyCORIS weight differences (--model is the base).",
+    ),
+]
+
+
 def export_command(
     model: Model,
-    out: Annotated[Path, typer.Option(help="The .safetensors file to write (a new folder with --format diffusers).")],
+    out: Out,
     adapter: Adapter = None,
     adapter_strength: AdapterStrength = 1.0,
     family: Family = None,
     dtype: Dtype = "fp16",
-    file_format: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="single-file: the model (adapter merged in) in the LDM layout; diffusers: the same as a diffusers "
-            "folder with its scheduler config; kohya: the --adapter LoRA alone, in kohya's format; lycoris: the "
-            "--adapter OFT as LyCORIS weight differences (--model is the base).",
-        ),
-    ] = "single-file",
+    file_format: Format = "single-file",
     sha256: Sha256 = None,
     model_config: ModelConfigDir = None,
     allow_pickle: AllowPickle = False,

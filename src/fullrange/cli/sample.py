@@ -34,6 +34,28 @@ ERROR_NAMES |= {name: "--" + name.replace("_", "-") for name in ("adapter", "con
 """How the fields the library names in its errors are spelled here."""
 
 
+Out = Annotated[
+    Path, typer.Option(help="Output folder for the PNGs (SEED-PROMPT.png) and a grid; nothing is overwritten.")
+]
+Prompt = Annotated[list[str] | None, typer.Option(help="Prompt (repeatable).")]
+PromptsFile = Annotated[Path | None, typer.Option(help="A text file with one prompt per line.")]
+NumImages = Annotated[int, typer.Option(help="Images per prompt.")]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        help="Images sampled at once (image i keeps seed + i; stochastic samplers' noise depends on the batch)."
+    ),
+]
+ControlNet = Annotated[Path | None, typer.Option(help="A ControlNet (diffusers folder) to condition on.")]
+Prediction = Annotated[
+    str | None,
+    typer.Option(help="What the model predicts: epsilon, v_prediction or sample [default: its markers' or config's]."),
+]
+ZeroTerminalSNR = Annotated[
+    bool | None, typer.Option(help="Whether it was trained with zero terminal SNR [default: its markers' or config's].")
+]
+
+
 def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
     """The ``--prompt`` values, then the non-empty lines of ``--prompts-file``; at least one."""
     prompts = list(prompt or [])
@@ -51,31 +73,16 @@ def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[st
 
 def sample_command(
     model: Model,
-    out: Annotated[
-        Path, typer.Option(help="Output folder for the PNGs (SEED-PROMPT.png) and a grid; nothing is overwritten.")
-    ],
-    prompt: Annotated[list[str] | None, typer.Option(help="Prompt (repeatable).")] = None,
-    prompts_file: Annotated[Path | None, typer.Option(help="A text file with one prompt per line.")] = None,
-    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            help="Images sampled at once (image i keeps seed + i; stochastic samplers' noise depends on the batch)."
-        ),
-    ] = 1,
+    out: Out,
+    prompt: Prompt = None,
+    prompts_file: PromptsFile = None,
+    num_images: NumImages = 1,
+    batch_size: BatchSize = 1,
     adapter: Adapter = None,
     adapter_strength: AdapterStrength = 1.0,
-    controlnet: Annotated[Path | None, typer.Option(help="A ControlNet (diffusers folder) to condition on.")] = None,
-    prediction: Annotated[
-        str | None,
-        typer.Option(
-            help="What the model predicts: epsilon, v_prediction or sample [default: its markers' or config's]."
-        ),
-    ] = None,
-    zero_terminal_snr: Annotated[
-        bool | None,
-        typer.Option(help="Whether it was trained with zero terminal SNR [default: its markers' or config's]."),
-    ] = None,
+    controlnet: ControlNet = None,
+    prediction: Prediction = None,
+    zero_terminal_snr: ZeroTerminalSNR = None,
     dtype: Dtype = "fp32",
     sha256: Sha256 = None,
     model_config: ModelConfigDir = None,
@@ -84,9 +91,6 @@ def sample_command(
     **fields,
 ) -> None:
     """Sample Stable Diffusion with fullrange's samplers; PNGs carry their settings."""
-    from ..sampling import retrained
-    from ..sd import load_adapter
-    from ..sd.load import load_controlnet
     from ..sd.pnginfo import source
     from ..sd.sample import check_counts, sample_to_folder
 
@@ -100,30 +104,38 @@ def sample_command(
         if (controlnet is None) != (settings.control_image is None):
             fail("--controlnet and --control-image go together: give both or neither")
         sd_model = load_model(model, sha256, model_config, allow_pickle)
-        control = None if controlnet is None else load_controlnet(controlnet, sd_model, allow_pickle)
-        if adapter is not None:
-            sd_model = load_adapter(sd_model, adapter, adapter_strength)
-        if prediction is not None or zero_terminal_snr is not None:
-            try:
-                spec = retrained(sd_model.spec, prediction, zero_terminal_snr)
-            except ValueError as err:
-                fail(f"--prediction / --zero-terminal-snr: {err}")
-            sd_model = dataclasses.replace(sd_model, spec=spec)
-        sd_model.to(dtype=weights)
-        if control is not None:
-            control.to(dtype=weights)
-        paths, grid = sample_to_folder(
-            sd_model,
-            prompts,
-            settings,
-            out,
-            num_images=num_images,
-            batch_size=batch_size,
-            controlnet=control,
-            source=source(sd_model, adapter, adapter_strength, dtype),
-            progress=progress,
-        )
+        control = _controlnet(controlnet, sd_model, allow_pickle)
+        sd_model = _adapted(sd_model, adapter, adapter_strength, prediction, zero_terminal_snr)
+        for network in (sd_model, control):
+            if network is not None:
+                network.to(dtype=weights)
+        made = source(sd_model, adapter, adapter_strength, dtype)
+        counts = {"num_images": num_images, "batch_size": batch_size, "progress": progress}
+        paths, grid = sample_to_folder(sd_model, prompts, settings, out, controlnet=control, source=made, **counts)
     typer.echo(f"wrote {len(paths)} images ({paths[0].name} …) and {grid}", err=True)
+
+
+def _controlnet(path: Path | None, model, allow_pickle: bool):
+    from ..sd.load import load_controlnet
+
+    return None if path is None else load_controlnet(path, model, allow_pickle)
+
+
+def _adapted(model, adapter: Path | None, strength: float, prediction: str | None, zero_terminal_snr: bool | None):
+    """The model with ``--adapter`` at ``--adapter-strength``, sampled as ``--prediction`` and
+    ``--zero-terminal-snr`` say where they are given."""
+    from ..sampling import retrained
+    from ..sd import load_adapter
+
+    if adapter is not None:
+        model = load_adapter(model, adapter, strength)
+    if prediction is None and zero_terminal_snr is None:
+        return model
+    try:
+        spec = retrained(model.spec, prediction, zero_terminal_snr)
+    except ValueError as err:
+        fail(f"--prediction / --zero-terminal-snr: {err}")
+    return dataclasses.replace(model, spec=spec)
 
 
 sample_command = with_fields(sample_command, SampleSettings)

@@ -26,21 +26,29 @@ def parse_resolution(text: str) -> tuple[int, ...]:
     return sides
 
 
+Schedule = Annotated[str, typer.Option("--schedule", help="linear, scaled_linear or cosine.")]
+ZeroTerminalSNR = Annotated[bool, typer.Option(help="Rescale to zero terminal SNR (Lin et al. Alg. 1).")]
+TrainTimesteps = Annotated[int, typer.Option("--train-timesteps", help="T, the training timesteps.")]
+Spacing = Annotated[str, typer.Option(help="leading, linspace, trailing, or a σ ladder: karras, exponential.")]
+Steps = Annotated[int, typer.Option(help="Sample steps.")]
+StepsOffset = Annotated[int, typer.Option(help="Added to leading steps (Stable Diffusion uses 1).")]
+Resolution = Annotated[
+    str, typer.Option(help="Size of one sample, HxWxC (SD's latent): N of the mean leak, and the top of a σ ladder.")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Plot = Annotated[Path | None, typer.Option(help="Also write a PNG plot of log SNR and mean leak.")]
+
+
 def schedule_command(
-    name: Annotated[str, typer.Option("--schedule", help="linear, scaled_linear or cosine.")] = "scaled_linear",
-    zero_terminal_snr: Annotated[bool, typer.Option(help="Rescale to zero terminal SNR (Lin et al. Alg. 1).")] = False,
-    num_train_timesteps: Annotated[int, typer.Option("--train-timesteps", help="T, the training timesteps.")] = 1000,
-    spacing: Annotated[
-        str, typer.Option(help="leading, linspace, trailing, or a σ ladder: karras, exponential.")
-    ] = "trailing",
-    steps: Annotated[int, typer.Option(help="Sample steps.")] = 10,
-    steps_offset: Annotated[int, typer.Option(help="Added to leading steps (Stable Diffusion uses 1).")] = 0,
-    resolution: Annotated[
-        str,
-        typer.Option(help="Size of one sample, HxWxC (SD's latent): N of the mean leak, and the top of a σ ladder."),
-    ] = "64x64x4",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    plot: Annotated[Path | None, typer.Option(help="Also write a PNG plot of log SNR and mean leak.")] = None,
+    name: Schedule = "scaled_linear",
+    zero_terminal_snr: ZeroTerminalSNR = False,
+    num_train_timesteps: TrainTimesteps = 1000,
+    spacing: Spacing = "trailing",
+    steps: Steps = 10,
+    steps_offset: StepsOffset = 0,
+    resolution: Resolution = "64x64x4",
+    as_json: AsJson = False,
+    plot: Plot = None,
 ) -> None:
     """Print, per sample step, t, ᾱ, SNR, σ and how strongly the image mean leaks through the noise."""
     num_values = math.prod(parse_resolution(resolution))
@@ -55,18 +63,11 @@ def schedule_command(
         rows = timesteps.describe_plan(schedule, steps, spacing, steps_offset, num_values)
     except ValueError as err:
         fail(str(err))
-    summary = {
-        "schedule": name,
-        "zero_terminal_snr": zero_terminal_snr,
-        "num_train_timesteps": num_train_timesteps,
-        "spacing": spacing,
-        "steps": steps,
-        "resolution": resolution,
-        "num_values": num_values,
-        "terminal_snr": float(schedule.snr[-1]),
-        "terminal_mean_leak": float(metrics.mean_leak(schedule.snr[-1], num_values)),
-        "plan": rows,
-    }
+    terminal = {"terminal_snr": float(schedule.snr[-1])}
+    terminal["terminal_mean_leak"] = float(metrics.mean_leak(schedule.snr[-1], num_values))
+    asked = {"schedule": name, "zero_terminal_snr": zero_terminal_snr, "num_train_timesteps": num_train_timesteps}
+    asked |= {"spacing": spacing, "steps": steps, "resolution": resolution, "num_values": num_values}
+    summary = asked | terminal | {"plan": rows}
     if plot is not None:
         label = f"{name}{' (zero terminal SNR)' if zero_terminal_snr else ''}"
         t = torch.tensor([row["t"] for row in rows], dtype=torch.float64)
