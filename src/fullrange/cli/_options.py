@@ -157,6 +157,7 @@ def dtype_of(name: str):
 
 
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
+NumImages = Annotated[int, typer.Option(help="Images per prompt.")]
 
 
 def load_model(model: str, sha256: str | None, config: str | None, allow_pickle: bool):

@@ -17,6 +17,7 @@ from ._options import (
     AllowPickle,
     Model,
     ModelConfigDir,
+    NumImages,
     Sha256,
     field_flags,
     load_model,
@@ -31,7 +32,6 @@ ERROR_NAMES = MODEL_FLAGS | field_flags(SampleSettings) | {"num_images": "--num-
 
 Out = Annotated[Path, typer.Option(help="Output folder: brightness.json, brightness.png, images per prompt.")]
 Against = Annotated[str | None, typer.Option(help="A second model to compare, side by side.")]
-NumImages = Annotated[int, typer.Option(help="Images per prompt.")]
 
 
 def brightness_command(

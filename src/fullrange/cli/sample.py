@@ -20,6 +20,7 @@ from ._options import (
     Dtype,
     Model,
     ModelConfigDir,
+    NumImages,
     Progress,
     Sha256,
     dtype_of,
@@ -39,7 +40,6 @@ Out = Annotated[
 ]
 Prompt = Annotated[list[str] | None, typer.Option(help="Prompt (repeatable).")]
 PromptsFile = Annotated[Path | None, typer.Option(help="A text file with one prompt per line.")]
-NumImages = Annotated[int, typer.Option(help="Images per prompt.")]
 BatchSize = Annotated[
     int,
     typer.Option(

@@ -9,6 +9,7 @@ import statistics
 import torch
 
 from .. import batches, metrics, toy
+from ..files import write_bytes
 from ..plots import pyplot, save_figure
 from ..train import train
 from .common import NULL_LABEL, Context, sample_labels
@@ -53,8 +54,7 @@ def finetune_experiment(ctx: Context) -> dict:
 
                 def evaluate(step, model, recipe=recipe, curve=curve, log_path=log_path, labels=labels, seed=seed):
                     curve[str(step)] = _brightness(ctx, model, recipe, labels, seed)
-                    log_path.parent.mkdir(parents=True, exist_ok=True)
-                    log_path.write_text(json.dumps(curve))
+                    write_bytes(log_path, json.dumps(curve).encode())
 
                 train(
                     copy.deepcopy(base).requires_grad_(True),

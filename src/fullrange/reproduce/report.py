@@ -10,6 +10,8 @@ import json
 import re
 from pathlib import Path
 
+from ..files import write_bytes
+
 ORDER = ("schedule_facts", "exact_sweep", "from_scratch", "finetune", "guidance", "sample_steps", "training_free")
 
 
@@ -111,8 +113,8 @@ def write_report(out: Path) -> Path:
             ]
     text = "\n".join(md) + "\n"
     report = out / "report.md"
-    report.write_text(text)
-    (out / "report.html").write_text(_html(text, out))
+    write_bytes(report, text.encode())
+    write_bytes(out / "report.html", _html(text, out).encode())
     return report
 
 

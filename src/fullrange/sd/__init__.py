@@ -4,15 +4,16 @@ sampling and evaluation.
 | module | what |
 |---|---|
 | ``model`` | :class:`StableDiffusion`: networks, tokenizers, sampling spec, the UNet's conditioning |
-| ``load`` | from a diffusers folder, a single file or the hub; adapters (LoRA, OFT) onto a loaded model |
+| ``load`` | from a diffusers folder, a single file or the hub; adapters onto a loaded model; ControlNets; the device |
 | ``single_file`` | reading LDM-layout files offline: checksum, family, markers, bundled configs |
 | ``tokenizer`` | CLIP's BPE tokenizer files rebuilt from the bundled merges |
 | ``ldm`` | diffusers → LDM names for UNet, VAE and text encoders |
-| ``export`` | one single file with v_pred / ztsnr markers |
+| ``export`` | one single file with v_pred / ztsnr markers, or a diffusers folder (adapters: their records) |
 | ``config`` | ``fullrange train``'s tables: ``[model]``, ``[data]``, ``[noise]``, ``[adapter]``, ``[train]``, ... |
 | ``latents`` | image folder → cached latents and caption states → batches |
 | ``finetune`` | load → batches → adapter → train → save |
-| ``sample``, ``eval`` | images with fullrange's samplers; the brightness range a model reaches |
+| ``sample``, ``eval`` | images with fullrange's samplers (a start, a network, a hook); the brightness range reached |
+| ``pnginfo``, ``tone`` | what a PNG says about how it was made; the leak of a tone, an image or a folder's statistics |
 | ``testing`` | tiny models built from configs, for tests and benchmarks |
 """
 
