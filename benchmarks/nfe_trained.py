@@ -5,7 +5,7 @@ For each model, samples for balanced labels with guidance 1 at 4, 6 and 8 model 
 of their brightness (clamped to [-1, 1]) to the data's, for: what ``fullrange.sample`` picks, UniPC and DDIM on
 trailing steps (the reproduction's own), and UniPC on a Karras ladder from σ = 80. Everything from one run.
 
-    python benchmarks/nfe_trained.py [--out reproduce-out] [--preset quick]
+    python benchmarks/nfe_trained.py [--out fullrange-report] [--preset quick]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ CONFIGS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("reproduce-out"))
+    parser.add_argument("--out", type=Path, default=Path("fullrange-report"))
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     parser.add_argument("--seeds", type=int, default=3, help="noise seeds per configuration")
     args = parser.parse_args()

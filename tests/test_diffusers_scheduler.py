@@ -292,7 +292,7 @@ def test_every_pipeline_gives_the_images_of_fullrange_sample(
         if kind == "inpaint9":
             from fullrange.sd.sample import inpaint_channels
 
-            masked = inpaint_channels(model, image, settings["mask"], 16)[:, 1:].expand(2, -1, -1, -1)
+            masked = inpaint_channels(model, image, settings["mask"], (16, 16))[:, 1:].expand(2, -1, -1, -1)
         call |= {"image": latents, "mask_image": Image.open(assets / "mask.png"), "masked_image_latents": masked}
     if kind == "controlnet":
         settings |= {"control_image": str(assets / "control.png")}

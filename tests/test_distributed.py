@@ -104,7 +104,7 @@ def test_accelerate_launch_two_cpu_processes_fine_tune_like_one(tmp_path, tiny_s
         env={**os.environ, "ACCELERATE_USE_CPU": "true"},
     )
     assert two.returncode == 0, two.stderr[-2000:]
-    assert two.stderr.count("trainable parameters") == 2  # two processes ran
+    assert "on 2 processes" in two.stderr and two.stderr.count("trainable parameters") == 1  # two ran, one spoke
     a = checkpoint.Checkpoint(tmp_path / "one" / "train" / "checkpoint.safetensors")
     b = checkpoint.Checkpoint(tmp_path / "two" / "train" / "checkpoint.safetensors")
     assert a.step == b.step == 3

@@ -40,8 +40,24 @@ def test_every_experiment_writes_json_pngs_and_the_report(micro_run):
     assert html.count("data:image/png;base64,iVBOR") >= 6 and "<table>" in html
 
 
-def test_the_report_opens_with_the_verdicts_and_closes_with_provenance(micro_run):
-    out, report, _ = micro_run
+def test_the_micro_preset_is_a_smoke_test_without_verdicts(micro_run):
+    _, report, _ = micro_run
+    text = report.read_text()
+    assert "The micro preset is a smoke test of the code" in text and "— (smoke test)" in text
+    assert not any(f"**{verdict}**" in text for verdict in MARKS)
+
+
+def test_the_report_opens_with_the_verdicts_and_closes_with_provenance(micro_run, tmp_path):
+    """The report of a preset that gives verdicts (the micro run's results, renamed from micro): verdicts first."""
+    import shutil
+
+    from fullrange.reproduce.report import write_report
+
+    out = shutil.copytree(micro_run[0], tmp_path / "run")
+    for path in out.glob("*/results.json"):
+        result = json.loads(path.read_text())
+        path.write_text(json.dumps(result | {"preset": result["preset"] | {"name": "renamed"}}))
+    report = write_report(out)
     text = report.read_text()
     order = ["## TL;DR", "## Contents", "## How to read this", "## schedule_facts", "## training_free", "## Provenance"]
     assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)

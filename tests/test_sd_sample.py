@@ -118,7 +118,7 @@ def test_sample_inpaints_with_a_9_channel_unet_as_diffusers_inpainting_pipeline(
     pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler="unipc", spacing="trailing")
-    extra = inpaint_channels(model, str(image), str(mask), 16)
+    extra = inpaint_channels(model, str(image), str(mask), (16, 16))
     noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
     theirs = pipe(
         prompts,

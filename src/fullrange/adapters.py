@@ -225,7 +225,7 @@ class LoRA:
         """``folder/lora``: the weights as diffusers' ``save_lora_weights`` writes them and the scheduler config.
         Not peft's older "lora.down" names: converted, attention layers get them and ResNet layers keep lora_A,
         and diffusers' loader, which tells the format from the first key, then skips the attention ones."""
-        from .files import share_like_new_files
+        from .files import staged_folder
         from .scheduler_config import ddim_scheduler
         from .sd.model import pipeline_class
 
@@ -233,9 +233,9 @@ class LoRA:
         for name, encoder in model.text_encoders.items():
             if adapted(encoder):
                 layers[f"{name}_lora_layers"] = adapter_state_dict(encoder)
-        pipeline_class(model).save_lora_weights(folder / "lora", **layers, safe_serialization=True)
-        ddim_scheduler(model.spec).save_config(folder / "lora")
-        share_like_new_files(folder / "lora")
+        with staged_folder(folder / "lora") as tmp:  # diffusers' savers open their files by name
+            pipeline_class(model).save_lora_weights(tmp, **layers, safe_serialization=True)
+            ddim_scheduler(model.spec).save_config(tmp)
         return {"lora": folder / "lora"}
 
     def export(self, path: Path, saved: Path, base: StableDiffusion, family: str | None = None) -> Path:
@@ -311,13 +311,14 @@ class OFT:
 
     def save(self, model: StableDiffusion, config: AdapterConfig, folder: Path) -> dict[str, Path]:
         """``folder/oft``: the adapter's shape and weights, and the scheduler config."""
-        from .files import save_safetensors, write_bytes
+        from .files import save_safetensors, staged_folder, write_bytes
         from .scheduler_config import ddim_scheduler
 
         shape = {"block_size": config.block_size, "coft": config.coft}
-        write_bytes(folder / "oft" / OFT_FILES[0], json.dumps(shape).encode())
-        save_safetensors(folder / "oft" / OFT_FILES[1], adapter_state_dict(model.unet))
-        ddim_scheduler(model.spec).save_config(folder / "oft")
+        with staged_folder(folder / "oft") as tmp:
+            write_bytes(tmp / OFT_FILES[0], json.dumps(shape).encode())
+            save_safetensors(tmp / OFT_FILES[1], adapter_state_dict(model.unet))
+            ddim_scheduler(model.spec).save_config(tmp)
         return {"oft": folder / "oft"}
 
     def export(self, path: Path, saved: Path, base: StableDiffusion, family: str | None = None) -> Path:

@@ -9,6 +9,9 @@ import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 
+MAX_SEED = 2**63 - 1
+"""The largest seed taken (torch's generators take 64 bits; fullrange adds an image's index and a stream offset)."""
+
 
 def setting(default=MISSING, help: str = "", *, shown: str | None = None, factory=MISSING):
     """A config field with its ``help`` (other fields named in backticks, as `field` or `table.field`), for the

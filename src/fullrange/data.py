@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +24,23 @@ from PIL import Image, UnidentifiedImageError
 from .files import read_text, sha256
 from .images import open_rgb
 
+CAPTION_LIMIT = 2**16
+"""The largest caption file read (64 KiB; CLIP reads 77 tokens); larger ones are listed as skipped, never read whole."""
+METADATA_LIMIT = 2**28
+"""The largest ``metadata.jsonl`` read (256 MiB)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif")
 """Files the scan considers; those Pillow cannot decode here (HEIC without a plug-in) are listed as skipped."""
 
 
 @dataclass(frozen=True)
 class Item:
+    """A usable image: its file, caption, (width, height) as trained, and how often an epoch shows it (kohya's
+    ``N_name`` folders repeat their images N times)."""
+
     path: Path
     caption: str
     size: tuple[int, int]
+    repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ def _captions_from_metadata(folder: Path) -> tuple[dict[str, str], list[Problem]
     if not meta.is_file():
         return {}, []
     try:
-        text = read_text(meta)
+        text = read_text(meta, limit=METADATA_LIMIT)
     except ValueError as err:
         return {}, [Problem(meta, f"{err}; no caption taken from it")]
     captions, problems = {}, []
@@ -71,12 +80,12 @@ def _captions_from_metadata(folder: Path) -> tuple[dict[str, str], list[Problem]
     return captions, problems
 
 
-def _caption(path: Path, captions: dict[str, str], default: str) -> tuple[str, str | None]:
-    """The image's caption (sidecar first) and, if its sidecar cannot be read, why."""
-    sidecar = path.with_suffix(".txt")
+def _caption(path: Path, captions: dict[str, str], default: str, extension: str) -> tuple[str, str | None]:
+    """The image's caption (its sidecar ``NAME`` + ``extension`` first) and, if its sidecar cannot be read, why."""
+    sidecar = path.with_suffix(extension)
     if sidecar.is_file():
         try:
-            return read_text(sidecar).strip() or default, None
+            return read_text(sidecar, limit=CAPTION_LIMIT).strip() or default, None
         except ValueError as err:
             return "", f"caption {err}"
     return captions.get(path.name, "").strip() or default, None
@@ -99,29 +108,51 @@ def _image_problem(path: Path) -> tuple[tuple[int, int] | None, str | None]:
         return None, f"unreadable or truncated ({type(err).__name__}: {err})"
 
 
-def scan(folder: Path | str, min_size: int, default_caption: str = "") -> tuple[list[Item], list[Problem]]:
-    """Check every image in ``folder``; returns the usable items and the problems, each with its reason.
-    ``default_caption`` serves images that have none (class images for prior preservation)."""
+KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")
+"""kohya's dataset layout: a subfolder ``N_name`` repeats its images N times, and ``name`` captions those without
+a caption."""
+
+
+def scan(
+    folder: Path | str, min_size: int, default_caption: str = "", caption_extension: str = ".txt"
+) -> tuple[list[Item], list[Problem]]:
+    """Check every image in ``folder``, and in its kohya-style ``N_name`` subfolders (repeated N times, captioned
+    ``name`` where an image has no caption); returns the usable items and the problems, each with its reason.
+    Captions are ``NAME`` + ``caption_extension`` sidecars or ``metadata.jsonl`` rows; ``default_caption`` serves
+    images that have neither (an instance prompt; the class prompt for class images)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory")
+    groups = [(folder, 1, default_caption)]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
+        if match := KOHYA_FOLDER.fullmatch(sub.name):
+            groups.append((sub, int(match.group(1)), default_caption or match.group(2).strip()))
+    items, problems = [], []
+    for where, repeats, default in groups:
+        found, trouble = _scan_one(where, min_size, default, caption_extension, repeats)
+        items, problems = items + found, problems + trouble
+    if not items:
+        listed = "; ".join(f"{p.path.name}: {p.reason}" for p in problems[:5]) or "no image files"
+        raise DataError(f"{folder}: no usable image ({listed})")
+    return items, problems
+
+
+def _scan_one(folder: Path, min_size: int, default: str, extension: str, repeats: int):
+    """The usable items of one folder's images (not its subfolders) and its problems."""
     captions, problems = _captions_from_metadata(folder)
     items = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        caption, caption_problem = _caption(path, captions, default_caption)
+        caption, caption_problem = _caption(path, captions, default, extension)
         size, problem = _image_problem(path)
         problem = problem or caption_problem
         if problem is None and min(size) < min_size:
             problem = f"too small: {size[0]}x{size[1]}, the shorter side must be >= {min_size}"
         if problem is None and not caption:
-            problem = "no caption (NAME.txt or a metadata.jsonl row)"
+            problem = f"no caption (NAME{extension}, a metadata.jsonl row, or a default caption)"
         if problem is None:
-            items.append(Item(path, caption, size))
+            items.append(Item(path, caption, size, repeats))
         else:
             problems.append(Problem(path, problem))
-    if not items:
-        listed = "; ".join(f"{p.path.name}: {p.reason}" for p in problems[:5]) or "no image files"
-        raise DataError(f"{folder}: no usable image ({listed})")
     return items, problems
 
 

@@ -1,18 +1,24 @@
-"""Output files that are never half-written: write to a temporary file beside the target, fsync it, rename it over
-the target, fsync the folder. A crash leaves the old file or the new one. Files get the user's umask, as any file
-they create (so a ComfyUI or A1111 running as another user can read them where the umask allows)."""
+"""Output files that are never half-written and never written through a link: write to a temporary file beside the
+target, fsync it, rename it over the target (a rename replaces a link planted at the name, never the link's
+target), fsync the folder. A crash leaves the old file or the new one. Writers fullrange does not control (diffusers'
+savers open files by name) write into a private folder whose files are then renamed in (:func:`staged_folder`).
+Files get the user's umask, as any file they create (so a ComfyUI or A1111 running as another user can read them
+where the umask allows)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 
@@ -38,10 +44,26 @@ def atomic_path(path: Path | str, *, exclusive: bool = False) -> Iterator[Path]:
             tmp.unlink()
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        failure = written_error(err, path)
+        if failure is None or isinstance(err, FileExistsError):
+            raise
+        raise failure from None
     _fsync_folder(path.parent)
+
+
+def written_error(err: BaseException, path: Path | str) -> OSError | None:
+    """An error of writing (an ``OSError``, or safetensors' own for a failed write) as an ``OSError`` naming ``path``
+    (not a temporary file beside it) with the system's reason, ``No space left on device`` say; ``None`` for other
+    errors."""
+    if isinstance(err, SafetensorError):
+        found = re.search(r"os error (\d+)", str(err))
+        number = int(found.group(1)) if found else errno.EIO
+        return OSError(number, os.strerror(number) if found else str(err), str(path))
+    if isinstance(err, OSError):
+        return OSError(err.errno, err.strerror or str(err), str(path))
+    return None
 
 
 def _new_file(folder: Path, name: str) -> Path:
@@ -73,6 +95,65 @@ def share_like_new_files(folder: Path | str) -> None:
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.chmod(path, mode)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path | str) -> Iterator[Path]:
+    """A new private folder beside ``folder`` for a writer fullrange does not control; when the block succeeds, every
+    file written there is renamed into ``folder`` (replacing what has its name, a planted link included, never the
+    link's target) with the permissions a new file gets. The private folder is removed however the block ends."""
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    real_folder(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        try:
+            yield tmp
+        except (OSError, SafetensorError) as err:
+            raise written_error(err, folder) from None
+        share_like_new_files(tmp)
+        for path in sorted(tmp.rglob("*")):
+            target = folder / path.relative_to(tmp)
+            if path.is_dir():
+                real_folder(target)
+            else:
+                os.replace(path, target)
+        _fsync_folder(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def real_folder(folder: Path | str) -> Path:
+    """``folder``, created if missing; an ``OSError`` naming it if it is a symbolic link (a link planted where fullrange
+    writes a folder would send its files elsewhere)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise OSError(errno.ELOOP, "a symbolic link where fullrange writes a folder; remove it", str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def claim_output_folder(folder: Path | str, inputs: dict[str, str | Path | None]) -> Path:
+    """Check that ``folder`` may receive a command's outputs: it is named (not ``""``), is not and is not inside one of
+    the ``inputs`` (config field → path; nor they inside it), and is missing, empty or fullrange's own (it holds the
+    :data:`LOCK` file a run leaves). A ``ValueError`` says which rule failed; nothing is written."""
+    if str(folder).strip() == "":
+        raise ValueError("is empty: name the output folder (an unset shell variable?)")
+    folder = Path(folder)
+    for field, given in inputs.items():
+        if given is None or str(given) == "":
+            continue
+        if overwrites(folder, given) or overwrites(given, folder):
+            raise ValueError(
+                f"{folder}: is or holds {field} {given}, which the outputs could overwrite; write them elsewhere"
+            )
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file, not a directory")
+    if folder.is_dir() and not (folder / LOCK).exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder}: holds files that are not a fullrange run's; choose a new or empty folder")
+    return folder
 
 
 def write_bytes(path: Path | str, data: bytes, *, exclusive: bool = False) -> None:
@@ -111,14 +192,18 @@ def overwrites(out: Path | str, given: Path | str) -> bool:
     return target == source or (source.is_dir() and target.is_relative_to(source))
 
 
-def read_text(path: Path | str) -> str:
+def read_text(path: Path | str, limit: int | None = None) -> str:
     """A text file, decoded by fullrange's one rule: UTF-8, a byte-order mark honoured (and dropped); anything
-    else is refused with a ``ValueError`` naming the file and where decoding failed."""
+    else is refused with a ``ValueError`` naming the file and where decoding failed. A file larger than ``limit``
+    bytes is refused without being read."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read() if limit is None else f.read(limit + 1)
     except OSError as err:
         raise ValueError(f"{path}: cannot read it ({err.strerror or type(err).__name__})") from None
+    if limit is not None and len(raw) > limit:
+        raise ValueError(f"{path}: larger than {limit:,} bytes, too large for what it should hold")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -130,9 +215,15 @@ def read_json(path: Path | str):
     import json
 
     try:
-        return json.loads(read_text(path))
+        return json.loads(read_text(path, limit=JSON_LIMIT))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+JSON_LIMIT = 2**26
+"""The largest JSON file read (64 MiB; configs are kilobytes, a tokenizer's vocabulary a few megabytes)."""
 
 
 LOCK = ".fullrange.lock"
@@ -155,7 +246,12 @@ def lock(folder: Path | str, what: str) -> Iterator[None]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # never through a link planted at the lock's name (another user's file would be truncated)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"{path}: is a symbolic link; fullrange does not write through links (remove it)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

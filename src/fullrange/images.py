@@ -102,9 +102,12 @@ def _png(image: Image.Image | np.ndarray, text: dict[str, str] | None) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(path: Path | str, image: Image.Image | np.ndarray, text: dict[str, str] | None = None) -> Path:
-    """``image`` as a PNG at ``path``, atomically (a crash leaves the old file or the new one)."""
-    write_bytes(path, _png(image, text))
+def save_png(
+    path: Path | str, image: Image.Image | np.ndarray, text: dict[str, str] | None = None, *, exclusive: bool = False
+) -> Path:
+    """``image`` as a PNG at ``path``, atomically (a crash leaves the old file or the new one); ``exclusive``: never
+    replacing anything (``FileExistsError``)."""
+    write_bytes(path, _png(image, text), exclusive=exclusive)
     return Path(path)
 
 

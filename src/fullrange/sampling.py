@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -103,6 +104,18 @@ ZERO_TERMINAL_SNR = replace(
 trailing steps."""
 
 
+def _steps(steps) -> int | torch.Tensor:
+    """``steps`` as a count (any integer: an int, a numpy integer) or a 1-D tensor of timesteps; anything else (a
+    float, a 0-d tensor, a bool) is a ValueError, not one step at t = steps."""
+    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+        return int(steps)
+    if isinstance(steps, torch.Tensor | list | tuple):
+        t = torch.as_tensor(steps)
+        if t.ndim == 1 and t.numel() > 0 and not t.dtype.is_complex and t.dtype != torch.bool:
+            return t
+    raise ValueError(f"steps must be a count (an int) or a 1-D sequence of descending timesteps, got {steps!r}")
+
+
 def pick(spec: SamplingSpec, shape: tuple[int, ...], sampler: str | None = None, spacing: str | None = None):
     """``(sampler, spacing, note)``: what :func:`sample` uses for samples of ``shape`` (B, C, H, W) where
     ``sampler`` / ``spacing`` are not given, and one line saying what it picked (``""`` if nothing was picked).
@@ -164,6 +177,7 @@ def sample(
     from ``sqrt(ᾱ_first) L + sqrt(1 - ᾱ_first) noise`` at its actual first step (Everaert et al. 2024). At
     ᾱ_first = 0 (zero terminal SNR from t = T-1) it changes nothing, and a warning says so.
     """
+    steps = _steps(steps)
     explicit_steps = not isinstance(steps, int)
     sampler, spacing, note = pick(spec, tuple(noise.shape), sampler, spec.spacing if explicit_steps else spacing)
     if note:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .batches import Batches
 from .checkpoint import Checkpoint, save_checkpoint
-from .config import ConfigError, check_choice, check_finite, check_range, setting
+from .config import MAX_SEED, ConfigError, check_choice, check_finite, check_range, setting
 from .files import write_bytes
 from .losses import Recipe, batch_loss
 
@@ -66,6 +66,7 @@ class TrainConfig:
         check_range("lr", self.lr, 0, open_low=True)
         check_range("grad_clip", self.grad_clip, 0)
         check_range("seed", self.seed, 0)
+        check_range("seed", self.seed, None, MAX_SEED)
         if self.warmup is not None:
             check_range("warmup", self.warmup, 0)
         if not 0 <= self.ema_decay < 1:
@@ -159,7 +160,7 @@ class TrainingDiverged(ValueError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint of the step reached was written first."""
+    """SIGINT, SIGTERM or SIGHUP arrived; a checkpoint of the step reached was written first."""
 
     def __init__(self, step: int, path: Path):
         super().__init__(f"interrupted at step {step}; checkpoint written to {path}; run again to resume")
@@ -168,12 +169,13 @@ class TrainingInterrupted(Exception):
 
 @contextlib.contextmanager
 def _stop_requests():
-    """Turn SIGINT / SIGTERM into a flag the loop checks between steps (main thread only)."""
+    """Turn SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH session) into a flag the loop checks between steps
+    (main thread only)."""
     requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for sig in previous:
         signal.signal(sig, lambda number, frame: requested.append(number))
     try:
@@ -215,18 +217,22 @@ class _State:
     losses: list[float]
     meta: dict
 
-    def save(self, path: Path, step: int) -> None:
+    def save(self, path: Path, step: int, rng: torch.Tensor | None = None) -> None:
+        """A checkpoint of ``step``; ``rng``: the generator's state to record (default: its state now)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.trainable.values()):
+            raise TrainingDiverged(f"the weights are not finite at step {step}: no checkpoint of them is written")
         save_checkpoint(
             path,
             step=step,
             model=self.trainable,
             ema=self.ema,
             optimizer=self.optimizer.state_dict(),
-            rng={"generator": self.generator.get_state()},
+            rng={"generator": self.generator.get_state() if rng is None else rng},
             log={"loss": torch.tensor(self.losses, dtype=torch.float64)},
             meta=self.meta,
         )
         write_bytes(path.parent / "loss.json", json.dumps(self.losses).encode())
+        (path.parent / DIVERGED).unlink(missing_ok=True)  # this run went on from where one diverged
 
     def resume(self, path: Path, steps: int) -> int:
         """Load the checkpoint at ``path`` into the state, in place (after :func:`check_resume`); returns its step."""
@@ -241,8 +247,11 @@ class _State:
 
 
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every")
-"""What a resumed run may change: train longer (the learning-rate schedule stretches to the new end), or checkpoint
-at other intervals."""
+"""What a resumed run may change: train longer (the learning-rate schedule stretches to the new end), or checkpoint at
+other intervals (and name the same model and data by another path: their fingerprints decide)."""
+DIVERGED = "diverged.json"
+"""Left beside the checkpoint by a run whose loss stopped being finite: resuming from that checkpoint may then change
+the learning rate too (until the resumed run writes its first checkpoint)."""
 
 
 def _flat(value, prefix: str = "") -> dict:
@@ -257,10 +266,15 @@ def check_resume(path: Path, meta: dict, steps: int) -> Checkpoint:
     model, data, adapter). Otherwise a ``ValueError`` naming every key that differs and how to proceed."""
     ckpt = Checkpoint(path)
     saved, now = _flat(ckpt.meta), _flat(meta)
+    may_change = RESUMABLE_CHANGES + (("train.lr",) if (Path(path).parent / DIVERGED).exists() else ())
+    # A path may change where what it names did not (a resume from another working directory, a moved data set).
+    may_change += tuple(
+        f"{n}.path" for n in ("model", "data") if saved.get(f"{n}.fingerprint") == now.get(f"{n}.fingerprint")
+    )
     differ = [
         f"{key} ({saved.get(key, 'absent')!r} in the checkpoint, {now.get(key, 'absent')!r} now)"
         for key in sorted(set(saved) | set(now))
-        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key)
+        if key not in may_change and saved.get(key) != now.get(key)
     ]
     if differ:
         raise ValueError(
@@ -284,6 +298,7 @@ def train(
     description: str | None = None,
     on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
     identity: dict | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad (all, or an adapter's) on ``batches``.
 
@@ -298,7 +313,7 @@ def train(
     touch the training generator. It may return images to log (``{name: (N, 3, H, W) in [0, 1]}``). With
     ``config.report_to`` the loss and learning rate of every step, and those images, go to accelerate's trackers
     under ``out_dir/logs``. SIGINT / SIGTERM stop the run between steps with a checkpoint and raise
-    :class:`TrainingInterrupted`.
+    :class:`TrainingInterrupted`. ``log`` gets a line when the run resumes.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -322,16 +337,18 @@ def train(
     )
     start = state.resume(ckpt_path, config.steps) if resume and ckpt_path.exists() else 0
     saved = [start] if start else []
+    if start and log is not None:
+        log(f"resuming from step {start} of {config.steps} ({ckpt_path})")
     model, state.optimizer = accelerator.prepare(model, state.optimizer)
     if state.ema is not None:
         state.ema = {name: value.to(accelerator.device) for name, value in state.ema.items()}
     if config.report_to != "none":
         accelerator.init_trackers("logs", config={k: v for k, v in _flat(state.meta).items() if _scalar(v)})
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, rng: torch.Tensor | None = None) -> None:
         # Every process holds the same state (same draws, averaged gradients); the main one writes it.
         if accelerator.is_main_process:
-            state.save(ckpt_path, step)
+            state.save(ckpt_path, step, rng)
             saved.append(step)
             if on_checkpoint is not None:
                 images = _call_with_ema(on_checkpoint, step, accelerator.unwrap_model(model), state)
@@ -339,7 +356,7 @@ def train(
                     tracker.log_images(images, step=step, dataformats="NCHW")
         accelerator.wait_for_everyone()
 
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     params = list(trainable.values())
     bar = tqdm(
         total=config.steps,
@@ -360,36 +377,15 @@ def train(
                 raise TrainingInterrupted(step, ckpt_path)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-            # Checkpoint before the step, so a resumed run replays exactly what follows.
-            if step > start and step % config.checkpoint_every == 0:
-                checkpoint(step)
-            # grad_accum global batches (batch_size per process), drawn on the CPU from the run's generator
-            # in every process alike; each process trains on its shard and DDP averages the gradients.
-            loss = 0.0
-            for micro_step in range(config.grad_accum):
-                batch = batches(config.batch_size * world, state.generator)
-                sync = micro_step == config.grad_accum - 1
-                with accelerator.autocast(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    micro = batch_loss(
-                        model,
-                        batch.x0,
-                        batch.cond,
-                        recipe,
-                        state.generator,
-                        weight=batch.weight,
-                        rank=rank,
-                        world=world,
-                        device=accelerator.device,
-                    )
-                    accelerator.backward(micro / config.grad_accum)
-                loss += accelerator.reduce(micro.detach(), "mean") / config.grad_accum
-            if not math.isfinite(float(loss)):
+            rng = state.generator.get_state()  # before this step's draws: what a checkpoint here replays from
+            loss = _accumulate(model, batches, recipe, config, state.generator, accelerator)
+            if not math.isfinite(loss):
                 bar.close()
-                kept = f"the last good checkpoint is step {saved[-1]}, {ckpt_path}" if saved else "no checkpoint yet"
-                raise TrainingDiverged(
-                    f"the loss is {float(loss)} at step {step}: training stopped before it changed a weight; {kept} "
-                    "(lower the learning rate, or check the data)"
-                )
+                raise _diverged(loss, step, saved, ckpt_path, config)
+            # The weights this step starts from are checkpointed once their loss is known to be finite, so a
+            # checkpoint is always one a run can go on from; a resumed run replays this step's draws exactly.
+            if step > start and step % config.checkpoint_every == 0:
+                checkpoint(step, rng)
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
             state.optimizer.step()
@@ -399,7 +395,7 @@ def train(
                 # the early weights instead of keeping the random init for ~1 / (1 - decay) steps.
                 decay = min(config.ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(state.ema.values()), [p.detach() for p in params], 1 - decay)
-            state.losses.append(loss.item())
+            state.losses.append(loss)
             if config.report_to != "none":
                 accelerator.log({"loss": state.losses[-1], "lr": lr_at(step, config)}, step=step + 1)
             bar.update(1)
@@ -412,6 +408,43 @@ def train(
     accelerator.end_training()  # closes the trackers' files
     accelerator.free_memory()  # drops accelerate's references to the optimizer and its state
     return TrainResult(trained, state.ema, state.losses)
+
+
+def _accumulate(model, batches: Batches, recipe: Recipe, config: TrainConfig, generator, accelerator) -> float:
+    """The loss of one optimizer step, its gradients accumulated: ``grad_accum`` global batches (``batch_size`` per
+    process), drawn on the CPU from the run's generator in every process alike; each process trains on its shard
+    and DDP averages the gradients."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    loss = 0.0
+    for micro_step in range(config.grad_accum):
+        batch = batches(config.batch_size * world, generator)
+        sync = micro_step == config.grad_accum - 1
+        with accelerator.autocast(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            micro = batch_loss(
+                model,
+                batch.x0,
+                batch.cond,
+                recipe,
+                generator,
+                weight=batch.weight,
+                rank=rank,
+                world=world,
+                device=accelerator.device,
+            )
+            accelerator.backward(micro / config.grad_accum)
+        loss += float(accelerator.reduce(micro.detach(), "mean")) / config.grad_accum
+    return loss
+
+
+def _diverged(loss: float, step: int, saved: list[int], path: Path, config: TrainConfig) -> TrainingDiverged:
+    """The error of a run whose loss is not finite at ``step``, naming the last checkpoint (every one written had a
+    finite loss), and the marker that lets a resume from it lower the learning rate."""
+    write_bytes(path.parent / DIVERGED, json.dumps({"step": step, "loss": str(loss), "lr": config.lr}).encode())
+    kept = f"the last good checkpoint is step {saved[-1]}, {path}: resume it" if saved else "no checkpoint yet: start"
+    return TrainingDiverged(
+        f"the loss is {loss} at step {step}: training stopped before it changed a weight; {kept} with a lower "
+        "`train.lr`, or check the data"
+    )
 
 
 def _scalar(value) -> bool:

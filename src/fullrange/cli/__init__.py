@@ -16,6 +16,7 @@ Options shared by several commands are declared once, in :mod:`._options`; how c
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Annotated
 
@@ -63,5 +64,17 @@ def main(
     ] = False,
 ) -> None:
     """fullrange: diffusion models whose outputs reach the full brightness range."""
-    # transformers warns at import about optional image processors fullrange never uses.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence what diffusers, transformers and the hub print that a user cannot act on (their loading bars, "modules
+    … should be kept in float32: []", advice about their own APIs); fullrange says what matters in its own lines."""
+    import warnings
+
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error")):
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for library in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{library}(\.|$)")
+    logging.getLogger("accelerate").setLevel(logging.ERROR)

@@ -3,7 +3,8 @@
 - :data:`BAD_INPUT` (2): an option, file or folder the user gave is wrong; the line names it as the command line
   spells it (:func:`fail_on` turns the library's config names into flags).
 - :data:`FAILED` (1): anything else a command lets through (:class:`OneLineErrors`).
-- :data:`INTERRUPTED` (130): training stopped by a signal, with a checkpoint to resume.
+- :data:`INTERRUPTED` (130): training stopped by a signal, with a checkpoint to resume; any other command stopped by
+  SIGINT, SIGTERM or SIGHUP ends with 128 + the signal's number, its temporary files removed on the way out.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 import logging
 import os
 import re
+import signal
+import threading
 import warnings
 from typing import NoReturn
 
@@ -25,13 +28,62 @@ DEBUG_ENV = "FULLRANGE_DEBUG"
 BAD_INPUT, FAILED, INTERRUPTED = 2, 1, 130
 
 
+class Stopped(BaseException):
+    """A signal asked the command to stop. Raised from the signal handler, it unwinds the command like any exception,
+    so atomic writers remove their temporary files (a BaseException: no library's ``except Exception`` eats it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` in the block (main thread only); the handlers before are
+    restored after it. The training loop sets its own for its steps (a checkpoint first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    for sig in signals:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class OneLineErrors(TyperGroup):
     """Any exception a command lets through becomes one line on stderr naming the command (exit status
-    :data:`FAILED`); with ``--debug`` or ``FULLRANGE_DEBUG=1`` the stack trace is shown instead."""
+    :data:`FAILED`); with ``--debug`` or ``FULLRANGE_DEBUG=1`` the stack trace is shown instead. A stopping signal
+    (:class:`Stopped`) is one line too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Arguments that are not UTF-8 text (the shell hands Python undecodable bytes as surrogates) are refused in
+        one line, before any option reads them."""
+        for arg in args:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError as err:
+                byte = ord(arg[err.start]) - 0xDC00 if 0xDC80 <= ord(arg[err.start]) <= 0xDCFF else ord(arg[err.start])
+                shown = arg.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+                fail(f"the argument '{shown}' is not UTF-8 text (byte 0x{byte:02x} at offset {err.start})")
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with stop_on_signals():
+                return super().invoke(ctx)
+        except Stopped as stopped:
+            command = ctx.invoked_subcommand or ctx.info_name
+            typer.echo(f"error: fullrange {command}: stopped by {stopped}; no partial file was left", err=True)
+            raise typer.Exit(128 + stopped.signum) from None
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as err:
@@ -59,10 +111,14 @@ def fail(message: str) -> NoReturn:
 def fail_on(err: Exception, flags: dict[str, str]) -> NoReturn:
     """``err`` on one line, the config fields it names spelled as this command's ``flags`` (field → flag)."""
     text = str(err)
+    if isinstance(err, OSError) and err.filename is not None:  # not "[Errno 28] ...: '/a/b'"
+        text = f"{err.filename}: {err.strerror}"
     if isinstance(err, ConfigError) and err.field in flags:
         text = f"{flags[err.field]} {err.message}"
     for name in sorted((f for f in flags if "." in f), key=len, reverse=True):
         text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.])", flags[name], text)
+    # Fields the library names in backticks: their flag, or --field-name.
+    text = re.sub(r"`([\w.]+)`", lambda m: flags.get(m.group(1)) or "--" + m.group(1).replace("_", "-"), text)
     if isinstance(err, ConfigError) and err.message == "is required":
         text += " (on the command line or in --config)"
     fail(text.splitlines()[0] if text else type(err).__name__)

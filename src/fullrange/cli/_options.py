@@ -144,7 +144,14 @@ Adapter = Annotated[
 ]
 AdapterStrength = Annotated[float, typer.Option(help="Strength of the adapter (LoRA scale; OFT rotation fraction).")]
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-Dtype = Annotated[str, typer.Option("--dtype", "--precision", help="fp32, fp16 or bf16 weights.")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        "--precision",
+        help="fp32, fp16 or bf16 weights (export's default: fp16 in a single file, fp32 in a diffusers folder).",
+    ),
+]
 
 
 def dtype_of(name: str):
@@ -158,11 +165,13 @@ def dtype_of(name: str):
 
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 NumImages = Annotated[int, typer.Option(help="Images per prompt.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out (never one of the inputs).")]
 
 
-def load_model(model: str, sha256: str | None, config: str | None, allow_pickle: bool):
+def load_model(model: str, sha256: str | None, config: str | None, allow_pickle: bool, **overrides):
     """The model the loading options name (:class:`~fullrange.sd.config.ModelConfig`), on the device fullrange
-    samples on; errors name the options in config terms (``model.path``: :data:`MODEL_FLAGS` spells them)."""
+    samples on; errors name the options in config terms (``model.path``: :data:`MODEL_FLAGS` spells them).
+    ``overrides``: ``prediction`` / ``zero_terminal_snr`` over what the checkpoint says."""
     from ..config import ConfigError
     from ..sd import load_stable_diffusion
     from ..sd.load import inference_device
@@ -171,4 +180,4 @@ def load_model(model: str, sha256: str | None, config: str | None, allow_pickle:
         checked = ModelConfig(model, sha256, config, allow_pickle)
     except ConfigError as err:
         raise err.within("model") from None
-    return load_stable_diffusion(checked).to(inference_device())
+    return load_stable_diffusion(checked, **overrides).to(inference_device())

@@ -17,6 +17,7 @@ from ._options import (
     Family,
     Model,
     ModelConfigDir,
+    Overwrite,
     Sha256,
     dtype_of,
     load_model,
@@ -25,6 +26,9 @@ from ._options import (
 FORMATS = ("single-file", "diffusers", "kohya", "lycoris")
 ADAPTER_FORMATS = {"kohya": "lora", "lycoris": "oft"}
 """The formats that write an adapter alone, and the adapter each writes (:data:`fullrange.adapters.ADAPTERS`)."""
+DEFAULT_DTYPE = {"single-file": "fp16", "diffusers": "fp32", "kohya": "fp32", "lycoris": "fp32"}
+"""Weights as each format is best loaded: half-size single files (A1111 and ComfyUI cast them); diffusers folders
+that plain ``from_pretrained`` samples on a CPU (an fp16 folder fails there: Half and Float in one matmul)."""
 ERROR_NAMES = MODEL_FLAGS | {"adapter": "--adapter", "family": "--family"}
 
 
@@ -46,8 +50,9 @@ def export_command(
     adapter: Adapter = None,
     adapter_strength: AdapterStrength = 1.0,
     family: Family = None,
-    dtype: Dtype = "fp16",
+    dtype: Dtype = None,
     file_format: Format = "single-file",
+    overwrite: Overwrite = False,
     sha256: Sha256 = None,
     model_config: ModelConfigDir = None,
     allow_pickle: AllowPickle = False,
@@ -58,9 +63,9 @@ def export_command(
     from ..sd import load_adapter
     from ..sd.export import export, export_diffusers
 
-    _check(out, file_format, adapter)
-    weights = dtype_of(dtype)
     refuse_overwrite(out, {"--model": model, "--adapter": adapter, "--model-config": model_config})
+    _check(out, file_format, adapter, overwrite)
+    weights = dtype_of(dtype or DEFAULT_DTYPE[file_format])
     with library_errors(ERROR_NAMES):
         sd_model = load_model(model, sha256, model_config, allow_pickle)
         if file_format in ADAPTER_FORMATS:
@@ -71,7 +76,7 @@ def export_command(
             with warnings_as_lines():
                 sd_model = load_adapter(sd_model, adapter, adapter_strength)
         if file_format == "diffusers":
-            export_diffusers(out, sd_model, dtype=weights)
+            export_diffusers(out, sd_model, dtype=weights, replace=overwrite)
         else:
             export(out, sd_model, family=family, dtype=weights)
     spec = sd_model.spec
@@ -80,17 +85,20 @@ def export_command(
     )
 
 
-def _check(out: Path, file_format: str, adapter: Path | None) -> None:
-    """The format is known, has what it needs, and ``out`` can be what it writes."""
+def _check(out: Path, file_format: str, adapter: Path | None, overwrite: bool) -> None:
+    """The format is known, has what it needs, and ``out`` can be what it writes (an existing one only with
+    ``--overwrite``)."""
     if file_format not in FORMATS:
         fail(f"--format {file_format!r}: choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
     if file_format in ADAPTER_FORMATS and adapter is None:
         kind = {"lora": "a LoRA", "oft": "an OFT"}[ADAPTER_FORMATS[file_format]]
         fail(f"--format {file_format} writes {kind} adapter: give it with --adapter (a folder of fullrange train)")
     if file_format == "diffusers":
-        if out.exists():
-            fail(f"--out {out}: already exists; --format diffusers writes a new folder")
+        if out.exists() and not (overwrite and out.is_dir()):
+            fail(f"--out {out}: already exists; --format diffusers writes a new folder (or replaces one: --overwrite)")
     elif out.suffix != ".safetensors":
         fail(f"--out {out}: the file name must end in .safetensors")
     elif out.is_dir():
         fail(f"--out {out}: is a directory, not a file name")
+    elif out.exists() and not overwrite:
+        fail(f"--out {out}: already exists; give --overwrite to replace it")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -30,30 +32,39 @@ def inspect_command(
     with library_errors(MODEL_FLAGS | {"model.path": "MODEL", "adapter": "--adapter"}):
         config = ModelConfig(model, sha256, model_config, allow_pickle)
         found = inspect(config, None if adapter is None else str(adapter), always_probe=probe)
-    typer.echo(found.to_json() if as_json else "\n".join(_lines(found, model)))
+    typer.echo(found.to_json() if as_json else "\n".join(_lines(found, config, adapter)))
 
 
-def _lines(found, model: str) -> list[str]:
-    """The lines ``inspect`` prints for an :class:`~fullrange.sd.inspection.Inspection` of ``model``."""
+def _lines(found, config, adapter: Path | None) -> list[str]:
+    """The lines ``inspect`` prints for an :class:`~fullrange.sd.inspection.Inspection` of the model ``config``
+    names, with ``adapter``: metadata from the files escaped, the command to sample it exactly as it must be."""
     lines = [f"family: {found.family}", "markers:"]
     for m in found.found or ():
         meaning = m.prediction if m.prediction is not None else f"zero terminal SNR {m.zero_terminal_snr}"
-        lines.append(f"  {m.convention:<9} {m.key} = {m.value} -> {meaning}  ({m.source})")
+        lines.append(f"  {m.convention:<9} {_shown(m.key)} = {_shown(m.value)} -> {meaning}  ({_shown(m.source)})")
     if not found.found:
         lines.append("  none")
     lines += [f"  disagree on {c}" for c in found.decision.conflicts]
     if found.probe is not None:
         lines.append(f"probe: {found.probe.describe()}")
-    flags = " ".join(_flag(k, v) for k, v in found.settings.items())
+    given = {"--model": config.path, "--model-config": config.config, "--adapter": adapter}
+    given |= {"--sha256": config.sha256, "--allow-pickle": config.allow_pickle or None}
+    words = [f"{k} {shlex.quote(str(v))}" if v is not True else k for k, v in given.items() if v is not None]
+    flags = " ".join([*words, *(_flag(k, v) for k, v in found.settings.items())])
     return [
         *lines,
         f"prediction: {found.prediction} (from the {found.how['prediction']})",
         f"zero terminal SNR: {'on' if found.zero_terminal_snr else 'off'} ({found.how['zero_terminal_snr']})",
         *(f"note: {note}" for note in found.notes),
-        f"sample with: fullrange sample --model {model} {flags}",
+        f"sample with: fullrange sample {flags} --prompt PROMPT --out FOLDER",
         "diffusers scheduler config:",
         json.dumps(found.scheduler_config, indent=2),
     ]
+
+
+def _shown(value) -> str:
+    """Text from a file, printable: control characters (a terminal's escape sequences) written as ``\\xNN``."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
 
 
 def _flag(name: str, value) -> str:

@@ -46,6 +46,9 @@ BatchSize = Annotated[
         help="Images sampled at once (image i keeps seed + i; stochastic samplers' noise depends on the batch)."
     ),
 ]
+SameSeed = Annotated[
+    bool, typer.Option("--same-seed", help="Image j of every prompt from the same seed (compare prompts on one noise).")
+]
 ControlNet = Annotated[Path | None, typer.Option(help="A ControlNet (diffusers folder) to condition on.")]
 Prediction = Annotated[
     str | None,
@@ -56,6 +59,10 @@ ZeroTerminalSNR = Annotated[
 ]
 
 
+PROMPTS_LIMIT = 2**24
+"""The largest --prompts-file read (16 MiB)."""
+
+
 def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
     """The ``--prompt`` values, then the non-empty lines of ``--prompts-file``; at least one."""
     prompts = list(prompt or [])
@@ -63,7 +70,8 @@ def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[st
         if not prompts_file.is_file():
             fail(f"--prompts-file {prompts_file}: no such file")
         try:
-            prompts += [line.strip() for line in read_text(prompts_file).splitlines() if line.strip()]
+            lines = read_text(prompts_file, limit=PROMPTS_LIMIT).splitlines()
+            prompts += [line.strip() for line in lines if line.strip()]
         except ValueError as err:
             fail(f"--prompts-file {err}")
     if not prompts:
@@ -78,6 +86,7 @@ def sample_command(
     prompts_file: PromptsFile = None,
     num_images: NumImages = 1,
     batch_size: BatchSize = 1,
+    same_seed: SameSeed = False,
     adapter: Adapter = None,
     adapter_strength: AdapterStrength = 1.0,
     controlnet: ControlNet = None,
@@ -103,14 +112,15 @@ def sample_command(
         settings = from_dict(SampleSettings, tables(fields))
         if (controlnet is None) != (settings.control_image is None):
             fail("--controlnet and --control-image go together: give both or neither")
-        sd_model = load_model(model, sha256, model_config, allow_pickle)
+        overrides = {"prediction": prediction, "zero_terminal_snr": zero_terminal_snr}
+        sd_model = load_model(model, sha256, model_config, allow_pickle, **overrides)
         control = _controlnet(controlnet, sd_model, allow_pickle)
         sd_model = _adapted(sd_model, adapter, adapter_strength, prediction, zero_terminal_snr)
         for network in (sd_model, control):
             if network is not None:
                 network.to(dtype=weights)
         made = source(sd_model, adapter, adapter_strength, dtype)
-        counts = {"num_images": num_images, "batch_size": batch_size, "progress": progress}
+        counts = {"num_images": num_images, "batch_size": batch_size, "same_seed": same_seed, "progress": progress}
         paths, grid = sample_to_folder(sd_model, prompts, settings, out, controlnet=control, source=made, **counts)
     typer.echo(f"wrote {len(paths)} images ({paths[0].name} …) and {grid}", err=True)
 

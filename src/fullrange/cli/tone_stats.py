@@ -10,13 +10,25 @@ import typer
 from ..config import from_dict
 from ..sd.sample import SampleSettings
 from ._errors import fail, library_errors, refuse_overwrite
-from ._options import MODEL_FLAGS, AllowPickle, Model, ModelConfigDir, Progress, Sha256, load_model, tables, with_fields
+from ._options import (
+    MODEL_FLAGS,
+    AllowPickle,
+    Model,
+    ModelConfigDir,
+    Overwrite,
+    Progress,
+    Sha256,
+    load_model,
+    tables,
+    with_fields,
+)
 
 
 def tone_stats_command(
     model: Model,
     data: Annotated[Path, typer.Option(help="A folder of images (captions are not needed).")],
     out: Annotated[Path, typer.Option(help="The .safetensors file to write, for sample --tone-stats.")],
+    overwrite: Overwrite = False,
     sha256: Sha256 = None,
     model_config: ModelConfigDir = None,
     allow_pickle: AllowPickle = False,
@@ -32,6 +44,8 @@ def tone_stats_command(
     if out.is_dir():
         fail(f"--out {out}: is a directory, not a file name")
     refuse_overwrite(out, {"--model": model, "--model-config": model_config})
+    if out.exists() and not overwrite:
+        fail(f"--out {out}: already exists; give --overwrite to replace it")
     with library_errors(MODEL_FLAGS | {"resolution": "--resolution", "data": "--data"}):
         resolution = from_dict(SampleSettings, tables(fields)).resolution
         sd_model = load_model(model, sha256, model_config, allow_pickle)

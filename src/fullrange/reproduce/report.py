@@ -30,6 +30,8 @@ TITLES = {
     "training_free": "no fine-tuning: the leak-aware start",
 }
 MARKS = {"reproduced": "🟢", "partly": "🟡", "not reproduced": "🔴"}
+SMOKE_TESTS = ("micro",)
+"""Presets that test the code, not the findings: their reports show no verdict."""
 MAIN_FIGURES = (("from_scratch", "before_after.png"), ("from_scratch", "per_label_brightness.png"))
 HOW_TO_READ = [
     "- **Brightness** of an image is the mean of its pixels, 0 black to 1 white. The data set's images run from "
@@ -60,6 +62,7 @@ def write_report(out: Path) -> Path:
         seeds = preset.get("seeds", [preset["seed"]])
         total = sum(r["seconds"] for r in results)
         counts = {v: sum(f["verdict"] == v for _, f in findings) for v in MARKS}
+        smoke = preset["name"] in SMOKE_TESTS
         md += [
             f"Preset **{preset['name']}**: {preset['channels']}×{preset['size']}×{preset['size']} images, "
             f"{preset['num_images']} of them; {preset['train_steps']} training steps per recipe and seed, "
@@ -68,9 +71,13 @@ def write_report(out: Path) -> Path:
             "",
             "## TL;DR",
             "",
-            f"{len(findings)} findings: "
-            + ", ".join(f"{MARKS[v]} {counts[v]} {v}" for v in MARKS)
-            + ". Below: the same noise through a model trained with SD's recipe and one trained with zero terminal "
+            (
+                f"The {preset['name']} preset is a smoke test of the code: its models train for a few steps and say "
+                "nothing about the findings, so no verdict is shown. Run the quick preset for them."
+                if smoke
+                else f"{len(findings)} findings: " + ", ".join(f"{MARKS[v]} {counts[v]} {v}" for v in MARKS) + "."
+            )
+            + " Below: the same noise through a model trained with SD's recipe and one trained with zero terminal "
             "SNR (first seed; two data images of each label on the left); then, for every recipe, the mean "
             "brightness each label reaches (grey bars: the data; error bars: the range over seeds).",
         ]
@@ -79,16 +86,18 @@ def write_report(out: Path) -> Path:
                 md += ["", f"![{image}]({name}/{image})"]
         md += ["", "| finding | verdict | measured |", "|---|---|---|"]
         for r, f in findings:
-            md.append(f"| {f['claim']} ([{r['name']}](#{r['name']})) | {_verdict(f)} | {f['evidence']} |")
+            md.append(f"| {f['claim']} ([{r['name']}](#{r['name']})) | {_verdict(f, smoke)} | {f['evidence']} |")
         md += ["", "## Contents", ""]
         md += [f"- [{r['name']}](#{r['name']}): {TITLES.get(r['name'], '')}" for r in results]
         md += ["- [How to read this](#how-to-read-this)", "- [Provenance](#provenance)"]
-        md += ["", "## How to read this", "", *HOW_TO_READ]
+        how = [line for line in HOW_TO_READ if not (smoke and line.startswith("- **Verdicts**"))]
+        md += ["", "## How to read this", "", *how]
+    smoke = bool(results) and results[0]["preset"]["name"] in SMOKE_TESTS
     for r in results:
         md += ["", f"## {r['name']}", "", inspect.cleandoc(r.get("doc") or ""), "", f"Ran in {r['seconds']} s.", ""]
         for f in r["findings"]:
             rule = f" (rule: {f['rule']})" if f.get("rule") else ""
-            md.append(f"- {_verdict(f)}: {f['claim']}. {f['evidence']}.{rule}")
+            md.append(f"- {_verdict(f, smoke)}: {f['claim']}. {f['evidence']}.{rule}")
         for image in r.get("plots", []):
             md += ["", f"![{image}]({r['name']}/{image})"]
         for image in r.get("grids", []):
@@ -118,7 +127,9 @@ def write_report(out: Path) -> Path:
     return report
 
 
-def _verdict(finding: dict) -> str:
+def _verdict(finding: dict, smoke: bool = False) -> str:
+    if smoke:
+        return "— (smoke test)"
     return f"{MARKS.get(finding['verdict'], '')} **{finding['verdict']}**"
 
 
@@ -128,8 +139,18 @@ def _minutes(seconds: float) -> str:
 
 def _html(markdown: str, out: Path) -> str:
     """A small Markdown subset (headings, tables, lists, images, bold, code) to HTML with inlined images."""
-    body, table = [], False
+    body, table, paragraph = [], False, []
+
+    def flush() -> None:  # consecutive text lines are one paragraph, as in Markdown
+        if paragraph:
+            body.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+            paragraph.clear()
+
     for line in markdown.splitlines():
+        if line.strip() and not line.startswith(("|", "![", "#", "- ")):
+            paragraph.append(line.strip())
+            continue
+        flush()
         if line.startswith("|"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             if set("".join(cells)) <= set("-"):
@@ -157,8 +178,7 @@ def _html(markdown: str, out: Path) -> str:
             body.append(f'<h{level} id="{anchor}">{_inline(title)}</h{level}>')
         elif line.startswith("- "):
             body.append(f"<li>{_inline(line[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
+    flush()
     if table:
         body.append("</table>")
     style = (

@@ -1,8 +1,13 @@
-"""The model card a fine-tune leaves in its output folder (``README.md``): what was trained, and how the result must
-be sampled, in diffusers', ComfyUI's and A1111's terms."""
+"""The model card a fine-tune leaves in its output folder (``README.md``): YAML front-matter for the Hugging Face Hub,
+what was trained, and how the result must be sampled, in fullrange's, diffusers', ComfyUI's and A1111's terms.
+
+Paths are quoted for the language they are pasted into (shell words, Python strings): a path is data, never code.
+"""
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 from ..adapters import ADAPTERS
@@ -13,47 +18,89 @@ from .model import StableDiffusion
 
 
 def write_model_card(
-    path: Path, config: FinetuneConfig, base: StableDiffusion, spec: SamplingSpec, outputs: dict[str, Path]
+    path: Path,
+    config: FinetuneConfig,
+    base: StableDiffusion,
+    spec: SamplingSpec,
+    outputs: dict[str, Path],
+    *,
+    processes: int = 1,
+    validation: Path | None = None,
 ) -> Path:
-    """``README.md`` for the run's outputs: base, recipe, training settings, files, and sampling instructions."""
+    """``README.md`` for the run's outputs: front-matter, base, recipe, training settings (the global batch: per
+    process × ``processes`` × accumulation), files, the last ``validation`` grid if any, and how to sample it."""
     out = path.parent
-    v = spec.prediction == "v_prediction"
-    ztsnr = spec.schedule.zero_terminal_snr
-    a, t = config.adapter, config.train
-    noise = config.noise
+    sections = [
+        _front_matter(config, base, spec),
+        _trained(config, base, spec, out, processes),
+        _files(outputs, out, validation),
+        _sampling(config, base, spec, outputs),
+    ]
+    write_bytes(path, "\n".join(line for section in sections for line in section).encode())
+    return path
+
+
+def _front_matter(config: FinetuneConfig, base: StableDiffusion, spec: SamplingSpec) -> list[str]:
+    tags = ["fullrange", "stable-diffusion", "text-to-image", config.adapter.kind]
+    tags += ["v-prediction"] if spec.prediction == "v_prediction" else []
+    tags += ["zero-terminal-snr"] if spec.schedule.zero_terminal_snr else []
+    return [
+        "---",
+        f"base_model: {json.dumps(str(base.source))}",
+        "library_name: diffusers",
+        "tags:",
+        *(f"- {tag}" for tag in tags),
+        "---",
+        "",
+    ]
+
+
+def _trained(config: FinetuneConfig, base: StableDiffusion, spec: SamplingSpec, out: Path, processes: int) -> list[str]:
+    a, t, noise = config.adapter, config.train, config.noise
     fixes = [
         f"offset noise {noise.offset}" if noise.offset else "",
         f"pyramid noise {noise.pyramid}" if noise.pyramid else "",
         f"input perturbation {noise.input_perturbation}" if noise.input_perturbation else "",
-        "zero terminal SNR" if ztsnr else "",
         f"min-SNR-γ {noise.min_snr_gamma}" if noise.min_snr_gamma else "",
     ]
-    files = "\n".join(
-        f"- `{Path(p).relative_to(out) if Path(p).is_relative_to(out) else p}`: {kind}" for kind, p in outputs.items()
-    )
-    adapter = outputs.get(a.kind)
-    pipeline = "StableDiffusionXLPipeline" if base.is_xl else "StableDiffusionPipeline"
-    lines = [
+    batch = t.batch_size * processes * t.grad_accum
+    per = f" ({t.batch_size} per process × {processes} processes × {t.grad_accum} accumulated)"
+    return [
         f"# {out.resolve().name}",
         "",
         f"Fine-tuned with fullrange from `{base.source}` ({'SDXL' if base.is_xl else 'Stable Diffusion'}): "
         f"{ADAPTERS[a.kind].describe(a)}{' and the text encoders' if a.text_encoder else ''}, {t.steps} steps at "
-        f"{config.data.resolution} px, batch {t.batch_size}×{t.grad_accum}, {t.optimizer} at {t.lr:g} "
-        f"({t.lr_schedule} after {t.warmup_steps} warm-up steps), seed {t.seed}.",
+        f"{config.data.resolution} px, batch {batch}{per if batch != t.batch_size else ''}, {t.optimizer} at "
+        f"{t.lr:g} ({t.lr_schedule} after {t.warmup_steps} warm-up steps), seed {t.seed}.",
         "",
         f"Recipe: predicts **{spec.prediction}**"
-        + (", **zero terminal SNR**" if ztsnr else "")
-        + "".join(f", {f}" for f in fixes if f and f != "zero terminal SNR")
+        + (", **zero terminal SNR**" if spec.schedule.zero_terminal_snr else "")
+        + "".join(f", {f}" for f in fixes if f)
         + f". The base predicts {base.spec.prediction}"
         + (" with zero terminal SNR." if base.spec.schedule.zero_terminal_snr else "."),
         "",
-        "## Files",
-        "",
-        files,
-        "",
+    ]
+
+
+def _files(outputs: dict[str, Path], out: Path, validation: Path | None) -> list[str]:
+    def shown(path: Path) -> str:
+        return str(Path(path).relative_to(out) if Path(path).is_relative_to(out) else path)
+
+    lines = ["## Files", "", *(f"- `{shown(p)}`: {kind}" for kind, p in outputs.items()), ""]
+    if validation is not None:
+        lines += ["The validation prompts at the last checkpoint:", "", f"![validation]({shown(validation)})", ""]
+    return lines
+
+
+def _sampling(config: FinetuneConfig, base: StableDiffusion, spec: SamplingSpec, outputs: dict[str, Path]) -> list:
+    v = spec.prediction == "v_prediction"
+    ztsnr = spec.schedule.zero_terminal_snr
+    adapter = outputs.get(config.adapter.kind)  # a LoRA or OFT folder; a full fine-tune has none
+    kind = "v-prediction" if v else spec.prediction
+    lines = [
         "## How to sample it",
         "",
-        f"It must be sampled as a **{'v-prediction' if v else spec.prediction}** model"
+        f"It must be sampled as {'an' if kind[0] in 'aeiou' else 'a'} **{kind}** model"
         + (
             ", with the schedule rescaled to **zero terminal SNR** and the first step at t = T−1 (trailing or "
             "linspace spacing, not leading); rescale the guidance (φ = 0.7) against over-exposure."
@@ -66,18 +113,28 @@ def write_model_card(
             else ""
         ),
         "",
-        "**fullrange**: it reads the settings from the adapter folder.",
+        "**fullrange**: "
+        + ("it reads the settings from the adapter folder." if adapter else "it reads them from the pipeline."),
         "",
         "```bash",
         (
-            f"fullrange sample --model {base.source} --adapter {adapter}"
+            f"fullrange sample --model {shlex.quote(str(base.source))} --adapter {shlex.quote(str(adapter))}"
             if adapter
-            else f"fullrange sample --model {outputs['pipeline']}"
+            else f"fullrange sample --model {shlex.quote(str(outputs['pipeline']))}"
         )
         + ' --prompt "..." --out samples'
         + (" --guidance-rescale 0.7" if ztsnr else ""),
         "```",
         "",
+        *_diffusers(base, outputs, adapter, ztsnr),
+        *_tools(base, spec, outputs),
+    ]
+    return lines
+
+
+def _diffusers(base: StableDiffusion, outputs: dict[str, Path], adapter: Path | None, ztsnr: bool) -> list[str]:
+    pipeline = "StableDiffusionXLPipeline" if base.is_xl else "StableDiffusionPipeline"
+    lines = [
         "**diffusers**: the scheduler config saved beside the weights says all of it.",
         "",
         "```python",
@@ -85,44 +142,50 @@ def write_model_card(
         "",
     ]
     if "pipeline" in outputs:
-        lines += [f'pipe = Pipeline.from_pretrained("{outputs["pipeline"]}")  # its scheduler config is already right']
+        lines += [f"pipe = Pipeline.from_pretrained({_py(outputs['pipeline'])})  # its scheduler config is right"]
     else:
+        load = "from_pretrained" if base.source.is_dir() else "from_single_file"
         lines += [
-            f'pipe = Pipeline.from_pretrained("{base.source}")'
-            if base.source.is_dir()
-            else f'pipe = Pipeline.from_single_file("{base.source}")',
-            f'pipe.load_lora_weights("{adapter}")' if "lora" in outputs else "# OFT: use the merged pipeline",
-            f'pipe.scheduler = DDIMScheduler.from_pretrained("{adapter}")',
+            f"pipe = Pipeline.{load}({_py(base.source)})",
+            f"pipe.load_lora_weights({_py(adapter)})",
+            f"pipe.scheduler = DDIMScheduler.from_pretrained({_py(adapter)})",
         ]
-    lines += [
-        f'image = pipe("...", guidance_rescale={0.7 if ztsnr else 0.0}).images[0]',
-        "```",
-        "",
-        "**ComfyUI**: "
-        + (
-            f"put `{outputs['kohya'].name}` in `models/loras` and load it with *LoraLoader* on the base; "
-            if "kohya" in outputs
-            else ""
+    return [*lines, f'image = pipe("...", guidance_rescale={0.7 if ztsnr else 0.0}).images[0]', "```", ""]
+
+
+def _tools(base: StableDiffusion, spec: SamplingSpec, outputs: dict[str, Path]) -> list[str]:
+    v, ztsnr = spec.prediction == "v_prediction", spec.schedule.zero_terminal_snr
+    kohya = outputs.get("kohya")
+    single = "a single file (`fullrange export --model ... --out model.safetensors`)"
+    comfy = (
+        f"put `{kohya.name}` in `models/loras` and load it with *LoraLoader* on the base; "
+        if kohya
+        else f"load {single}; "
+    )
+    a1111 = f"put `{kohya.name}` in `models/Lora`. " if kohya else f"load {single}. "
+    if ztsnr:
+        a1111 += "In Settings → Sampler parameters set *Noise schedule for sampling* to *Zero Terminal SNR*. "
+    if v and not base.is_xl:
+        a1111 += (
+            "A v-prediction SD 1.x / 2.x checkpoint needs a config `.yaml` of the same name with "
+            '`parameterization: "v"`'
+            + (
+                "; a LoRA cannot change the base's prediction type there, so export the merged model. "
+                if kohya
+                else ". "
+            )
         )
+    return [
+        "**ComfyUI**: "
+        + comfy
         + f"add *ModelSamplingDiscrete* with sampling `{'v_prediction' if v else 'eps'}` and zsnr "
         f"`{'true' if ztsnr else 'false'}`" + (", and *RescaleCFG* with multiplier 0.7." if ztsnr else "."),
         "",
-        "**A1111**: "
-        + (f"put `{outputs['kohya'].name}` in `models/Lora`. " if "kohya" in outputs else "")
-        + (
-            "In Settings → Sampler parameters set *Noise schedule for sampling* to *Zero Terminal SNR*. "
-            if ztsnr
-            else ""
-        )
-        + (
-            "A v-prediction SD 1.x / 2.x checkpoint needs a config `.yaml` of the same name with "
-            '`parameterization: "v"`; a LoRA cannot change the base\'s prediction type there, so export the '
-            "merged model (`fullrange export --model BASE --adapter ADAPTER --out model.safetensors`). "
-            if v and base.spec.prediction != "v_prediction"
-            else ""
-        )
-        + "These ComfyUI and A1111 settings are written from their documentation, not tested by fullrange.",
+        "**A1111**: " + a1111 + "These ComfyUI and A1111 settings are written from their documentation.",
         "",
     ]
-    write_bytes(path, "\n".join(lines).encode())
-    return path
+
+
+def _py(path: Path | str) -> str:
+    """A Python string literal of ``path`` (quotes and backslashes escaped)."""
+    return json.dumps(str(path))

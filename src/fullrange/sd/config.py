@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..adapters import AdapterConfig
 from ..config import ConfigError, check_choice, check_finite, check_range, from_dict, setting
+from ..files import read_text
 from ..prediction import PREDICTIONS
 from ..train import TrainConfig
 
@@ -56,6 +57,12 @@ class DataConfig:
     resolution: int = setting(512, "Training resolution in pixels.")
     buckets: bool = setting(False, "Aspect-ratio buckets instead of square crops.")
     caption_dropout: float = setting(0.1, "Probability of training on the empty caption.")
+    caption_extension: str = setting(".txt", "The extension of caption files beside the images (kohya: .caption).")
+    default_caption: str | None = setting(
+        None,
+        "The caption of images that have none (an instance prompt).",
+        shown="none; a kohya folder N_name captions its images name",
+    )
     class_prompt: str | None = setting(None, "Dreambooth prior preservation: the class prompt.")
     class_data: str | None = setting(None, "Folder of class images (captions default to `data.class_prompt`).")
     num_class_images: int = setting(0, "Class images to have; missing ones are generated.")
@@ -66,6 +73,8 @@ class DataConfig:
         check_range("resolution", self.resolution, 0, open_low=True)
         if self.resolution % 8:
             raise ConfigError("resolution", f"must be a multiple of 8 (the VAE's factor), got {self.resolution}")
+        if not (self.caption_extension.startswith(".") and "/" not in self.caption_extension):
+            raise ConfigError("caption_extension", f"must be like .txt or .caption, got {self.caption_extension!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError("caption_dropout", f"must lie in [0, 1), got {self.caption_dropout}")
         check_range("num_class_images", self.num_class_images, 0)
@@ -151,12 +160,20 @@ class FinetuneConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
+TOML_LIMIT = 2**20
+"""The largest config file read (1 MiB): a config is a few hundred bytes."""
+
+
 def read_toml(path: Path | str) -> dict:
-    """The tables of a TOML file, as a dict; a one-line error naming the file if it cannot be read."""
+    """The tables of a TOML file, as a dict; a one-line error naming the file if it cannot be read, is larger than
+    :data:`TOML_LIMIT` or nests deeper than the parser can follow."""
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"{path}: not a readable TOML file ({err})") from None
+        return tomllib.loads(read_text(path, limit=TOML_LIMIT))
+    except RecursionError:
+        detail = "nested too deeply"
+    except ValueError as err:  # TOMLDecodeError is one, and so are read_text's errors (which name the file)
+        detail = str(err).removeprefix(f"{path}: ")
+    raise ValueError(f"{path}: not a readable TOML file ({detail})")
 
 
 def merge(base: dict, changes: dict) -> dict:

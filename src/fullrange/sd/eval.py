@@ -9,7 +9,7 @@ from .. import metrics
 from ..files import write_bytes
 from ..plots import brightness_per_prompt
 from .model import StableDiffusion
-from .sample import SampleSettings, generate, save_grid, save_images
+from .sample import SampleSettings, generate, resolve, save_grid, save_images
 
 PROMPTS = {
     # From the offset-noise article.
@@ -37,7 +37,7 @@ def evaluate(
     for i, (prompt, kind) in enumerate(prompts.items()):
         batch = [prompt] * num_images
         images = generate(model, batch, settings)
-        save_images(images, batch, settings, out / f"{i:02d}")
+        save_images(images, batch, resolve(model, settings)[0], out / f"{i:02d}")
         save_grid(images, out / f"{i:02d}", settings.seed)
         data = images * 2 - 1
         means = metrics.brightness(data)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import merge_adapters
-from ..files import save_safetensors, share_like_new_files
+from ..files import save_safetensors, staged_folder
 from .ldm import text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
 from .markers import MODELSPEC_ARCHITECTURE
 from .model import FAMILIES, StableDiffusion, as_pipeline
@@ -57,10 +57,11 @@ def _umask() -> int:
     return mask
 
 
-def export_diffusers(path: Path | str, model: StableDiffusion, *, dtype=torch.float16) -> Path:
+def export_diffusers(path: Path | str, model: StableDiffusion, *, dtype=torch.float32, replace: bool = False) -> Path:
     """Write ``model`` (any adapter merged into its UNet, in place) as a new diffusers pipeline folder in ``dtype``,
     its scheduler config saying how it must be sampled; built in a temporary folder beside it, then renamed, so a
-    failure leaves no half-written folder."""
+    failure leaves no half-written folder. ``replace``: an existing folder at ``path`` is swapped out only once the
+    new one is whole."""
     import shutil
     import tempfile
 
@@ -71,18 +72,27 @@ def export_diffusers(path: Path | str, model: StableDiffusion, *, dtype=torch.fl
             module.to(dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    old = None  # where a replaced folder waits until the new one is in place
     try:
         save_pipeline(model, tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as a new folder would be
+        if replace and path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            path.rename(old / path.name)
         tmp.rename(path)
     except BaseException:
+        if old is not None and not path.exists():
+            (old / path.name).rename(path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def save_pipeline(model: StableDiffusion, path: Path) -> Path:
     """A diffusers pipeline folder (safetensors) of ``model``, its scheduler configured by its spec."""
-    as_pipeline(model).save_pretrained(path, safe_serialization=True)
-    share_like_new_files(path)
+    with staged_folder(path) as tmp:  # diffusers' savers open their files by name
+        as_pipeline(model).save_pretrained(tmp, safe_serialization=True)
     return path

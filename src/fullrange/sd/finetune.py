@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from .. import data, schedules
 from ..adapters import ADAPTERS
 from ..batches import Batches, with_prior
 from ..config import ConfigError
-from ..files import Busy, fingerprint, lock, overwrites, sha256, write_bytes
-from ..images import save_new_png, to_uint8
+from ..files import Busy, claim_output_folder, fingerprint, lock, real_folder, sha256, write_bytes
+from ..images import save_png, to_uint8
 from ..losses import Recipe
 from ..sampling import SamplingSpec
 from ..train import check_resume, process_state, train
@@ -32,7 +34,10 @@ from .export import save_pipeline
 from .latents import bucket_step, image_batches
 from .load import load_stable_diffusion
 from .model import StableDiffusion, TextConditionedUNet
-from .sample import SampleSettings, generate, save_grid, save_images
+from .sample import SampleSettings, generate, resolve, save_grid, save_images
+
+RUN_FOLDERS = ("train", "cache", "lora", "oft", "pipeline", "checkpoints", "validation", "class_images")
+"""The folders a run writes inside its output folder."""
 
 
 def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dict[str, Path]:
@@ -41,12 +46,15 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dic
     The output folder is locked for the run (a second run into it is refused, naming the holder). An existing
     checkpoint there is continued only if it was made from the same base model, data, adapter and recipe
     (:func:`~fullrange.train.check_resume`), which is decided before anything is written."""
-    out = Path(config.output.path)
-    if out.exists() and not out.is_dir():
-        raise ConfigError("output.path", f"{out}: is a file, not a directory")
-    for field, given in (("model.path", config.model.path), ("model.config", config.model.config)):
-        if given is not None and out.is_dir() and overwrites(given, out):
-            raise ConfigError("output.path", f"{out}: holds {field} {given}, which the run's outputs could overwrite")
+    inputs = {"data.path": config.data.path, "data.class_data": config.data.class_data}
+    inputs |= {"model.path": config.model.path, "model.config": config.model.config}
+    try:
+        out = claim_output_folder(config.output.path, inputs)
+        for name in RUN_FOLDERS:
+            if (out / name).is_symlink():
+                raise ValueError(f"{out / name}: is a symbolic link; fullrange does not write through links")
+    except ValueError as err:
+        raise ConfigError("output.path", str(err)) from None
     main = process_state().is_main_process
     try:
         with lock(out, "fullrange train") if main else contextlib.nullcontext():
@@ -56,6 +64,8 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dic
 
 
 def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[str, Path]:
+    if not process_state().is_main_process:  # one process speaks for a distributed run
+        log = lambda line: None  # noqa: E731
     # The VAE and text encoders go where accelerate puts this process's UNet.
     model = load_stable_diffusion(config.model)
     for encoder in (model.vae, model.text_encoder, model.text_encoder_2):
@@ -64,7 +74,7 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
     recipe = recipe_for(config.noise, model.spec)
     spec = recipe.spec
     log(f"recipe: {spec.prediction}, zero terminal SNR {spec.schedule.zero_terminal_snr}, noise {recipe.noise}")
-    items = _scan(config.data.path, "data.path", _min_size(model, config.data), log)
+    items = _scan(config.data.path, "data.path", _min_size(model, config.data), log, config.data)
     identity = {
         "model": {"path": str(model.source), "fingerprint": fingerprint(model.source)},
         "data": {"path": str(Path(config.data.path).resolve()), "fingerprint": data_fingerprint(items)},
@@ -84,9 +94,11 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
     batches = training_batches(model, config.data, items, out, progress, log, token_ids=config.adapter.text_encoder)
     count = ADAPTERS[config.adapter.kind].attach(model, config.adapter, config.train.seed)
     where = " (UNet and text encoders)" if config.adapter.text_encoder else ""
+    processes = process_state().num_processes
+    where += f", on {processes} processes" if processes > 1 else ""
     log(f"{config.adapter.kind}: {count:,} trainable parameters{where}")
     tuned = replace(model, spec=recipe.spec)
-    on_checkpoint = at_checkpoint(model, tuned, config, out)
+    on_checkpoint = at_checkpoint(model, tuned, config, out, log)
     result = train(
         TextConditionedUNet(model) if config.adapter.text_encoder else model.unet,
         batches,
@@ -97,13 +109,18 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
         description="fine-tune",
         on_checkpoint=on_checkpoint,
         identity=identity,
+        log=log,
     )
     if not process_state().is_main_process:  # under accelerate launch / torchrun, one process writes
         return {}
     if result.ema is not None:
         result.apply_ema()  # into tuned.unet, which is the model trained
     outputs = save_outputs(tuned, model, config, out, log)
-    outputs["card"] = write_model_card(out / "README.md", config, model, tuned.spec, outputs)
+    grids = sorted((out / "validation").glob("step_*/grid-*.png"))
+    processes, validation = process_state().num_processes, grids[-1] if grids else None
+    outputs["card"] = write_model_card(
+        out / "README.md", config, model, tuned.spec, outputs, processes=processes, validation=validation
+    )
     for kind, path in outputs.items():
         log(f"wrote {kind}: {path}")
     return outputs
@@ -155,7 +172,9 @@ def data_fingerprint(items: list[data.Item]) -> str:
     """What the data is: every usable image's name, content hash and caption."""
     digest = hashlib.sha256()
     for item in items:
-        digest.update(json.dumps([item.path.name, sha256(item.path), item.caption]).encode())
+        name = item.path.name if item.repeats == 1 else str(item.path.relative_to(item.path.parent.parent))
+        repeats = [] if item.repeats == 1 else [item.repeats]  # a run of plain folders keeps its old fingerprint
+        digest.update(json.dumps([name, sha256(item.path), item.caption, *repeats]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -177,17 +196,18 @@ def training_batches(
         return batches
     class_dir = Path(config.class_data) if config.class_data else out / "class_images"
     make_class_images(model, config, class_dir, progress)
-    class_items = _scan(class_dir, "data.class_data", config.resolution, log, default_caption=config.class_prompt)
+    class_items = _scan(class_dir, "data.class_data", config.resolution, log, config, config.class_prompt)
     weight = config.prior_loss_weight
     log(f"prior preservation: {len(class_items)} class images of '{config.class_prompt}', weight {weight}")
     class_batches = image_batches(model, class_items, config, out / "cache", progress, token_ids)
     return with_prior(batches, class_batches, config.prior_loss_weight)
 
 
-def _scan(folder, field: str, min_size: int, log, default_caption: str = "") -> list[data.Item]:
-    """The usable images of ``folder``, logging every skipped one with its reason."""
+def _scan(folder, field: str, min_size: int, log, config: DataConfig, default_caption: str | None = None) -> list:
+    """The usable images of ``folder`` (captions as ``config`` says), logging every skipped one with its reason."""
+    default = default_caption or config.default_caption or ""
     try:
-        items, problems = data.scan(folder, min_size=min_size, default_caption=default_caption)
+        items, problems = data.scan(folder, min_size, default, config.caption_extension)
     except data.DataError as err:
         raise ConfigError(field, str(err)) from None
     for problem in problems:
@@ -196,21 +216,23 @@ def _scan(folder, field: str, min_size: int, log, default_caption: str = "") -> 
 
 
 def make_class_images(model: StableDiffusion, config: DataConfig, folder: Path, progress: bool) -> None:
-    """Generate class images with the base model until ``folder`` holds ``num_class_images`` (Dreambooth), each a new
-    PNG (a name already taken gets ``-2``, ...) with its caption beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Generate class images with the base model until ``folder`` holds ``num_class_images`` (Dreambooth), each a PNG
+    with its caption beside it under a name that neither file has yet: nothing there is replaced."""
+    real_folder(folder)
     have = sum(1 for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
     missing = max(0, config.num_class_images - have)
+    names = (f"class_{k:05d}" for k in itertools.count(have))
+    free = (n for n in names if not any((folder / f"{n}{suffix}").exists() for suffix in (".png", ".txt")))
     for start in tqdm(range(0, missing, 4), desc="class images", disable=not progress):
         count = min(4, missing - start)
         settings = SampleSettings(steps=25, seed=have + start, resolution=config.resolution)
-        images = generate(model, [config.class_prompt] * count, settings)
-        for k, array in enumerate(to_uint8(images)):
-            path = save_new_png(folder, f"class_{have + start + k:05d}", array)
-            write_bytes(path.with_suffix(".txt"), config.class_prompt.encode())
+        for array in to_uint8(generate(model, [config.class_prompt] * count, settings)):
+            name = next(free)
+            write_bytes(folder / f"{name}.txt", config.class_prompt.encode(), exclusive=True)
+            save_png(folder / f"{name}.png", array, exclusive=True)
 
 
-def at_checkpoint(base: StableDiffusion, model: StableDiffusion, config: FinetuneConfig, out: Path):
+def at_checkpoint(base: StableDiffusion, model: StableDiffusion, config: FinetuneConfig, out: Path, log=print):
     """What runs at each checkpoint, as a callback for :func:`~fullrange.train.train` (which puts the EMA weights,
     if any, into the model's networks first): the adapter as it is then, in ``OUT/checkpoints/step_N/``
     (:func:`save_adapter`; a full fine-tune's weights are in the training checkpoint), and the validation prompts
@@ -224,8 +246,11 @@ def at_checkpoint(base: StableDiffusion, model: StableDiffusion, config: Finetun
         save_adapter(model, base, config, folder, log=lambda _: None)  # a family it cannot tell is said at the end
         if not prompts:
             return None
+        log(f"validation at step {step}: sampling {len(prompts)} prompt(s), {settings.steps} steps")
+        began = time.perf_counter()
         images = generate(model, prompts, settings)
-        save_images(images, prompts, settings, out / "validation" / f"step_{step:06d}")
+        log(f"validation at step {step}: {time.perf_counter() - began:.0f} s")
+        save_images(images, prompts, resolve(model, settings)[0], out / "validation" / f"step_{step:06d}")
         save_grid(images, out / "validation" / f"step_{step:06d}", settings.seed)
         return {"validation": images}
 

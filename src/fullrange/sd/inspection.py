@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import read_json
 from ..sampling import retrained
 from ..scheduler_config import config_from_spec
 from . import markers, single_file
@@ -66,18 +67,28 @@ class Inspection:
         return json.dumps(asdict(self), indent=2)
 
 
-def read_markers(path: Path | str) -> list[markers.Marker]:
+def read_markers(path: Path | str, problems: list[str] | None = None) -> list[markers.Marker]:
     """The markers of a single file (its header), or of a folder: a diffusers pipeline's scheduler config, an
-    adapter folder's ``scheduler_config.json`` and the metadata of its safetensors files."""
+    adapter folder's ``scheduler_config.json`` and the metadata of its safetensors files. A file that cannot be
+    read is skipped, and why is added to ``problems``."""
     path = Path(path)
-    if path.is_file():
-        return markers.from_header(single_file.read_header(path), str(path)) if path.suffix == ".safetensors" else []
+    problems = [] if problems is None else problems
+    headers = [path] if path.is_file() and path.suffix == ".safetensors" else sorted(path.glob("*.safetensors"))
+    configs = [] if path.is_file() else [path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"]
     found = []
-    for config in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
-        if config.is_file():
-            found += markers.from_config(json.loads(config.read_text()), str(config))
-    for weights in sorted(path.glob("*.safetensors")):
-        found += markers.from_header(single_file.read_header(weights), str(weights))
+    for config in (c for c in configs if c.is_file()):
+        try:
+            values = read_json(config)
+            if not isinstance(values, dict):
+                raise ValueError(f"{config}: not a JSON object")
+            found += markers.from_config(values, str(config))
+        except ValueError as err:
+            problems.append(f"{err}; its markers are not read")
+    for weights in headers:
+        try:
+            found += markers.from_header(single_file.read_header(weights), str(weights))
+        except ValueError as err:
+            problems.append(f"{err}; its markers are not read")
     return found
 
 
@@ -104,8 +115,9 @@ def inspect(model: ModelConfig | str, adapter: str | None = None, *, always_prob
     disagree about it, or with ``always_probe``."""
     config = model if isinstance(model, ModelConfig) else ModelConfig(str(model))
     model_path = config.path
-    base = read_markers(model_path)
-    extra = read_markers(adapter) if adapter is not None else []
+    notes: list[str] = []
+    base = read_markers(model_path, notes)
+    extra = read_markers(adapter, notes) if adapter is not None else []
     found = extra + base
     base_decision, decision = markers.decide(base), markers.decide(extra)
     decision = markers.Decision(
@@ -113,12 +125,19 @@ def inspect(model: ModelConfig | str, adapter: str | None = None, *, always_prob
         decision.zero_terminal_snr if decision.zero_terminal_snr is not None else base_decision.zero_terminal_snr,
         decision.conflicts + base_decision.conflicts,
     )
+    # Markers that cannot both hold (zero terminal SNR with epsilon, said or defaulted): diagnosed, not refused.
+    impossible = bool(base_decision.zero_terminal_snr) and base_decision.prediction in (None, "epsilon")
+    if impossible:
+        notes.append(
+            "the markers say zero terminal SNR with epsilon prediction, which cannot be sampled (at SNR = 0 eps says "
+            "nothing about the image): loaded without zero terminal SNR, and the probe decides"
+        )
     with warnings.catch_warnings():  # the loader's warning about disagreeing markers: reported below instead
         warnings.simplefilter("ignore")
-        model = load_stable_diffusion(config)
+        model = load_stable_diffusion(config, zero_terminal_snr=False if impossible else None)
     if adapter is not None and Path(adapter).is_dir():
         model = load_adapter(model, adapter)
-    notes = []
+    always_probe = always_probe or impossible
     if extra and base_decision.prediction and decision.prediction != base_decision.prediction:
         notes.append(
             f"the adapter changes the prediction type from the base's {base_decision.prediction} to "

@@ -97,19 +97,27 @@ def latent_batches(
     cache: Path,
     time_ids: torch.Tensor | None = None,
     token_ids: bool = False,
+    repeats: list[int] | None = None,
 ) -> Batches:
     """Batches of VAE latents (a fresh posterior draw) with their captions' UNet
     conditioning, each caption replaced by the empty one with probability ``dropout``; ``time_ids``: per-image
     size conditioning (SDXL). With ``token_ids`` the captions are given as token ids for
     :class:`~fullrange.sd.model.TextConditionedUNet` (when the text encoders train), else as the encoders'
-    cached states."""
+    cached states; ``repeats``: how often each image is drawn relative to the others."""
     if token_ids:
         texts = {k: v.cpu() for k, v in model.tokenize([*captions, ""]).items()}
     else:
         texts = encode_captions(model, captions, cache)
 
+    weights = None if repeats is None or set(repeats) == {1} else torch.tensor(repeats, dtype=torch.float64)
+
     def draw(batch_size: int, generator: torch.Generator) -> Batch:
-        index = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
+        # Images drawn uniformly, or in proportion to their repeats (kohya's N_name folders): over many draws an image
+        # of N repeats is seen N times as often, as in an epoch that shows it N times.
+        if weights is None:
+            index = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
+        else:
+            index = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         z = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         drop = torch.rand(batch_size, generator=generator) < dropout
         text = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), v[-1:], v[:-1][index]) for k, v in texts.items()}
@@ -148,11 +156,8 @@ def image_batches(
         target = (size, size) if isinstance(size, int) else size
         ids = [model.time_ids(i.size[::-1], cover_crop(i.size, target)[1][::-1], target[::-1]) for i in group]
         time_ids = torch.stack(ids) if model.is_xl else None
-        captions = [i.caption for i in group]
-        sources.append(
-            (
-                latent_batches(model, means, stds, captions, config.caption_dropout, cache, time_ids, token_ids),
-                len(group),
-            )
-        )
+        captions, repeats = [i.caption for i in group], [i.repeats for i in group]
+        dropout = config.caption_dropout
+        draw = latent_batches(model, means, stds, captions, dropout, cache, time_ids, token_ids, repeats)
+        sources.append((draw, sum(repeats)))
     return sources[0][0] if len(sources) == 1 else one_of(sources)

@@ -28,22 +28,32 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def load_stable_diffusion(model: ModelConfig | Path | str, *, dtype=torch.float32) -> StableDiffusion:
+def load_stable_diffusion(
+    model: ModelConfig | Path | str,
+    *,
+    dtype=torch.float32,
+    prediction: str | None = None,
+    zero_terminal_snr: bool | None = None,
+) -> StableDiffusion:
     """The checkpoint a ``[model]`` table (or just a path) names: a diffusers folder, a single file (checked
     against ``sha256`` first if given; architecture from the bundled SD 1.x / 2.x / XL configs unless ``config``
-    names a diffusers folder), or a hub id that names no local path (:func:`fetch`)."""
+    names a diffusers folder), or a hub id that names no local path (:func:`fetch`). ``prediction`` and
+    ``zero_terminal_snr`` (not ``None``) override what the checkpoint says, before its sampling spec is made: a file
+    whose markers cannot both hold (zero terminal SNR with epsilon) loads when they settle it."""
     if not isinstance(model, ModelConfig):
         model = ModelConfig(str(model))
+    overrides = {"prediction_type": prediction, "rescale_betas_zero_snr": zero_terminal_snr}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
     text, path = model.path, Path(model.path)  # the text as given: Path("./a/b") would read as the hub id "a/b"
     if path.is_file():
-        return _load_single_file(path, model, dtype)
+        return _load_single_file(path, model, dtype, overrides)
     if model.sha256 is not None:
         raise ConfigError("model.sha256", f"applies to a single checkpoint file, and {path} is a folder")
     if not path.is_dir():
         if not HUB_ID.fullmatch(text):
             raise ConfigError("model.path", f"{text}: no such file or directory")
         path = fetch(text)
-    return _load_folder(path, model.allow_pickle, dtype)
+    return _load_folder(path, model.allow_pickle, dtype, overrides)
 
 
 def inference_device() -> torch.device:
@@ -67,6 +77,14 @@ def load_controlnet(path: Path | str, model: StableDiffusion, allow_pickle: bool
     except (OSError, ValueError) as err:
         detail = (str(err).strip().splitlines() or [""])[0][:200]
         raise ConfigError("controlnet", f"{path}: not a loadable ControlNet ({detail})") from None
+    mine, theirs = model.unet.config, controlnet.config
+    for key in ("cross_attention_dim", "addition_embed_type", "block_out_channels"):
+        if getattr(mine, key, None) != getattr(theirs, key, None):
+            raise ConfigError(
+                "controlnet",
+                f"{path}: made for another model ({key} {getattr(theirs, key, None)}, this model's UNet has "
+                f"{getattr(mine, key, None)}: an SDXL ControlNet on SD 1.x / 2.x, or the reverse?)",
+            )
     return controlnet.to(model.unet.device, model.unet.dtype).eval().requires_grad_(False)
 
 
@@ -89,7 +107,7 @@ def fetch(repo_id: str) -> Path:
         ) from None
 
 
-def _load_single_file(path: Path, model: ModelConfig, dtype) -> StableDiffusion:
+def _load_single_file(path: Path, model: ModelConfig, dtype, overrides: dict) -> StableDiffusion:
     if path.suffix in PICKLE_SUFFIXES and not model.allow_pickle:
         raise ConfigError(
             "model.path",
@@ -112,13 +130,13 @@ def _load_single_file(path: Path, model: ModelConfig, dtype) -> StableDiffusion:
     except ValueError as err:
         raise ConfigError("model.path", str(err)) from None
     try:
-        spec = spec_from_config(scheduler_config)
+        spec = spec_from_config(scheduler_config | overrides)
     except ValueError as err:
         raise ConfigError("model.path", f"{path}: {err}") from None
     return StableDiffusion(spec=spec, source=path, **parts)
 
 
-def _load_folder(path: Path, allow_pickle: bool, dtype) -> StableDiffusion:
+def _load_folder(path: Path, allow_pickle: bool, dtype, overrides: dict) -> StableDiffusion:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -153,7 +171,7 @@ def _load_folder(path: Path, allow_pickle: bool, dtype) -> StableDiffusion:
             raise bad(f"{component}: no weight file")
     scheduler_config = _json(path / "scheduler" / "scheduler_config.json", "model.path")
     try:
-        spec = spec_from_config(scheduler_config)
+        spec = spec_from_config(scheduler_config | overrides)
     except (ValueError, TypeError) as err:
         raise bad(f"scheduler: {err}") from None
     # use_safetensors=None takes safetensors where a component has them and pickle files elsewhere (allowed here).

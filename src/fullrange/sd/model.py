@@ -86,10 +86,17 @@ class StableDiffusion:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], float32 on the CPU, from latents in the UNet's units."""
+        """Images in [0, 1], float32 on the CPU, from latents in the UNet's units. Checked first: latents that are not
+        finite, or an image that decodes to a single value, raise a ``ValueError`` (a sampler driven out of range
+        would otherwise leave a black or flat image that looks like a result)."""
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("the sampled latents are not finite (NaN or inf)")
         latents = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
-        images = self.vae.decode(latents).sample
-        return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+        images = self.vae.decode(latents).sample.float().cpu()
+        flat = images.flatten(1)
+        if not bool(torch.isfinite(flat).all()) or bool((flat.amax(1) == flat.amin(1)).any()):
+            raise ValueError("the decoded images are not finite, or one is a single flat value")
+        return ((images + 1) / 2).clamp(0, 1)
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids of ``prompts`` for each text encoder, padded to the tokenizer's max length: ``input_ids``

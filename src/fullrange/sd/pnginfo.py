@@ -68,11 +68,11 @@ def source(model, adapter: Path | str | None = None, strength: float = 1.0, dtyp
     }
 
 
-def text_chunks(settings, i: int, prompt: str, source: dict | None = None) -> dict[str, str]:
-    """The PNG text chunks of image ``i`` of a batch sampled with (effective) ``settings`` from ``prompt``:
-    fullrange's ``fullrange`` JSON and A1111's ``parameters``."""
-    info = describe(settings, settings.seed + i, prompt, source or {})
-    size = (settings.resolution, settings.resolution)
+def text_chunks(settings, seed: int, prompt: str, source: dict | None = None) -> dict[str, str]:
+    """The PNG text chunks of an image sampled with (effective) ``settings`` from ``prompt`` and the noise of
+    ``seed``: fullrange's ``fullrange`` JSON and A1111's ``parameters``."""
+    info = describe(settings, seed, prompt, source or {})
+    size = (settings.width, settings.height)
     return {"fullrange": json.dumps(info), "parameters": a1111_parameters(info, size)}
 
 
@@ -105,8 +105,13 @@ def a1111_parameters(info: dict, size: tuple[int, int]) -> str:
         "Version": f"fullrange {info['fullrange']}" if info.get("fullrange") else None,
     }
     text = ", ".join(f"{k}: {_a1111_value(v)}" for k, v in pairs.items() if v is not None and v != "")
-    negative = f"\nNegative prompt: {info['negative_prompt']}" if info.get("negative_prompt") else ""
-    return f"{info['prompt']}{negative}\n{text}"
+    negative = f"\nNegative prompt: {_text(info['negative_prompt'])}" if info.get("negative_prompt") else ""
+    return f"{_text(info['prompt'])}{negative}\n{text}"
+
+
+def _text(prompt: str) -> str:
+    """A prompt as A1111 writes it into ``parameters``: newlines kept, other control characters (NUL, escapes) out."""
+    return "".join(c for c in prompt if c in "\n\t" or c.isprintable())
 
 
 def _a1111_value(value) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, check_choice, check_finite, check_range, setting
+from ..config import MAX_SEED, ConfigError, check_choice, check_finite, check_range, setting
 from ..denoiser import map_cond
 from ..images import read_image, save_new_png, tile, to_uint8
 from ..prediction import add_noise
@@ -27,6 +27,8 @@ from .model import StableDiffusion
 from .tone import leak_for, parse_tone
 
 TONE_SOURCES = ("tone", "tone_image", "tone_stats")
+OUT_OF_RANGE = ("control_scale", "guidance", "guidance_rescale", *TONE_SOURCES)
+"""Settings whose extreme values drive a model out of its range (named when the result is not finite)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class SampleSettings:
     guidance_rescale: float = setting(0.0, "Guidance rescale φ (Lin et al.; 0.7 recommended at zero terminal SNR).")
     seed: int = setting(0, "Seed of the first image; image i uses seed + i.")
     resolution: int | None = setting(None, "Image side in pixels, a multiple of 8.", shown="the UNet's")
+    width: int | None = setting(None, "Image width in pixels, a multiple of 8.", shown="`resolution`")
+    height: int | None = setting(None, "Image height in pixels, a multiple of 8.", shown="`resolution`")
     negative_prompt: str = setting("", "Negative prompt (the unconditional branch of guidance).")
     tone: str | None = setting(
         None, "Start from this brightness (0 black … 1 white) or colour (#1a1a1a): works on any model (signal leak)."
@@ -93,8 +97,11 @@ class SampleSettings:
         check_range("guidance", self.guidance, 0)
         check_range("guidance_rescale", self.guidance_rescale, 0, 1)
         check_range("seed", self.seed, 0)
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise ConfigError("resolution", f"must be a positive multiple of 8, got {self.resolution}")
+        check_range("seed", self.seed, None, MAX_SEED)
+        for name in ("resolution", "width", "height"):
+            side = getattr(self, name)
+            if side is not None and (side <= 0 or side % 8):
+                raise ConfigError(name, f"must be a positive multiple of 8, got {side}")
 
 
 class ControlledUNet(torch.nn.Module):
@@ -140,43 +147,47 @@ class InpaintingUNet(torch.nn.Module):
 
 def resolve(model: StableDiffusion, settings: SampleSettings) -> tuple[SampleSettings, str]:
     """The settings sampling actually uses: the sampler and spacing :func:`~fullrange.sampling.pick` picks where
-    none is given, and the UNet's own resolution; with the note saying what was picked (``""`` if nothing)."""
+    none is given, and the UNet's own resolution (the width and height where they are not given); with the note saying
+    what was picked (``""`` if nothing)."""
     resolution = settings.resolution or model.unet.config.sample_size * model.vae_scale_factor
-    size = resolution // model.vae_scale_factor
-    shape = (1, model.vae.config.latent_channels, size, size)
+    width, height = settings.width or resolution, settings.height or resolution
+    f = model.vae_scale_factor
+    shape = (1, model.vae.config.latent_channels, height // f, width // f)
     sampler, spacing, note = pick(model.spec, shape, settings.sampler, settings.spacing)
-    return replace(settings, sampler=sampler, spacing=spacing, resolution=resolution), note
+    effective = {"sampler": sampler, "spacing": spacing, "resolution": resolution, "width": width, "height": height}
+    return replace(settings, **effective), note
 
 
-def pixel_mask(path: str, resolution: int) -> torch.Tensor:
-    """(1, 1, H, W) booleans at pixel size: where the mask file is white (binarised at 0.5), to repaint."""
-    return (read_image(path, resolution, "mask")[None].mean(1, keepdim=True) + 1) / 2 >= 0.5
+def pixel_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, H, W) booleans at pixel ``size`` (width, height): where the mask file is white (binarised at 0.5), to
+    repaint."""
+    return (read_image(path, size, "mask")[None].mean(1, keepdim=True) + 1) / 2 >= 0.5
 
 
-def latent_mask(binary: torch.Tensor, size: int) -> torch.Tensor:
-    """(1, 1, h, w): a pixel mask at latent size (nearest), as diffusers' inpainting pipeline resizes it."""
-    return torch.nn.functional.interpolate(binary.float(), size=(size, size))
+def latent_mask(binary: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, h, w): a pixel mask at latent ``size`` (h, w), nearest, as diffusers' inpainting pipeline resizes it."""
+    return torch.nn.functional.interpolate(binary.float(), size=size)
 
 
-def inpaint_channels(model: StableDiffusion, image: str, mask: str, resolution: int) -> torch.Tensor:
+def inpaint_channels(model: StableDiffusion, image: str, mask: str, size: tuple[int, int]) -> torch.Tensor:
     """(1, 1 + C, h, w): the mask at latent size (white = repaint) and the latents of the image with the repainted
-    part blacked out, as diffusers' inpainting pipeline builds them for a 9-channel UNet; ``resolution`` in pixels."""
-    binary = pixel_mask(mask, resolution)
-    masked, _ = model.encode_images(read_image(image, resolution, "image")[None] * ~binary)
-    return torch.cat([latent_mask(binary, masked.shape[-1]), masked], dim=1)
+    part blacked out, as diffusers' inpainting pipeline builds them for a 9-channel UNet; ``size`` (width, height)
+    in pixels."""
+    binary = pixel_mask(mask, size)
+    masked, _ = model.encode_images(read_image(image, size, "image")[None] * ~binary)
+    return torch.cat([latent_mask(binary, tuple(masked.shape[-2:])), masked], dim=1)
 
 
-def _start(model: StableDiffusion, settings: SampleSettings, noise: torch.Tensor, steps: torch.Tensor):
+def _start(model: StableDiffusion, settings: SampleSettings, noise: torch.Tensor, steps: torch.Tensor, seeds: list):
     """Where sampling starts, as ``(x, steps, leak, image)``: pure noise (with a tone's ``leak`` for the first
     step, if a tone is set), or img2img's image latents noised to the step ``strength`` picks, the steps before it
     dropped. Inpainting at strength 1 starts from pure noise, as diffusers'."""
-    n, size = noise.shape[0], noise.shape[-1]
     if settings.image is None:
         tones = {name: getattr(settings, name) for name in TONE_SOURCES}
-        return noise, steps, leak_for(model, n, (size, size), settings.seed, **tones), None
+        return noise, steps, leak_for(model, tuple(noise.shape[-2:]), seeds, **tones), None
     begin = min(settings.steps - int(settings.steps * settings.strength), settings.steps - 1)
     steps = steps[begin:]
-    image, _ = model.encode_images(read_image(settings.image, settings.resolution, "image")[None])
+    image, _ = model.encode_images(read_image(settings.image, _size(settings), "image")[None])
     if settings.mask is not None and settings.strength == 1:
         return noise, steps, None, image
     alpha_cumprod = float(model.spec.schedule.alphas_cumprod_at(steps[:1].double())[0])
@@ -190,12 +201,17 @@ def _network(model: StableDiffusion, settings: SampleSettings, controlnet: torch
     if controlnet is not None:
         if settings.control_image is None:
             raise ConfigError("control_image", "is needed with a ControlNet")
-        control = (read_image(settings.control_image, settings.resolution, "control_image")[None] + 1) / 2
+        control = (read_image(settings.control_image, _size(settings), "control_image")[None] + 1) / 2
         return ControlledUNet(unet, controlnet, settings.control_scale), {
             "controlnet_cond": control.expand(n, -1, -1, -1).to(device, unet.dtype)
         }
-    if settings.mask is not None and _is_inpainting(model):
-        extra = inpaint_channels(model, settings.image, settings.mask, settings.resolution).expand(n, -1, -1, -1)
+    if _is_inpainting(model):
+        if settings.mask is None:
+            raise ConfigError(
+                "mask",
+                "is needed: this UNet inpaints (it takes the latents, a mask and a masked image); give image and mask",
+            )
+        extra = inpaint_channels(model, settings.image, settings.mask, _size(settings)).expand(n, -1, -1, -1)
         return InpaintingUNet(unet), {"inpaint_channels": extra.to(device, unet.dtype)}
     return unet, {}
 
@@ -212,7 +228,7 @@ def _blend(model: StableDiffusion, settings: SampleSettings, image: torch.Tensor
     if model.unet.config.in_channels != channels:
         raise ConfigError("mask", f"a UNet of {model.unet.config.in_channels} input channels cannot inpaint")
     device = model.unet.device
-    mask = latent_mask(pixel_mask(settings.mask, settings.resolution), noise.shape[-1]).to(device)
+    mask = latent_mask(pixel_mask(settings.mask, _size(settings)), tuple(noise.shape[-2:])).to(device)
     image, noise = image.to(device), noise.to(device)
 
     def hook(x: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
@@ -228,19 +244,21 @@ def generate(
     settings: SampleSettings,
     callback: Callback | None = None,
     controlnet: torch.nn.Module | None = None,
+    seeds: list[int] | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1], shape (N, 3, H, W), one per prompt, image i from the noise of seed ``seed + i``, as
-    ``settings`` say (start, network and hook: the module docstring); float32 on the CPU."""
+    """Images in [0, 1], shape (N, 3, H, W), one per prompt, image i from the noise of ``seeds[i]`` (default
+    ``seed + i``), as ``settings`` say (start, network and hook: the module docstring); float32 on the CPU."""
     settings, note = resolve(model, settings)
     if note:
         logging.getLogger("fullrange").info(note)
-    n, size = len(prompts), settings.resolution // model.vae_scale_factor
-    noise = seeded_noise(n, (model.vae.config.latent_channels, size, size), settings.seed)
+    n, f = len(prompts), model.vae_scale_factor
+    seeds = [settings.seed + i for i in range(n)] if seeds is None else list(seeds)
+    noise = seeded_noise((model.vae.config.latent_channels, settings.height // f, settings.width // f), seeds)
     steps = model.spec.plan(settings.steps, settings.spacing, num_values=math.prod(noise.shape[1:]))
-    start, steps, leak, image = _start(model, settings, noise, steps)
+    start, steps, leak, image = _start(model, settings, noise, steps, seeds)
     network, extra = _network(model, settings, controlnet, n)
     hook = _blend(model, settings, image, noise) if settings.mask is not None and network is model.unet else None
-    cond, uncond = _conditions(model, prompts, settings.negative_prompt, settings.resolution)
+    cond, uncond = _conditions(model, prompts, settings.negative_prompt, _size(settings))
     device = model.unet.device
     latents = sample(
         network,
@@ -257,19 +275,31 @@ def generate(
         generator=torch.Generator().manual_seed(settings.seed),
         leak=None if leak is None else leak.to(device),
     )
-    return model.decode_latents(latents)
+    try:
+        return model.decode_latents(latents)
+    except ValueError as err:
+        defaults = {f.name: f.default for f in fields(SampleSettings)}
+        given = [f"`{name}`" for name in OUT_OF_RANGE if getattr(settings, name) != defaults[name]]
+        suspects = ", ".join([*given, "`adapter_strength`"])
+        raise ValueError(f"{err}: the model was driven out of its range; check {suspects}") from None
 
 
-def seeded_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """(n, *shape) standard normal noise, sample i drawn from its own generator seeded ``seed + i``: an image keeps its
-    noise whatever the batch it is sampled in."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """(len(seeds), *shape) standard normal noise, sample i drawn from its own generator seeded ``seeds[i]``: an image
+    keeps its noise whatever the batch it is sampled in."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
 
 
-def _conditions(model: StableDiffusion, prompts: list[str], negative_prompt: str, resolution: int):
+def _size(settings: SampleSettings) -> tuple[int, int]:
+    """(width, height) in pixels of resolved settings."""
+    return settings.width, settings.height
+
+
+def _conditions(model: StableDiffusion, prompts: list[str], negative_prompt: str, size: tuple[int, int]):
     """The UNet's conditioning of ``prompts`` and of the negative prompt (SDXL's empty one is zeros, diffusers'
-    default), with SDXL's size conditioning for square images of ``resolution`` pixels."""
-    time_ids = model.time_ids((resolution, resolution), (0, 0), (resolution, resolution))
+    default), with SDXL's size conditioning for images of ``size`` (width, height) pixels."""
+    height_width = size[::-1]
+    time_ids = model.time_ids(height_width, (0, 0), height_width)
     time_ids = None if time_ids is None else time_ids.expand(len(prompts), -1)
     text = model.encode_prompts(prompts)
     if model.is_xl and not negative_prompt:
@@ -280,18 +310,23 @@ def _conditions(model: StableDiffusion, prompts: list[str], negative_prompt: str
 
 
 def save_images(
-    images: torch.Tensor, prompts: list[str], settings: SampleSettings, out: Path, source: dict | None = None
+    images: torch.Tensor,
+    prompts: list[str],
+    settings: SampleSettings,
+    out: Path,
+    source: dict | None = None,
+    seeds: list[int] | None = None,
 ) -> list[Path]:
-    """One PNG per image, named by its seed (``settings.seed + i``) and a slug of its prompt, with a ``fullrange``
-    text chunk (JSON: prompt, seed, ``settings`` and ``source``: what made it, see :mod:`fullrange.sd.pnginfo`) and
-    A1111's ``parameters`` text. Written atomically, and nothing is overwritten: a name already taken gets ``-2``,
-    ``-3``, ... Returns the paths."""
+    """One PNG per image, named by its seed (``seeds[i]``, default ``settings.seed + i``) and a slug of its prompt,
+    with a ``fullrange`` text chunk (JSON: prompt, seed, ``settings`` and ``source``: what made it, see
+    :mod:`fullrange.sd.pnginfo`) and A1111's ``parameters`` text. Written atomically, and nothing is overwritten: a
+    name already taken gets ``-2``, ``-3``, ... Returns the paths."""
     from .pnginfo import text_chunks
 
-    arrays = to_uint8(images)
+    seeds = [settings.seed + i for i in range(len(prompts))] if seeds is None else seeds
     return [
-        save_new_png(out, f"{settings.seed + i:06d}-{_slug(prompt)}", array, text_chunks(settings, i, prompt, source))
-        for i, (array, prompt) in enumerate(zip(arrays, prompts, strict=True))
+        save_new_png(out, f"{seed:06d}-{_slug(prompt)}", array, text_chunks(settings, seed, prompt, source))
+        for array, prompt, seed in zip(to_uint8(images), prompts, seeds, strict=True)
     ]
 
 
@@ -308,24 +343,27 @@ def sample_to_folder(
     *,
     num_images: int = 1,
     batch_size: int = 1,
+    same_seed: bool = False,
     controlnet: torch.nn.Module | None = None,
     source: dict | None = None,
     progress: bool = True,
 ) -> tuple[list[Path], Path]:
-    """Every prompt ``num_images`` times, sampled ``batch_size`` at a time (image i of the run from seed
-    ``settings.seed + i``, whatever the batch), into ``out``: one PNG per image with the settings it was sampled
-    with (:func:`save_images`) and a grid of all. Returns the images' paths and the grid's."""
+    """Every prompt ``num_images`` times, sampled ``batch_size`` at a time, into ``out``: one PNG per image with the
+    settings it was sampled with (:func:`save_images`) and a grid of all. Image i of the run has seed
+    ``settings.seed + i`` whatever the batch; with ``same_seed``, image j of every prompt has ``settings.seed + j``,
+    so prompts are compared on the same noise. Returns the images' paths and the grid's."""
     check_counts(num_images, batch_size)
     effective, _ = resolve(model, settings)  # what the PNGs record: the sampler and spacing picked too
     all_prompts = [p for p in prompts for _ in range(num_images)]
+    seeds = [settings.seed + (i % num_images if same_seed else i) for i in range(len(all_prompts))]
     paths, images = [], []
     total = settings.steps * math.ceil(len(all_prompts) / batch_size)
     with tqdm(total=total, desc="sample", disable=not progress) as bar:
         for first in range(0, len(all_prompts), batch_size):
-            chunk = all_prompts[first : first + batch_size]
-            part = replace(settings, seed=settings.seed + first)
-            batch = generate(model, chunk, part, callback=lambda info: bar.update(1), controlnet=controlnet)
-            paths += save_images(batch, chunk, replace(effective, seed=part.seed), out, source)
+            chunk, chunk_seeds = all_prompts[first : first + batch_size], seeds[first : first + batch_size]
+            part = replace(settings, seed=chunk_seeds[0])  # the stochastic samplers' own draws
+            batch = generate(model, chunk, part, lambda info: bar.update(1), controlnet, chunk_seeds)
+            paths += save_images(batch, chunk, effective, out, source, chunk_seeds)
             images.append(batch)
     return paths, save_grid(torch.cat(images), out, settings.seed)
 

@@ -23,7 +23,7 @@ K = 3
 """DCT coefficients kept per side and channel (3 × 3): the mean and the slowest gradients, as Everaert et al."""
 STATS_FORMAT = "fullrange-tone-stats"
 SEED_STREAM = 2**32
-"""Image i's leak is drawn with seed ``SEED_STREAM + seed + i``: a stream apart from its noise's (``seed + i``)."""
+"""An image's leak is drawn with seed ``SEED_STREAM + seed``: a stream apart from its noise's (``seed``)."""
 HEX = re.compile(r"#?([0-9a-fA-F]{6})")
 
 
@@ -110,15 +110,15 @@ def load_stats(path: Path | str) -> ToneStats:
 
 def leak_for(
     model: StableDiffusion,
-    n: int,
     size: tuple[int, int],
-    seed: int,
+    seeds: list[int],
     *,
     tone: str | None = None,
     tone_image: str | None = None,
     tone_stats: str | None = None,
 ) -> torch.Tensor | None:
-    """The leaks of ``n`` samples of latent ``size`` from whichever source is given (at most one), or ``None``."""
+    """The leaks of samples of latent ``size`` (h, w) and noise ``seeds`` from whichever source is given (at most one),
+    or ``None``; drawn from tone statistics, sample i's leak comes from its own stream, ``SEED_STREAM + seeds[i]``."""
     if tone is not None:
         return colour_leak(model, parse_tone(tone))
     if tone_image is not None:
@@ -131,5 +131,5 @@ def leak_for(
         raise ConfigError(
             "tone_stats", f"{tone_stats}: statistics of {stats.channels} latent channels; this model has {channels}"
         )
-    draws = [stats.draw(1, size, torch.Generator().manual_seed(SEED_STREAM + seed + i)) for i in range(n)]
+    draws = [stats.draw(1, size, torch.Generator().manual_seed(SEED_STREAM + seed)) for seed in seeds]
     return torch.cat(draws).float()
