@@ -277,6 +277,37 @@ NUMBERS = {
     "schedule --steps 0": lambda c: Kind(
         c, lambda ws, tmp: ["schedule", "--steps", "0"], ("--steps must be positive",)
     ),
+    "sample --seed of 20 digits": option(sample_args, "--seed", "1" * 20, expect=("--seed must be at most",)),
+    "train --seed of 20 digits": option(train_args, "--seed", "1" * 20, expect=("--seed must be at most",)),
+    "train --lr 1e30 diverges": option(
+        train_args, "--lr", "1e30", "--checkpoint-every", "1", expect=("the loss is nan", "a lower --lr")
+    ),
+    "sample --adapter-strength 1e30": lambda c: Kind(
+        c,
+        lambda ws, tmp: [*sample_args(ws, tmp / "out"), "--adapter", ws / "run" / "lora", "--adapter-strength", "1e30"],
+        ("not finite", "--adapter-strength"),
+    ),
+    "sample --control-scale 1e30": lambda c: Kind(
+        c,
+        lambda ws, tmp: [
+            *sample_args(ws, tmp / "out"),
+            *("--controlnet", ws / "cn_sd", "--control-image", ws / "data" / "0.png", "--control-scale", "1e30"),
+        ],
+        ("not finite", "--control-scale"),
+    ),
+    "sample a tone-stats file of mean 1e30": lambda c: Kind(
+        c,
+        lambda ws, tmp: [*sample_args(ws, tmp / "out"), "--tone-stats", ws / "huge_tone.safetensors"],
+        ("not finite", "--tone-stats"),
+    ),
+    "export --format kohya --family sdxl of an SD LoRA": lambda c: Kind(
+        c,
+        lambda ws, tmp: [
+            *("export", "--model", ws / "sd", "--adapter", ws / "run" / "lora", "--format", "kohya"),
+            *("--family", "sdxl", "--out", tmp / "k.safetensors"),
+        ],
+        ("--family sdxl: the model is not SDXL",),
+    ),
 }
 
 TEXT = {
@@ -317,6 +348,20 @@ TEXT = {
         c, damaged_lora(lambda lora: write(lora / "scheduler_config.json", "[")), ("--adapter", "not valid JSON")
     ),
     "OFT adapter.json malformed": lambda c: Kind(c, broken_oft, ("--adapter", "adapter.json: not valid JSON")),
+    "prompt not UTF-8": lambda c: Kind(
+        c,
+        lambda ws, tmp: ["sample", "--model", ws / "sd", "--out", tmp / "o", "--prompt", "caf\udce9"],
+        ("not UTF-8 text (byte 0xe9 at offset 3)",),
+    ),
+    "TOML nested too deeply": lambda c: Kind(
+        c, with_config("a = " + "[" * 50000 + "]" * 50000 + "\n"), ("run.toml: not a readable TOML", "too deeply")
+    ),
+    "TOML of 2 MB": lambda c: Kind(c, with_config("# " + "x" * 2_000_000 + "\n"), ("run.toml: not a readable TOML",)),
+    "scheduler config nested too deeply": lambda c: Kind(
+        c,
+        damaged_model(lambda m: write(m / "scheduler" / "scheduler_config.json", "[" * 50000 + "]" * 50000)),
+        ("--model", "scheduler_config.json: not valid JSON (nested too deeply)"),
+    ),
 }
 
 LIBRARY = {
@@ -430,6 +475,19 @@ LIBRARY = {
         damaged_lora(lambda lora: truncate(lora / "pytorch_lora_weights.safetensors")),
         ("--adapter", "does not fit this model"),
     ),
+    "an inpainting UNet without --mask": lambda c: Kind(
+        c,
+        lambda ws, tmp: ["sample", "--model", ws / "inpaint", "--out", tmp / "o", "--prompt", "x", "--steps", "2"],
+        ("--mask is needed", "this UNet inpaints"),
+    ),
+    "an SDXL ControlNet on SD": lambda c: Kind(
+        c,
+        lambda ws, tmp: [
+            *sample_args(ws, tmp / "o"),
+            *("--controlnet", ws / "cn_xl", "--control-image", ws / "data" / "0.png"),
+        ],
+        ("--controlnet", "made for another model"),
+    ),
     "LoRA of SD on SDXL": lambda c: Kind(
         c,
         lambda ws, tmp: [
@@ -448,6 +506,19 @@ SCAN = {
         c,
         lambda ws, tmp: train_args(ws, tmp / "out", write(tmp / "d" / "a.png", b"not an image").parent),
         ("--data", "no usable image", "a.png"),
+    ),
+    "a decompression bomb as --image": lambda c: Kind(
+        c, lambda ws, tmp: [*sample_args(ws, tmp / "o"), "--image", ws / "bomb.png"], ("--image", "decompression bomb")
+    ),
+    "a decompression bomb as --tone-image": lambda c: Kind(
+        c,
+        lambda ws, tmp: [*sample_args(ws, tmp / "o"), "--tone-image", ws / "bomb.png"],
+        ("--tone-image", "decompression bomb"),
+    ),
+    "a decompression bomb as --mask": lambda c: Kind(
+        c,
+        lambda ws, tmp: [*sample_args(ws, tmp / "o"), "--image", ws / "data" / "0.png", "--mask", ws / "bomb.png"],
+        ("--mask", "decompression bomb"),
     ),
     "data images all too small": lambda c: Kind(
         c,
@@ -554,7 +625,69 @@ OUTPUTS = {
     "export to a folder": lambda c: Kind(
         c, lambda ws, tmp: ["export", "--model", ws / "sd", "--out", tmp], ("--out", "must end in .safetensors")
     ),
+    "train --out ''": lambda c: Kind(c, lambda ws, tmp: train_args(ws, ""), ("--out is empty",)),
+    "train --out the data folder": lambda c: Kind(
+        c, lambda ws, tmp: train_args(ws, ws / "data"), ("--out", "holds --data", "could overwrite")
+    ),
+    "train --out inside the data folder": lambda c: Kind(
+        c, lambda ws, tmp: train_args(ws, ws / "data" / "run"), ("--out", "holds --data")
+    ),
+    "train --out the class images": lambda c: Kind(
+        c,
+        lambda ws, tmp: [
+            *train_args(ws, ws / "data"),
+            *("--class-prompt", "a photo", "--class-data", ws / "data"),
+        ],
+        ("--out", "holds --data"),
+    ),
+    "train --out a folder of other files": lambda c: Kind(
+        c,
+        lambda ws, tmp: train_args(ws, write(tmp / "mine" / "README.md", "my notes").parent),
+        ("--out", "holds files that are not a fullrange run's"),
+    ),
+    "train --out with a planted lock link": lambda c: Kind(c, planted_lock, ("fullrange.lock: is a symbolic link",)),
+    "train --out with a planted folder link": lambda c: Kind(
+        c, planted_train_folder, ("--out", "train: is a symbolic link")
+    ),
+    "export over an existing file": lambda c: Kind(
+        c,
+        lambda ws, tmp: [
+            "export",
+            "--model",
+            ws / "sd",
+            "--out",
+            write(tmp / "x.safetensors", "mine"),
+            "--family",
+            "sd1",
+        ],
+        ("--out", "already exists; give --overwrite"),
+    ),
+    "tone-stats over an existing file": lambda c: Kind(
+        c,
+        lambda ws, tmp: [
+            *("tone-stats", "--model", ws / "sd", "--data", ws / "data"),
+            *("--out", write(tmp / "stats.safetensors", "mine")),
+        ],
+        ("--out", "already exists; give --overwrite"),
+    ),
 }
+
+
+def planted_lock(ws: Path, tmp: Path) -> list:
+    """Another user's file, and a link to it planted at the lock's name in the output folder."""
+    write(tmp / "victim.txt", "another user's file")
+    (tmp / "out").mkdir()
+    os.symlink(tmp / "victim.txt", tmp / "out" / files.LOCK)
+    return train_args(ws, tmp / "out")
+
+
+def planted_train_folder(ws: Path, tmp: Path) -> list:
+    """A run folder whose ``train`` subfolder is a link to another user's folder."""
+    write(tmp / "elsewhere" / "loss.json", "another user's file")
+    write(tmp / "out" / files.LOCK, "")
+    os.symlink(tmp / "elsewhere", tmp / "out" / "train")
+    return train_args(ws, tmp / "out")
+
 
 CAUSES = {1: NUMBERS, 2: TEXT, 3: SCAN, 4: LIBRARY, 5: CHECKPOINTS, 6: OUTPUTS}
 CORPUS = [(cause, name, build(cause)) for cause, table in CAUSES.items() for name, build in table.items()]
@@ -562,8 +695,27 @@ CORPUS = [(cause, name, build(cause)) for cause, table in CAUSES.items() for nam
 
 @pytest.fixture(scope="module")
 def ws_xl(ws, tiny_sdxl):
-    """The workspace with the tiny SDXL beside the tiny SD, as ``xl``."""
+    """The workspace with the tiny SDXL beside the tiny SD, as ``xl``; an inpainting SD (9 input channels), a
+    ControlNet of each, a decompression bomb and a tone-stats file whose mean is 1e30."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from fullrange.leak import ToneStats
+    from fullrange.sd.tone import STATS_FORMAT
+
     (ws / "xl").symlink_to(tiny_sdxl)
+    save_tiny_stable_diffusion(ws / "inpaint", in_channels=9)
+    for name, folder in (("cn_sd", ws / "sd"), ("cn_xl", tiny_sdxl)):
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        with torch.no_grad():  # a trained ControlNet's output convolutions are not its initial zeros
+            for block in (controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+                for param in block.parameters():
+                    param.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+        controlnet.save_pretrained(ws / name)
+    write(ws / "bomb.png", png_claiming(30000, 30000))
+    stats = ToneStats(torch.full((4 * 9,), 1e30, dtype=torch.float64), torch.eye(4 * 9, dtype=torch.float64), 4, 3)
+    meta = {"format": STATS_FORMAT, "k": "3", "channels": "4", "images": "1", "model": "x"}
+    save_file({"mean": stats.mean, "covariance": stats.covariance}, ws / "huge_tone.safetensors", metadata=meta)
     return ws
 
 
@@ -766,3 +918,66 @@ def test_zz_corpus_counts(report):
     counts = ", ".join(f"cause {c}: {KINDS[c]}" for c in sorted(KINDS))
     report(f"bad-input corpus: {sum(KINDS.values())} kinds ({counts})")
     assert sum(KINDS.values()) >= 60 and set(KINDS) == {1, 2, 3, 4, 5, 6}
+
+
+def test_a_link_planted_in_a_run_folder_is_replaced_never_followed(ws, tmp_path):
+    """A link at a file name a run writes (diffusers' scheduler config, the loss log): the run replaces the link with
+    its own file, and the link's target, another user's file, is unchanged."""
+    run = shutil.copytree(ws / "run", tmp_path / "run")
+    victim = write(tmp_path / "victim.json", "another user's file")
+    for name in ("lora/scheduler_config.json", "train/loss.json"):
+        (run / name).unlink()
+        os.symlink(victim, run / name)
+    args = train_args(ws, run)
+    args[args.index("--max-steps") + 1] = "3"
+    result = cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "another user's file"
+    for name in ("lora/scheduler_config.json", "train/loss.json"):
+        assert not (run / name).is_symlink() and json.loads((run / name).read_text())
+    KINDS[6] += 1
+
+
+def test_class_images_never_replace_a_users_files(ws, tmp_path):
+    """Class images are named by count; a user's class_00001.png and its caption keep their bytes, and the images
+    made are new names with their captions."""
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    image(classes / "class_00001.png", 77, caption="the user's own caption")
+    before = {p.name: p.read_bytes() for p in classes.iterdir()}
+    args = [*train_args(ws, tmp_path / "out"), "--class-prompt", "a photo", "--class-data", classes]
+    result = cli(*args, "--num-class-images", "3", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert {n: (classes / n).read_bytes() for n in before} == before
+    made = sorted(p.name for p in classes.iterdir() if p.name not in before)
+    assert made == ["class_00002.png", "class_00002.txt", "class_00003.png", "class_00003.txt"]
+    KINDS[6] += 1
+
+
+def test_a_run_resumes_from_another_working_directory(ws, tmp_path, monkeypatch):
+    """The model and data are the same files named by other relative paths: their fingerprints decide."""
+    shutil.copytree(ws / "run", tmp_path / "run")
+    monkeypatch.chdir(ws)
+    args = ["train", "--model", "sd", "--data", "data", "--out", tmp_path / "run", "--resolution", "16"]
+    result = cli(*args, "--max-steps", "3", "--batch-size", "2", "--no-progress", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming from step 2 of 3" in result.output
+    KINDS[5] += 1
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint(ws, tmp_path):
+    """Training that cannot write its checkpoint (a file-size limit, as a full disk) says which file, in one line."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    env = os.environ | {"TRANSFORMERS_VERBOSITY": "error"}
+    command = [sys.executable, "-m", "fullrange", *map(str, train_args(ws, tmp_path / "out"))]
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode in (1, 2) and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "File too large" in errors[0] and str(tmp_path / "out") in errors[0], errors[0]
+    assert not [p for p in (tmp_path / "out").rglob(".*.tmp")]
+    KINDS[4] += 1

@@ -1,5 +1,6 @@
 """A training process stopped by a signal writes a checkpoint; one killed outright keeps the last good one."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -53,8 +54,9 @@ def _in_process(out, steps, every):
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    """SIGHUP (a closed terminal or SSH session) is SIGTERM's case: a checkpoint, then exit 130."""
     proc, out = _launch(tmp_path, steps=3000, every=5)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
@@ -86,3 +88,21 @@ def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="beyond the 10 steps asked for"):
         _in_process(out, steps=10, every=1)
     assert not list(out.glob(".checkpoint.safetensors.*.tmp"))
+
+
+def test_a_signal_during_a_write_leaves_no_temporary_file(tmp_path):
+    """Any command stops on SIGTERM / SIGHUP with its atomic writes unwound: the temporary file beside the target is
+    removed and the target keeps what it had (here the signal arrives while a file is being written)."""
+    from fullrange import files
+    from fullrange.cli._errors import Stopped, stop_on_signals
+
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"before")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with pytest.raises(Stopped), stop_on_signals(), files.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            os.kill(os.getpid(), sig)
+            time.sleep(1)  # the handler runs at once, in this thread
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"] and target.read_bytes() == b"before"
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # the handlers before, restored

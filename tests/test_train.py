@@ -310,3 +310,33 @@ def test_lr_schedules_are_diffusers_after_the_warm_up(name, theirs):
     assert ours[0] == pytest.approx(1e-4) and (
         ours[-1] == pytest.approx(1e-3) if name == "constant" else ours[-1] < 1e-4
     )
+
+
+def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_lower_lr(tmp_path, data):
+    """Every checkpoint written had a finite loss at its weights; the error names the last one, and resuming from it
+    may lower the learning rate (once: the marker goes with the resumed run's first checkpoint)."""
+    images, labels = data
+    good = batches.labelled(images, labels, 5)
+    calls = []
+
+    def poisoned(batch_size, generator):
+        calls.append(1)
+        batch = good(batch_size, generator)
+        return batch if len(calls) != 4 else batches.Batch(batch.x0 * float("nan"), batch.cond)
+
+    config = replace(CONFIG, steps=6, checkpoint_every=1)
+    # The 4th draw is NaN: step 3's loss; the checkpoint of step 3 is never written, step 2's is the last good one.
+    with pytest.raises(train.TrainingDiverged, match=r"the loss is nan at step 3: .* last good checkpoint is step 2"):
+        train.train(_model(), poisoned, losses.get_recipe("baseline"), config, tmp_path, progress=False)
+    assert (tmp_path / train.DIVERGED).exists()
+    with pytest.raises(ValueError, match="cannot resume"):  # anything else still has to match
+        train.train(_model(), good, losses.get_recipe("baseline"), replace(config, seed=9), tmp_path, progress=False)
+    lines = []
+    lower = replace(config, lr=config.lr / 10)
+    result = train.train(
+        _model(), good, losses.get_recipe("baseline"), lower, tmp_path, progress=False, log=lines.append
+    )
+    assert lines == [f"resuming from step 2 of 6 ({tmp_path / 'checkpoint.safetensors'})"] and len(result.losses) == 6
+    assert not (tmp_path / train.DIVERGED).exists()
+    with pytest.raises(ValueError, match="cannot resume"):  # the marker is gone: the lr is the checkpoint's again
+        train.train(_model(), good, losses.get_recipe("baseline"), config, tmp_path, progress=False)

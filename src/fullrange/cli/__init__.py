@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Annotated
 
 import typer
@@ -78,3 +79,8 @@ def quiet_libraries() -> None:
     for library in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{library}(\.|$)")
     logging.getLogger("accelerate").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported before these settings could reach it
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        sys.modules["diffusers"].utils.logging.set_verbosity_error()

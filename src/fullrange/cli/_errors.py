@@ -115,10 +115,10 @@ def fail_on(err: Exception, flags: dict[str, str]) -> NoReturn:
         text = f"{err.filename}: {err.strerror}"
     if isinstance(err, ConfigError) and err.field in flags:
         text = f"{flags[err.field]} {err.message}"
-    for name in sorted((f for f in flags if "." in f), key=len, reverse=True):
-        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.])", flags[name], text)
     # Fields the library names in backticks: their flag, or --field-name.
     text = re.sub(r"`([\w.]+)`", lambda m: flags.get(m.group(1)) or "--" + m.group(1).replace("_", "-"), text)
+    for name in sorted((f for f in flags if "." in f), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.])", flags[name], text)
     if isinstance(err, ConfigError) and err.message == "is required":
         text += " (on the command line or in --config)"
     fail(text.splitlines()[0] if text else type(err).__name__)

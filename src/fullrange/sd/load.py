@@ -85,6 +85,13 @@ def load_controlnet(path: Path | str, model: StableDiffusion, allow_pickle: bool
                 f"{path}: made for another model ({key} {getattr(theirs, key, None)}, this model's UNet has "
                 f"{getattr(mine, key, None)}: an SDXL ControlNet on SD 1.x / 2.x, or the reverse?)",
             )
+    stride = 2 ** (len(theirs.conditioning_embedding_out_channels) - 1)  # pixels per latent of its condition image
+    if stride != model.vae_scale_factor:
+        raise ConfigError(
+            "controlnet",
+            f"{path}: reads its condition image at 1/{stride} of the pixels, this model's latents are 1/"
+            f"{model.vae_scale_factor}",
+        )
     return controlnet.to(model.unet.device, model.unet.dtype).eval().requires_grad_(False)
 
 
