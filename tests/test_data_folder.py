@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fullrange import data
@@ -90,3 +91,49 @@ def test_buckets(resolution, step):
         assert (h, w) in sizes
     assert data.nearest_bucket(1920, 1080, data.buckets(512)) == (640, 384)
     assert data.nearest_bucket(700, 700, data.buckets(512)) == (512, 512)
+
+
+def test_kohya_folders_repeat_their_images_and_caption_them(tmp_path, monkeypatch):
+    """kohya's layout: ``N_name`` subfolders repeat their images N times and caption those without a caption file
+    ``name``; ``.caption`` files are read with caption_extension; the training batches draw an image of N repeats N
+    times as often (over many draws, as an epoch that shows it N times)."""
+    from fullrange.sd.latents import latent_batches
+
+    for folder, names in (("10_sks dog", ("a", "b")), ("2_a cat", ("c",))):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            Image.fromarray(np.full((20, 20, 3), 100, dtype=np.uint8)).save(tmp_path / folder / f"{name}.png")
+    (tmp_path / "10_sks dog" / "b.caption").write_text("sks dog on a beach")
+    (tmp_path / "10_sks dog" / "b.txt").write_text("not read: the extension is .caption")
+    Image.fromarray(np.full((20, 20, 3), 9, dtype=np.uint8)).save(tmp_path / "top.png")
+    items, problems = data.scan(tmp_path, 16, default_caption="", caption_extension=".caption")
+    found = {i.path.name: (i.caption, i.repeats) for i in items}
+    assert found == {"a.png": ("sks dog", 10), "b.png": ("sks dog on a beach", 10), "c.png": ("a cat", 2)}
+    assert [p.path.name for p in problems] == ["top.png"]  # no caption and no default: listed
+    items, _ = data.scan(tmp_path, 16, default_caption="a photo", caption_extension=".caption")
+    assert {i.path.name: i.caption for i in items}["top.png"] == "a photo"
+
+    class Model:  # what latent_batches reads of a model: cached caption states and the UNet's conditioning
+        def condition(self, text, sizes):
+            return text
+
+    n = len(items)
+    states = {"encoder_hidden_states": torch.zeros(n + 1, 1, 1)}
+    monkeypatch.setattr("fullrange.sd.latents.encode_captions", lambda model, captions, cache: states)
+    means = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    repeats_of = [i.repeats for i in items]
+    draw = latent_batches(Model(), means, torch.zeros_like(means), ["x"] * n, 0.0, tmp_path, None, False, repeats_of)
+    counts = torch.bincount(draw(40_000, torch.Generator().manual_seed(0)).x0.flatten().long(), minlength=n)
+    repeats = torch.tensor([i.repeats for i in items], dtype=torch.float64)
+    expected = 40_000 * repeats / repeats.sum()
+    assert ((counts - expected).abs() < 5 * expected.sqrt()).all(), (counts.tolist(), expected.tolist())
+
+
+def test_a_caption_too_large_is_listed_not_read(tmp_path):
+    Image.fromarray(np.full((20, 20, 3), 100, dtype=np.uint8)).save(tmp_path / "big.png")
+    (tmp_path / "big.txt").write_text("x" * (data.CAPTION_LIMIT + 1))
+    Image.fromarray(np.full((20, 20, 3), 100, dtype=np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "ok.txt").write_text("fine")
+    items, problems = data.scan(tmp_path, 16)
+    assert [i.path.name for i in items] == ["ok.png"]
+    assert problems[0].path.name == "big.png" and "too large" in problems[0].reason

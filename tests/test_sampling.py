@@ -91,3 +91,22 @@ def test_sample_picks_unipc_and_the_latent_size_ladder_and_says_so(caplog, gen):
     with caplog.at_level(logging.INFO, logger="fullrange"):
         fullrange.sample(model, noise, spec, sampler="ddim", spacing="trailing", steps=3)
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("steps", [4.0, torch.tensor(4), True, []])
+def test_steps_is_a_count_or_timesteps_never_a_single_step_at_t(steps):
+    """``steps=4.0`` (or a 0-d tensor) would be one model call at t = 4: refused. Any integer counts (numpy's too)."""
+    import numpy as np
+
+    spec = fullrange.SamplingSpec(schedules.scaled_linear(), "epsilon", "leading", 1)
+    calls = []
+
+    def model(x, t):
+        calls.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    noise = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="steps must be a count"):
+        fullrange.sample(model, noise, spec, sampler="ddim", steps=steps)
+    fullrange.sample(model, noise, spec, sampler="ddim", steps=np.int64(4))
+    assert calls == [751.0, 501.0, 251.0, 1.0]

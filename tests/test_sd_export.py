@@ -3,6 +3,7 @@ architectures, and tiny exports that reload with the same weights and the marker
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from diffusers.loaders import single_file_utils as dsf
@@ -316,3 +317,23 @@ def test_cli_export_diffusers_writes_a_pipeline_with_the_adapter_merged_and_its_
     assert not list(tmp_path.glob(".pipe.*"))  # no temporary folder left
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "pipe")])
     assert result.exit_code != 0 and "already exists" in result.output
+
+
+def test_export_diffusers_by_default_samples_in_plain_diffusers_on_the_cpu(tiny_sd, tmp_path):
+    """Without --dtype, ``--format diffusers`` writes what plain ``from_pretrained`` samples on a CPU (an fp16 folder
+    fails there: Half and Float in one matmul); ``--overwrite`` replaces the folder only once the new one is whole."""
+    from diffusers import StableDiffusionPipeline
+
+    args = ["export", "--model", str(tiny_sd), "--format", "diffusers", "--out", str(tmp_path / "pipe")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.float32
+    images = pipe("a dark room", num_inference_steps=2, height=16, width=16, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    again = CliRunner().invoke(app, [*args, "--overwrite", "--dtype", "bf16"])
+    assert again.exit_code == 0, again.output
+    stored = load_file(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary or old folder left

@@ -719,3 +719,45 @@ def test_sample_png_says_what_made_it_and_takes_a_lora_file(workspace, tmp_path)
     assert json.loads(Image.open(tmp_path / "bf16" / f"{names[0]}.png").text["fullrange"])["dtype"] == "bf16"
     bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--dtype", "fp8"])
     assert bad.exit_code == 2 and "--dtype 'fp8' is not one of fp32, fp16, bf16" in bad.output
+
+
+def test_train_from_a_kohya_folder_with_repeats_and_caption_files(workspace, tmp_path):
+    """kohya's layout trains as it is: ``N_name`` subfolders (their repeats weigh the draws), ``.caption`` files, and
+    the folder's name as the caption where an image has none."""
+    import shutil
+
+    data = tmp_path / "kohya"
+    shutil.copytree(workspace / "data", data / "4_solid colours")
+    for caption in (data / "4_solid colours").glob("*.txt"):
+        caption.rename(caption.with_suffix(".caption"))
+    (data / "4_solid colours" / "3.caption").unlink()  # captioned by the folder's name
+    args = ["train", "--model", str(workspace / "sd"), "--data", str(data), "--out", str(tmp_path / "out")]
+    args += ["--resolution", "16", "--max-steps", "2", "--caption-extension", ".caption", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 images" in result.output and "skipped" not in result.output
+
+
+def test_model_cards_quote_paths_and_fit_every_adapter_kind(workspace, tmp_path):
+    """A path with shell syntax is one quoted word in the card's shell line and a string in its Python; a full
+    fine-tune's card names its pipeline (no adapter folder), says "an epsilon model", and has front-matter and an
+    A1111 section that says what to load."""
+    import shlex
+    import shutil
+
+    weird = shutil.copytree(workspace / "sd", tmp_path / "$(touch pwned) sd")
+    tables = {"model": {"path": str(weird)}, "train": {"steps": 1, "batch_size": 2}, "output": {"family": "sd1"}}
+    card = finetune(_config(workspace, tmp_path / "lora", **tables), progress=False, log=lambda _: None)["card"]
+    text = card.read_text()
+    line = next(line for line in text.splitlines() if line.startswith("fullrange sample"))
+    words = shlex.split(line)
+    assert words[words.index("--model") + 1] == str(weird)
+    compile(text.split("```python\n")[1].split("```")[0], "card", "exec")
+    assert (
+        text.startswith("---\nbase_model: ") and "library_name: diffusers" in text and not (tmp_path / "pwned").exists()
+    )
+    tables = {"adapter": {"kind": "full"}, "train": {"steps": 1, "batch_size": 2}}
+    full = finetune(_config(workspace, tmp_path / "full", **tables), progress=False, log=lambda _: None)["card"]
+    text = full.read_text()
+    assert "an **epsilon** model" in text and "from the adapter folder" not in text and "from the pipeline" in text
+    assert "**A1111**: load a single file" in text and "- full" in text

@@ -2,6 +2,7 @@
 briefly as epsilon and as v, saved as diffusers folders and single files with right, wrong and missing markers."""
 
 import json
+import shlex
 import shutil
 from dataclasses import replace
 
@@ -196,3 +197,36 @@ def test_retrained_rebuilds_the_schedule(trained):
     assert float(fixed.schedule.alphas_cumprod[-1]) == 0.0
     with pytest.raises(ValueError, match="zero terminal SNR with epsilon"):
         retrained(spec, "epsilon", True)
+
+
+def test_impossible_markers_are_diagnosed_and_overridden(trained, tmp_path):
+    """A file marked zero terminal SNR with epsilon (kohya's key, no prediction marker) cannot be sampled as it says:
+    ``inspect`` reports it and lets the probe decide; ``sample --prediction --zero-terminal-snr`` loads it as told."""
+    path = single_file(trained["v_prediction"], tmp_path / "ztsnr.safetensors", {"ss_zero_terminal_snr": "true"})
+    found = inspect(ModelConfig(str(path), config=str(trained["v_prediction"])))
+    assert any("zero terminal SNR with epsilon prediction, which cannot be sampled" in n for n in found.notes)
+    assert (found.prediction, found.zero_terminal_snr, found.how["prediction"]) == ("v_prediction", True, "probe")
+    out = runner.invoke(app, ["inspect", str(path), "--model-config", str(trained["v_prediction"])]).output
+    command = next(line for line in out.splitlines() if line.startswith("sample with: "))
+    words = shlex.split(command.removeprefix("sample with: "))
+    assert words[words.index("--model") + 1] == str(path) and "--model-config" in words
+    args = [*words[2:], "--steps", "2"]  # the printed command, as a shell would split it
+    args[args.index("--prompt") + 1], args[args.index("--out") + 1] = "x", str(tmp_path / "s")
+    result = runner.invoke(app, ["sample", *args])
+    assert result.exit_code == 0, result.output
+
+
+def test_inspect_reads_damaged_and_hostile_configs_as_findings(trained, tmp_path):
+    """A scheduler config that is a list, or nested past the parser's depth, is a finding; a marker value holding a
+    terminal's escape sequence is printed escaped; a path with shell syntax is quoted in the advice."""
+    folder = shutil.copytree(trained["epsilon"], tmp_path / "$(touch pwned) model")
+    (folder / "scheduler_config.json").write_text("[" * 50000 + "]" * 50000)
+    found = inspect(str(folder), always_probe=True)
+    assert any("nested too deeply" in n for n in found.notes) and found.prediction == "epsilon"
+    path = single_file(trained["epsilon"], tmp_path / "m.safetensors", {"ss_v_parameterization": "\x1b[2Jfalse"})
+    out = runner.invoke(app, ["inspect", str(path), "--model-config", str(trained["epsilon"])]).output
+    assert "\x1b" not in out and "\\x1b[2Jfalse" in out
+    out = runner.invoke(app, ["inspect", str(folder)]).output
+    command = next(line for line in out.splitlines() if line.startswith("sample with: "))
+    assert shlex.split(command)[shlex.split(command).index("--model") + 1] == str(folder)
+    assert not (tmp_path / "pwned").exists()

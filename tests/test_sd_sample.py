@@ -243,3 +243,29 @@ def test_load_controlnet_names_the_option(tiny_sd, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="not a loadable ControlNet"):
         load_controlnet(tmp_path / "empty", model)
+
+
+def test_png_text_drops_control_characters_and_keeps_newlines():
+    """A prompt's NUL and terminal escapes do not reach A1111's ``parameters``; its newlines do (as A1111 writes)."""
+    from fullrange.sd.pnginfo import text_chunks
+    from fullrange.sd.sample import SampleSettings
+
+    settings = replace(SampleSettings("ddim", 3), resolution=16, width=16, height=24, spacing="trailing")
+    chunks = text_chunks(settings, 7, "a dark\nroom\x00\x1b[2J", {"model": "m"})
+    assert chunks["parameters"].startswith("a dark\nroom[2J\n") and "\x00" not in chunks["parameters"]
+    assert (
+        "Size: 16x24" in chunks["parameters"] and json.loads(chunks["fullrange"])["prompt"] == "a dark\nroom\x00\x1b[2J"
+    )
+
+
+def test_width_height_and_same_seed(tiny_sd, tmp_path):
+    """--width / --height give images of that shape; with same_seed every prompt's image j has seed + j."""
+    from fullrange.sd import load_stable_diffusion
+    from fullrange.sd.sample import SampleSettings, generate, sample_to_folder
+
+    model = load_stable_diffusion(tiny_sd)
+    settings = SampleSettings("ddim", 2, "trailing", guidance=1.0, width=24, height=16)
+    assert generate(model, ["a"], settings).shape == (1, 3, 16, 24)
+    paths, _ = sample_to_folder(model, ["a", "b"], settings, tmp_path, num_images=2, same_seed=True, progress=False)
+    assert [p.name for p in paths] == ["000000-a.png", "000001-a.png", "000000-b.png", "000001-b.png"]
+    assert Image.open(paths[0]).size == (24, 16)

@@ -197,3 +197,16 @@ def test_cli_eval_brightness_compares_with_and_without_the_tone(tiny_sd, tmp_pat
     assert sorted(results) == [tiny_sd.name, f"{tiny_sd.name} + tone 0.0"]
     a, b = (results[k]["prompts"]["A dark alley in the rain"]["mean_brightness"] for k in sorted(results))
     assert a != b
+
+
+def test_tone_stats_needs_no_captions(tiny_sd, tmp_path):
+    from typer.testing import CliRunner
+
+    from fullrange.cli import app
+
+    (tmp_path / "photos").mkdir()
+    for i, value in enumerate((10, 240)):
+        Image.fromarray(np.full((16, 16, 3), value, dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    args = ["tone-stats", "--model", str(tiny_sd), "--data", str(tmp_path / "photos")]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "t.safetensors"), "--no-progress"])
+    assert result.exit_code == 0 and "2 images" in result.output, result.output

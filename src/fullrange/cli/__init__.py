@@ -84,3 +84,4 @@ def quiet_libraries() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     if "diffusers" in sys.modules:
         sys.modules["diffusers"].utils.logging.set_verbosity_error()
+        sys.modules["diffusers"].utils.logging.disable_progress_bar()

@@ -7,6 +7,7 @@ SNR that diffusers ignores. Errors name the file; :mod:`fullrange.sd.load` says 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import tempfile
@@ -20,6 +21,23 @@ from ..files import sha256
 from . import markers
 from .ldm import OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_OPENCLIP_PREFIX
 from .tokenizer import clip_tokenizer_files
+
+
+@contextlib.contextmanager
+def _bars_as_the_hub_says():
+    """diffusers' loading bar off while the hub's switch (``HF_HUB_DISABLE_PROGRESS_BARS``, which the CLI sets) says
+    so, restored after: diffusers reads that switch for downloads, not for its own bar."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    shown = diffusers_logging.is_progress_bar_enabled()
+    if are_progress_bars_disabled():
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()
 
 
 def verify_sha256(path: Path | str, expected: str) -> None:
@@ -130,9 +148,10 @@ def load(path: Path | str, *, config: Path | str | None = None, dtype=torch.floa
         folder = Path(config) if config is not None else write_config_folder(name, Path(tmp))
         cast = None if dtype == torch.float32 else dtype  # None: float32 without diffusers' warning about casting
         try:
-            pipe = pipeline_class.from_single_file(
-                str(path), config=str(folder), local_files_only=True, torch_dtype=cast
-            )
+            with _bars_as_the_hub_says():
+                pipe = pipeline_class.from_single_file(
+                    str(path), config=str(folder), local_files_only=True, torch_dtype=cast
+                )
         except (ValueError, RuntimeError, KeyError, TypeError) as err:
             first = str(err).split(". ")[0].strip()
             raise ValueError(
