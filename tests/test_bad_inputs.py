@@ -911,15 +911,6 @@ def test_resume_may_extend_max_steps_and_trains_on(ws, tmp_path):
     KINDS[5] += 1
 
 
-def test_zz_corpus_counts(report):
-    """At least 60 kinds across the six causes were checked in this run (the corpus tests above count them)."""
-    if sum(KINDS.values()) < len(CORPUS):
-        pytest.skip("run with the whole module to count the corpus")
-    counts = ", ".join(f"cause {c}: {KINDS[c]}" for c in sorted(KINDS))
-    report(f"bad-input corpus: {sum(KINDS.values())} kinds ({counts})")
-    assert sum(KINDS.values()) >= 60 and set(KINDS) == {1, 2, 3, 4, 5, 6}
-
-
 def test_a_link_planted_in_a_run_folder_is_replaced_never_followed(ws, tmp_path):
     """A link at a file name a run writes (diffusers' scheduler config, the loss log): the run replaces the link with
     its own file, and the link's target, another user's file, is unchanged."""
@@ -981,3 +972,12 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint(ws, tmp_path):
     assert "File too large" in errors[0] and str(tmp_path / "out") in errors[0], errors[0]
     assert not [p for p in (tmp_path / "out").rglob(".*.tmp")]
     KINDS[4] += 1
+
+
+def test_zz_corpus_counts(report):
+    """At least 60 kinds across the six causes were checked in this run (the corpus tests above count them)."""
+    if sum(KINDS.values()) < len(CORPUS):
+        pytest.skip("run with the whole module to count the corpus")
+    counts = ", ".join(f"cause {c}: {KINDS[c]}" for c in sorted(KINDS))
+    report(f"bad-input corpus: {sum(KINDS.values())} kinds ({counts})")
+    assert sum(KINDS.values()) >= 60 and set(KINDS) == {1, 2, 3, 4, 5, 6}

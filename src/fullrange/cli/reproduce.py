@@ -20,8 +20,9 @@ def reproduce_command(
     preset: Annotated[
         str,
         typer.Option(
-            help=f"micro (seconds, smoke test), quick ({QUICK_RUNTIME} on 2 CPU cores in the last measured run; 3 "
-            "seeds), full (for a GPU: about 216 h of training on a 2-core CPU)."
+            help="micro (a smoke test of the code: about half a minute, no verdicts), quick "
+            f"({QUICK_RUNTIME} on 2 CPU cores in the last measured run; 3 seeds), full (for a GPU: about 216 h of "
+            "training on a 2-core CPU)."
         ),
     ] = "quick",
     only: Annotated[list[str] | None, typer.Option(help="Run only this experiment (repeatable).")] = None,
