@@ -173,3 +173,15 @@ def test_reproduce_cli_runs_one_experiment(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report.md").exists() and (tmp_path / "schedule_facts" / "schedules.png").exists()
+
+
+def test_a_sections_introduction_is_one_paragraph_in_the_html(micro_run):
+    import html as escape
+    import inspect as docs
+
+    out, _, _ = micro_run
+    page = (out / "report.html").read_text()
+    doc = docs.cleandoc(reproduce.EXPERIMENTS["from_scratch"].__doc__)
+    first_paragraph = doc.split("\n\n")[0].replace("\n", " ")
+    assert escape.escape(first_paragraph.split("`")[0]) in page
+    assert "\n" not in page[page.index('<h2 id="from_scratch">') :].split("<p>")[1].split("</p>")[0]
