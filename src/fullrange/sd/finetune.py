@@ -268,7 +268,7 @@ def save_adapter(model: StableDiffusion, base: StableDiffusion, config: Finetune
         try:
             outputs[key] = kind.export(folder / name, outputs[kind.name], base, config.output.family)
         except ConfigError as err:
-            log(f"{key} file not written: {err} (give [output] family, --family)")
+            log(f"{key} file not written: {err} (with --family, or [output] family)")
     return outputs
 
 
