@@ -107,7 +107,7 @@ def test_tiny_export_reloads_with_the_same_weights_and_markers(tiny_sd, tiny_sdx
     model = load_stable_diffusion(folder)
     spec = ZERO_TERMINAL_SNR if name == "sd2" else replace(model.spec, prediction="v_prediction")
     model = replace(model, spec=spec)
-    path = export(tmp_path / "model.safetensors", model, family=name, dtype=torch.float32)
+    path = export(tmp_path / "model.safetensors", model, family=name, dtype=torch.float32)[0]
     header = single_file.read_header(path)
     assert single_file.family(header, path) == name
     decision = markers.decide(markers.from_header(header, str(path)))

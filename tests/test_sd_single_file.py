@@ -51,7 +51,7 @@ def test_bundled_tokenizer_gives_clips_token_ids(bundled, name, tokenizer, pad_i
 # Names as the original checkpoints (and A1111 / ComfyUI) have them; diffusers' reverse conversion also accepts
 # some misplaced ones (an upsampler at .1 after an attention block), so they are pinned here.
 def test_sha256_mismatch_and_malformed_digest_are_refused(tiny_sd, tmp_path):
-    path = export(tmp_path / "m.safetensors", load_stable_diffusion(tiny_sd), family="sd1")
+    path = export(tmp_path / "m.safetensors", load_stable_diffusion(tiny_sd), family="sd1")[0]
     with pytest.raises(ValueError, match=r"^model\.sha256 .*SHA-256 is [0-9a-f]{64}, not the expected 0{64}; refusing"):
         load_stable_diffusion(ModelConfig(str(path), sha256="0" * 64, config=str(tiny_sd)))
     with pytest.raises(ValueError, match=r"^sha256 'abc': not 64 hex digits"):
@@ -61,7 +61,7 @@ def test_sha256_mismatch_and_malformed_digest_are_refused(tiny_sd, tmp_path):
 
 
 def test_weights_that_do_not_fit_the_bundled_config_say_so(tiny_sd, tmp_path):
-    path = export(tmp_path / "m.safetensors", load_stable_diffusion(tiny_sd), family="sd1")
+    path = export(tmp_path / "m.safetensors", load_stable_diffusion(tiny_sd), family="sd1")[0]
     with pytest.raises(ValueError, match=r"do not fit the bundled sd1 config .*as model\.config$"):
         load_stable_diffusion(path)
     result = CliRunner().invoke(app, ["sample", "--model", str(path), "--prompt", "x", "--out", str(tmp_path / "o")])
@@ -70,7 +70,7 @@ def test_weights_that_do_not_fit_the_bundled_config_say_so(tiny_sd, tmp_path):
 
 def test_pickle_single_file_is_refused_unless_allowed(tiny_sd, tmp_path):
     model = load_stable_diffusion(tiny_sd)
-    exported = export(tmp_path / "m.safetensors", model, family="sd1", dtype=torch.float32)
+    exported = export(tmp_path / "m.safetensors", model, family="sd1", dtype=torch.float32)[0]
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(exported)}, path)
     with pytest.raises(ValueError, match=r"pickle checkpoint.*model\.allow_pickle"):

@@ -11,6 +11,7 @@ unmerged adapter. fullrange refuses such targets.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -143,6 +144,12 @@ def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
+def with_text_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's tensors named as CLIP names them, under ``text_model.``: transformers 5's
+    ``CLIPTextModel`` drops that level, and ComfyUI, A1111 and kohya find its LoRA only under it."""
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+
+
 def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     """Merge every adapter layer of ``model`` into the layer it adapts and put that plain layer back in its place,
     in place (no copy of the model): afterwards ``model`` has its original architecture and names. Returns it."""
@@ -157,6 +164,23 @@ def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
         del model.peft_config
         model._hf_peft_config_loaded = None
     return model
+
+
+def merge_all(model: StableDiffusion) -> None:
+    """Merge every adapter of ``model``'s networks (UNet and text encoders) into their weights, in place."""
+    for network in (model.unet, *model.text_encoders.values()):
+        merge_adapters(network)
+
+
+PEFT_NAMES = ("base_layer", "lora_A", "lora_B", "lora_embedding_", "oft_r", "oft_R", "hada_", "lokr_")
+"""Parts of tensor names that only an unmerged adapter has (peft's layers)."""
+
+
+def refuse_unmerged(names) -> None:
+    """A ``ValueError`` if a tensor name is an adapter's (a checkpoint must hold plain, merged weights)."""
+    found = next((n for n in names if any(part in n for part in PEFT_NAMES)), None)
+    if found is not None:
+        raise ValueError(f"an adapter is not merged into the weights ({found}); merge it before writing a checkpoint")
 
 
 def merged_differences(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -232,7 +256,7 @@ class LoRA:
         layers = {"unet_lora_layers": adapter_state_dict(model.unet)}
         for name, encoder in model.text_encoders.items():
             if adapted(encoder):
-                layers[f"{name}_lora_layers"] = adapter_state_dict(encoder)
+                layers[f"{name}_lora_layers"] = with_text_model(adapter_state_dict(encoder))
         with staged_folder(folder / "lora") as tmp:  # diffusers' savers open their files by name
             pipeline_class(model).save_lora_weights(tmp, **layers, safe_serialization=True)
             ddim_scheduler(model.spec).save_config(tmp)
@@ -258,7 +282,10 @@ class LoRA:
         state, _, metadata = StableDiffusionPipeline.lora_state_dict(saved, return_lora_metadata=True)
         alpha = (metadata or {}).get("lora_alpha")
         kohya = convert_state_dict_to_kohya(state)
-        if family != "sdxl":  # kohya names SD 1.x / 2.x's one text encoder lora_te_, SDXL's two lora_te1_ / lora_te2_
+        # CLIP's modules under text_model (folders saved before fullrange wrote the prefix lack it), and kohya's
+        # prefix: lora_te_ for SD 1.x / 2.x's one text encoder, lora_te1_ / lora_te2_ for SDXL's two.
+        kohya = {re.sub(r"^lora_te(\d?)_(?!text_model_)", r"lora_te\1_text_model_", k): v for k, v in kohya.items()}
+        if family != "sdxl":
             kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
         for key in [k for k in kohya if k.endswith(".alpha")]:
             rank = kohya[key.removesuffix(".alpha") + ".lora_down.weight"].shape[0]
@@ -289,8 +316,7 @@ class LoRA:
         pipe.set_adapters(["fullrange"], adapter_weights=[strength])
 
     def merge(self, model: StableDiffusion) -> None:
-        for network in (model.unet, *model.text_encoders.values()):
-            merge_adapters(network)
+        merge_all(model)
 
 
 class OFT:

@@ -76,12 +76,15 @@ def export_command(
             with warnings_as_lines():
                 sd_model = load_adapter(sd_model, adapter, adapter_strength)
         if file_format == "diffusers":
-            export_diffusers(out, sd_model, dtype=weights, replace=overwrite)
+            written = [export_diffusers(out, sd_model, dtype=weights, replace=overwrite)]
         else:
-            export(out, sd_model, family=family, dtype=weights)
+            written = export(out, sd_model, family=family, dtype=weights)
     spec = sd_model.spec
+    beside = f" (beside it, for tools that ignore its markers: {', '.join(p.name for p in written[1:])})"
     typer.echo(
-        f"wrote {out}: prediction {spec.prediction}, zero terminal SNR {spec.schedule.zero_terminal_snr}", err=True
+        f"wrote {out}: prediction {spec.prediction}, zero terminal SNR {spec.schedule.zero_terminal_snr}"
+        + (beside if written[1:] else ""),
+        err=True,
     )
 
 

@@ -3,13 +3,14 @@ how it must be sampled."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from ..adapters import merge_adapters
-from ..files import save_safetensors, staged_folder
+from ..adapters import merge_all, refuse_unmerged
+from ..files import save_safetensors, staged_folder, write_bytes
 from .ldm import text_encoders_to_ldm, unet_to_ldm, vae_to_ldm
 from .markers import MODELSPEC_ARCHITECTURE
 from .model import FAMILIES, StableDiffusion, as_pipeline
@@ -17,23 +18,20 @@ from .model import FAMILIES, StableDiffusion, as_pipeline
 __all__ = ["FAMILIES", "export", "export_diffusers", "save_pipeline"]
 
 
-def export(path: Path | str, model: StableDiffusion, *, family: str | None = None, dtype=torch.float16) -> Path:
-    """Write ``model`` (UNet with any adapter merged in, VAE, text encoders) as one LDM-layout ``.safetensors``
-    file, atomically, that A1111 / ComfyUI load. Every convention says what its spec says about prediction type
-    and zero terminal SNR: ComfyUI's ``v_pred`` / ``ztsnr`` marker keys, kohya's ``ss_*`` metadata and
-    ``modelspec.prediction_type``. ``family``: ``sd1`` / ``sd2`` / ``sdxl`` layout
-    (default: the model's, :meth:`~fullrange.sd.model.StableDiffusion.layout`). An adapter is merged into the UNet's
-    weights in place."""
+def checkpoint_state(model: StableDiffusion, family: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """What a single file of ``model`` holds: its networks' tensors in the LDM layout of ``family`` (every adapter
+    merged in place first; a name still an adapter's is refused), on their own device and dtype (the meta device
+    too: shapes and names without memory), ComfyUI's ``v_pred`` / ``ztsnr`` marker tensors, and the metadata
+    (kohya's ``ss_*``, ``modelspec.*``) that say how it must be sampled."""
     family = model.layout(family)
-    merge_adapters(model.unet)
+    merge_all(model)
     second = model.text_encoder_2.state_dict() if model.is_xl else None
-    ldm = {
+    state = {
         **unet_to_ldm(model.unet.state_dict(), model.unet.config),
         **vae_to_ldm(model.vae.state_dict(), model.vae.config),
         **text_encoders_to_ldm(family, model.text_encoder.state_dict(), second),
     }
-    # In the file's dtype: an fp16 export of fp32 weights holds a half-size copy while the file is written.
-    state = {k: v.detach().to("cpu", dtype) for k, v in ldm.items()}
+    refuse_unmerged(state)
     v = model.spec.prediction == "v_prediction"
     metadata = {
         "format": "pt",
@@ -47,8 +45,145 @@ def export(path: Path | str, model: StableDiffusion, *, family: str | None = Non
     if model.spec.schedule.zero_terminal_snr:
         state["ztsnr"] = torch.tensor([])
         metadata["ss_zero_terminal_snr"] = "true"
-    save_safetensors(path, state, metadata)
-    return Path(path)
+    return state, metadata
+
+
+def export(path: Path | str, model: StableDiffusion, *, family: str | None = None, dtype=torch.float16) -> list[Path]:
+    """Write ``model`` as one LDM-layout ``.safetensors`` file (:func:`checkpoint_state`), atomically, that A1111 and
+    ComfyUI load, and beside it what makes them sample it right where the file's markers are not read
+    (:func:`companions`). Returns the paths written, the checkpoint first."""
+    state, metadata = checkpoint_state(model, family)
+    # In the file's dtype: an fp16 export of fp32 weights holds a half-size copy while the file is written.
+    save_safetensors(path, {k: v.detach().to("cpu", dtype) for k, v in state.items()}, metadata)
+    return [Path(path), *companions(path, model, model.layout(family))]
+
+
+def companions(path: Path | str, model: StableDiffusion, family: str) -> list[Path]:
+    """What a checkpoint at ``path`` needs beside it to be sampled right by tools that ignore its markers:
+
+    - ComfyUI reads ``v_pred`` / ``ztsnr`` only for SDXL: for a v-prediction or zero-terminal-SNR model, a workflow in
+      ComfyUI's API format (``NAME.comfyui.json``: the loader, *ModelSamplingDiscrete* with the prediction type and
+      zsnr, *RescaleCFG* 0.7 at zero terminal SNR, a sampler from the top of the schedule);
+    - A1111 takes an SD 1.x / 2.x model's prediction type only from a config of the same name: for v-prediction,
+      ``NAME.yaml`` (LDM's inference config with ``parameterization: v``, its UNet as the model's own).
+    """
+    v, ztsnr = model.spec.prediction == "v_prediction", model.spec.schedule.zero_terminal_snr
+    path, written = Path(path), []
+    if v or ztsnr:
+        workflow = comfyui_workflow(path.name, v, ztsnr, model.unet.config.sample_size * model.vae_scale_factor)
+        write_bytes(path.with_suffix(".comfyui.json"), json.dumps(workflow, indent=2).encode())
+        written.append(path.with_suffix(".comfyui.json"))
+    if v and family in ("sd1", "sd2"):
+        # JSON is YAML: A1111 reads the file with OmegaConf, and fullrange needs no YAML writer for it.
+        write_bytes(path.with_suffix(".yaml"), json.dumps(a1111_config(model, family), indent=2).encode())
+        written.append(path.with_suffix(".yaml"))
+    return written
+
+
+def comfyui_workflow(checkpoint: str, v: bool, ztsnr: bool, side: int, prompt: str = "a city street at night") -> dict:
+    """A ComfyUI workflow (API format) that samples ``checkpoint`` right: ModelSamplingDiscrete sets the prediction
+    type and zero terminal SNR (ComfyUI caps its top at σ ≈ 4519, not σ = ∞), RescaleCFG 0.7 at zero terminal SNR,
+    and the "simple" scheduler starts at the schedule's last step, as trailing spacing does."""
+    model = ["2", 0]
+    nodes = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {
+            "class_type": "ModelSamplingDiscrete",
+            "inputs": {"model": ["1", 0], "sampling": "v_prediction" if v else "eps", "zsnr": ztsnr},
+        },
+    }
+    if ztsnr:
+        nodes["3"] = {"class_type": "RescaleCFG", "inputs": {"model": ["2", 0], "multiplier": 0.7}}
+        model = ["3", 0]
+    sampler = {"seed": 0, "steps": 25, "cfg": 7.5, "sampler_name": "dpmpp_2m", "scheduler": "simple", "denoise": 1.0}
+    return nodes | {
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": side, "height": side, "batch_size": 1}},
+        "7": {
+            "class_type": "KSampler",
+            "inputs": {"model": model, "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], **sampler},
+        },
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "fullrange"}},
+    }
+
+
+def a1111_config(model: StableDiffusion, family: str) -> dict:
+    """LDM's inference config for an SD 1.x / 2.x ``model`` (what A1111 builds it from), v-prediction, with the
+    model's own UNet and schedule."""
+    unet, origin = model.unet.config, model.spec.schedule.origin
+    base = unet.block_out_channels[0]
+    heads = unet.attention_head_dim
+    unet_params = {
+        "use_checkpoint": True,
+        "image_size": 32,
+        "in_channels": unet.in_channels,
+        "out_channels": unet.out_channels,
+        "model_channels": base,
+        "attention_resolutions": [2**i for i, kind in enumerate(unet.down_block_types) if "CrossAttn" in kind],
+        "num_res_blocks": unet.layers_per_block,
+        "channel_mult": [c // base for c in unet.block_out_channels],
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": bool(unet.use_linear_projection),
+        "transformer_depth": 1,
+        "context_dim": unet.cross_attention_dim,
+        "legacy": False,
+    }
+    # SD 1.x names its attention by heads (8), SD 2.x by channels per head (64), as their configs do.
+    unet_params |= {"num_heads": heads} if family == "sd1" else {"num_head_channels": heads}
+    encoder = {
+        "sd1": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+        "sd2": {
+            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+            "params": {"freeze": True, "layer": "penultimate"},
+        },
+    }[family]
+    params = {
+        "parameterization": "v",
+        "linear_start": origin.beta_start if origin is not None and origin.beta_start else 0.00085,
+        "linear_end": origin.beta_end if origin is not None and origin.beta_end else 0.012,
+        "num_timesteps_cond": 1,
+        "log_every_t": 200,
+        "timesteps": model.spec.schedule.num_train_timesteps,
+        "first_stage_key": "jpg",
+        "cond_stage_key": "txt",
+        "image_size": unet.sample_size,
+        "channels": unet.out_channels,
+        "cond_stage_trainable": False,
+        "conditioning_key": "crossattn",
+        "monitor": "val/loss_simple_ema",
+        "scale_factor": model.vae.config.scaling_factor,
+        "use_ema": False,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        "first_stage_config": _first_stage(model),
+        "cond_stage_config": encoder,
+    }
+    return {
+        "model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}
+    }
+
+
+def _first_stage(model: StableDiffusion) -> dict:
+    vae = model.vae.config
+    base = vae.block_out_channels[0]
+    ddconfig = {
+        "double_z": True,
+        "z_channels": vae.latent_channels,
+        "resolution": 256,
+        "in_channels": vae.in_channels,
+        "out_ch": vae.out_channels,
+        "ch": base,
+        "ch_mult": [c // base for c in vae.block_out_channels],
+        "num_res_blocks": vae.layers_per_block,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    params = {"embed_dim": vae.latent_channels, "monitor": "val/rec_loss", "ddconfig": ddconfig}
+    return {
+        "target": "ldm.models.autoencoder.AutoencoderKL",
+        "params": params | {"lossconfig": {"target": "torch.nn.Identity"}},
+    }
 
 
 def _umask() -> int:
@@ -66,7 +201,9 @@ def export_diffusers(path: Path | str, model: StableDiffusion, *, dtype=torch.fl
     import tempfile
 
     path = Path(path)
-    merge_adapters(model.unet)
+    merge_all(model)
+    for network in (model.unet, model.vae, *model.text_encoders.values()):
+        refuse_unmerged(network.state_dict())
     for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
         if module is not None:
             module.to(dtype)
