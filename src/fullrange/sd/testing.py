@@ -18,6 +18,54 @@ def sd15_unet_config(**changes) -> dict:
     return {k: v for k, v in configs["unet"].items() if not k.startswith("_")} | changes
 
 
+def twin_unet_config(family: str) -> dict:
+    """A narrow UNet with the block layout of SD 1.5 (``sd1``) or SDXL (``sdxl``): the same blocks, layers per block
+    and transformer depths, so the same modules under the same names as the real one (258 / 773 LoRA targets), at a
+    few channels. Other tools map names by that layout (A1111 assumes two layers per block, kohya and ComfyUI build
+    their tables from it), so their loaders can be tested on it without the real model's gigabytes."""
+    common = {"sample_size": 8, "layers_per_block": 2, "norm_num_groups": 8}
+    if family == "sd1":
+        return common | {
+            "block_out_channels": (32, 32, 64, 64),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+        }
+    if family == "sdxl":
+        return common | {
+            "block_out_channels": (32, 64, 64),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2, 10),
+            "cross_attention_dim": 32 + 48,
+            "attention_head_dim": (2, 4, 8),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 48,
+        }
+    raise ValueError(f"no twin of {family!r}: sd1 or sdxl")
+
+
+TWIN_TEXT_LAYERS = {"sd1": (12,), "sdxl": (12, 32)}
+"""The twins' text encoders have CLIP-L's 12 layers and OpenCLIP-bigG's 32, at the tiny widths, and CLIP's 49408
+token embeddings (ComfyUI builds that many whatever the config says)."""
+CLIP_VOCABULARY = 49408
+
+
+def save_twin(path: Path | str, family: str, seed: int = 0) -> Path:
+    """A tiny pipeline with the real family's module tree (:func:`twin_unet_config`, :data:`TWIN_TEXT_LAYERS`)."""
+    return save_tiny_stable_diffusion(
+        path,
+        seed=seed,
+        xl=family == "sdxl",
+        unet_config=twin_unet_config(family),
+        text_layers=TWIN_TEXT_LAYERS[family],
+        vocab_size=CLIP_VOCABULARY,
+    )
+
+
 def save_tiny_stable_diffusion(
     path: Path | str,
     *,
@@ -26,12 +74,15 @@ def save_tiny_stable_diffusion(
     xl: bool = False,
     unet_config: dict | None = None,
     in_channels: int = 4,
+    text_layers: tuple[int, ...] = (2, 2),
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer; with ``xl`` an
     SDXL-shaped one: two text encoders, size conditioning, several transformer layers per block), built from
     configs with random weights, as a diffusers folder: for tests and benchmarks, no download. ``unet_config``
-    replaces the SD UNet by one of that config (e.g. :func:`sd15_unet_config`), the text encoder as wide as its
-    cross-attention; ``in_channels`` 9 makes the SD UNet an inpainting one (latents, mask, masked image)."""
+    replaces the UNet by one of that config (e.g. :func:`sd15_unet_config`), the SD text encoder as wide as its
+    cross-attention; ``in_channels`` 9 makes the SD UNet an inpainting one (latents, mask, masked image);
+    ``text_layers``: each text encoder's number of layers; ``vocab_size``: token embeddings beyond the tokenizer's."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -53,10 +104,10 @@ def save_tiny_stable_diffusion(
             for extra in ({}, {"pad_token": "!"})
         ]
     text_config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=unet_config["cross_attention_dim"] if unet_config else 32,
+        vocab_size=vocab_size or len(vocab),
+        hidden_size=unet_config["cross_attention_dim"] if unet_config and not xl else 32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=text_layers[0],
         num_attention_heads=4,
         max_position_embeddings=16,
         projection_dim=32,
@@ -66,9 +117,13 @@ def save_tiny_stable_diffusion(
     )
     with seeded(seed):
         text_encoder = CLIPTextModel(text_config)
-        # SDXL's second encoder is wider than the first (1280 vs 768), which is how loaders tell them apart.
-        text_config_2 = CLIPTextConfig(**{**text_config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
-        if xl:
+        # SDXL's second encoder is wider than the first (1280 vs 768), which is how loaders tell them apart, and its
+        # pooled output is projected to its own width (ComfyUI builds that projection square).
+        wide = {"hidden_size": 48, "intermediate_size": 96, "projection_dim": 48, "num_hidden_layers": text_layers[-1]}
+        text_config_2 = CLIPTextConfig(**{**text_config.to_dict(), **wide})
+        if unet_config is not None:
+            unet = UNet2DConditionModel(**unet_config)
+        elif xl:
             unet = UNet2DConditionModel(
                 sample_size=sample_size,
                 block_out_channels=(32, 64),
@@ -81,11 +136,9 @@ def save_tiny_stable_diffusion(
                 use_linear_projection=True,
                 addition_embed_type="text_time",
                 addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=6 * 8 + 32,
+                projection_class_embeddings_input_dim=6 * 8 + 48,
                 norm_num_groups=8,
             )
-        elif unet_config is not None:
-            unet = UNet2DConditionModel(**unet_config)
         else:
             unet = UNet2DConditionModel(
                 sample_size=sample_size,

@@ -1,0 +1,113 @@
+"""The other side's own code, for the interop tests: ComfyUI, A1111's LoRA extension, Forge's detector and kohya
+sd-scripts, as pinned in ``../shared/oracles`` (never copied into fullrange: GPL / AGPL / Apache). Each is imported
+once per session, the way its README says, and undone where it touches the process (``sys.argv``, logging,
+warnings, a placeholder torchvision that must not stay visible to transformers)."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ORACLES = Path(os.environ.get("FULLRANGE_ORACLES", Path(__file__).resolve().parents[2] / "shared" / "oracles"))
+KOHYA_PYTHON = os.environ.get("FULLRANGE_KOHYA_PYTHON")
+"""The Python of the environment ``.ci/run`` makes for sd-scripts (it pins transformers 4.54 and diffusers 0.32)."""
+
+
+def _need(folder: str) -> Path:
+    path = ORACLES / folder
+    if not path.is_dir():
+        pytest.skip(f"{path} is not here (the pinned oracles live in ../shared/oracles beside the clone)")
+    return path
+
+
+class _Undone:
+    """Puts back what importing a tool changes in the process: argv, the root logger's handlers and level, the
+    warning filters, sys.path, and the placeholder modules it imported."""
+
+    def __init__(self, *paths: Path, placeholders: tuple[str, ...] = ()):
+        self.paths, self.placeholders = [str(p) for p in paths], placeholders
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self.saved = (list(sys.argv), list(root.handlers), root.level, list(warnings.filters))
+        sys.path[:0] = self.paths
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        sys.argv[:], root.handlers[:], level, warnings.filters[:] = self.saved[0], self.saved[1], *self.saved[2:]
+        root.setLevel(level)
+        for path in self.paths:
+            sys.path.remove(path)
+        for name in [m for m in sys.modules if m.split(".")[0] in self.placeholders]:
+            del sys.modules[name]
+
+
+def _heavy_first() -> None:
+    """Import what the tools' placeholders would shadow (torchvision) before they are on the path."""
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.models.clip  # noqa: F401
+
+
+@functools.cache
+def comfyui() -> SimpleNamespace:
+    """ComfyUI's modules on the CPU (``--cpu``), with its placeholder torchvision only while importing."""
+    root = _need("ComfyUI")
+    _heavy_first()
+    with _Undone(root, ORACLES / "stubs", placeholders=("torchvision",)):
+        sys.argv[:] = [sys.argv[0], "--cpu"]
+        options = importlib.import_module("comfy.options")
+        options.enable_args_parsing()
+        names = [
+            "comfy.sd", "comfy.utils", "comfy.lora", "comfy.model_detection", "comfy.supported_models",
+            "comfy.model_patcher", "comfy.model_management", "comfy.model_sampling", "comfy.sample",
+            "comfy.samplers", "comfy.sd1_clip", "comfy.sdxl_clip", "comfy_extras.nodes_model_advanced",
+            "comfy_extras.nodes_custom_sampler", "nodes",
+        ]  # fmt: skip
+        modules = {name.rpartition(".")[2]: importlib.import_module(name) for name in names}
+    return SimpleNamespace(**modules)
+
+
+@functools.cache
+def a1111() -> SimpleNamespace:
+    """A1111's built-in LoRA extension (``networks``, ``network``) and its config picker, with its placeholders for
+    the web UI's ``modules`` and ``gradio``."""
+    root = _need("a1111-lora")
+    _heavy_first()
+    with _Undone(root / "stubs", root):
+        modules = {name: importlib.import_module(name) for name in ("networks", "network", "sd_models_config")}
+        modules["shared"] = importlib.import_module("modules.shared")
+        hashes = importlib.import_module("modules.hashes")
+    if not hasattr(hashes, "sha256_from_cache"):  # the web UI's hash cache, which the placeholders lack
+        hashes.sha256_from_cache = lambda *args, **kwargs: None
+    return SimpleNamespace(**modules)
+
+
+@functools.cache
+def huggingface_guess():
+    """Forge's checkpoint detector."""
+    root = _need("huggingface_guess")
+    with _Undone(root):
+        return importlib.import_module("huggingface_guess")
+
+
+def kohya_python() -> str:
+    """The sd-scripts environment's Python, or a skip saying how to make one."""
+    _need("sd-scripts")
+    if not KOHYA_PYTHON:
+        pytest.skip("FULLRANGE_KOHYA_PYTHON is not set: .ci/run makes sd-scripts' environment and sets it")
+    return KOHYA_PYTHON
+
+
+def no_grad_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
