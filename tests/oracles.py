@@ -19,13 +19,19 @@ import torch
 
 ORACLES = Path(os.environ.get("FULLRANGE_ORACLES", Path(__file__).resolve().parents[2] / "shared" / "oracles"))
 KOHYA_PYTHON = os.environ.get("FULLRANGE_KOHYA_PYTHON")
-"""The Python of the environment ``.ci/run`` makes for sd-scripts (it pins transformers 4.54 and diffusers 0.32)."""
+"""The Python of the environment ``.ci/kohya-env`` makes for sd-scripts (it pins transformers 4.54, diffusers 0.32)."""
+REQUIRED = bool(os.environ.get("FULLRANGE_REQUIRE_ORACLES"))
+"""Set by CI: a missing oracle fails its tests instead of skipping them."""
+
+
+def _missing(why: str):
+    (pytest.fail if REQUIRED else pytest.skip)(why)
 
 
 def _need(folder: str) -> Path:
     path = ORACLES / folder
     if not path.is_dir():
-        pytest.skip(f"{path} is not here (the pinned oracles live in ../shared/oracles beside the clone)")
+        _missing(f"{path} is not here (the pinned oracles live in ../shared/oracles beside the clone)")
     return path
 
 
@@ -71,7 +77,8 @@ def comfyui() -> SimpleNamespace:
         names = [
             "comfy.sd", "comfy.utils", "comfy.lora", "comfy.model_detection", "comfy.supported_models",
             "comfy.model_patcher", "comfy.model_management", "comfy.model_sampling", "comfy.sample",
-            "comfy.samplers", "comfy.sd1_clip", "comfy.sdxl_clip", "comfy_extras.nodes_model_advanced",
+            "comfy.samplers", "comfy.sd1_clip", "comfy.sdxl_clip", "comfy.model_base", "comfy.ops",
+            "comfy_extras.nodes_model_advanced",
             "comfy_extras.nodes_custom_sampler", "nodes",
         ]  # fmt: skip
         modules = {name.rpartition(".")[2]: importlib.import_module(name) for name in names}
@@ -105,9 +112,23 @@ def kohya_python() -> str:
     """The sd-scripts environment's Python, or a skip saying how to make one."""
     _need("sd-scripts")
     if not KOHYA_PYTHON:
-        pytest.skip("FULLRANGE_KOHYA_PYTHON is not set: .ci/run makes sd-scripts' environment and sets it")
+        _missing('FULLRANGE_KOHYA_PYTHON is not set: export FULLRANGE_KOHYA_PYTHON="$(.ci/kohya-env)"')
     return KOHYA_PYTHON
 
 
 def no_grad_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def kohya(*args) -> dict:
+    """``tests/kohya_oracle.py`` with ``args`` in sd-scripts' environment; its JSON answer."""
+    import json
+    import subprocess
+
+    python = kohya_python()
+    path = os.pathsep.join([str(ORACLES / "sd-scripts"), str(ORACLES / "stubs")])
+    script = Path(__file__).with_name("kohya_oracle.py")
+    env = {**os.environ, "PYTHONPATH": path}
+    run = subprocess.run([python, str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ widths, the real-shaped model is built on the meta device (names and shapes, no 
 
 from __future__ import annotations
 
+import functools
 import logging
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from fullrange import adapters
 from fullrange.adapters import AdapterConfig, merged_differences
-from fullrange.sd import load_adapter, load_stable_diffusion
+from fullrange.sd import load_adapter, load_stable_diffusion, tools
 from fullrange.sd.export import export
 from fullrange.sd.testing import save_twin
 
@@ -275,3 +276,162 @@ def test_a1111_applies_every_tensor_of_the_kohya_lora_as_fullrange_merges_it(twi
     worst = _assert_same_changes(changes, twin.changes, twin.family)
     counts = {"modules matched": f"{len(net.modules)} of {len(stems)}", "worst relative": f"{worst:.1e}"}
     _counts(report, "A1111 LoRA", twin.family, changes, **counts)
+
+
+# --- kohya sd-scripts (its own environment) ----------------------------------------------------------------------
+
+
+def test_kohya_merges_every_module_of_the_kohya_lora_as_fullrange_does(twin, tmp_path, report):
+    """sd-scripts' ``create_network_from_weights`` makes a module for every one in the file (SDXL's diffusers names
+    converted by its own table onto its own SDXL UNet), and its ``merge_to`` changes each weight by what
+    fullrange's merge does."""
+    out = tmp_path / "kohya_changes.safetensors"
+    result = oracles.kohya("lora", twin.family, twin.kohya, twin.folder, out)
+    assert result["unmapped"] == [] and result["modules"] == result["stems"]
+    changes = load_file(out)
+    worst = _assert_same_changes(changes, twin.changes, twin.family)
+    counts = {"modules made": f"{result['modules']} of {result['stems']}", "worst relative": f"{worst:.1e}"}
+    _counts(report, "kohya LoRA", twin.family, changes, **counts)
+
+
+# --- Real-shaped single files on the meta device: detection -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_shaped(bundled, meta_models):
+    """``real_shaped(family)``: what the single file of a real-shaped model holds (names, shapes, markers; meta
+    tensors, no memory): v-prediction, zero terminal SNR, a LoRA on the UNet and text encoders merged."""
+    import json
+
+    from fullrange.sampling import retrained
+    from fullrange.scheduler_config import spec_from_config
+    from fullrange.sd.export import checkpoint_state
+    from fullrange.sd.model import StableDiffusion
+
+    @functools.cache
+    def build(family: str) -> dict[str, torch.Tensor]:
+        folder = bundled[family]
+        parts = meta_models(folder)
+        spec = spec_from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+        spec = retrained(spec, "v_prediction", zero_terminal_snr=True)
+        second = getattr(parts, "text_encoder_2", None)
+        model = StableDiffusion(parts.unet, parts.vae, parts.text_encoder, None, spec, folder, second)
+        adapters.LoRA().attach(model, AdapterConfig("lora", rank=4, text_encoder=True), seed=0)
+        return checkpoint_state(model, family)[0]
+
+    return build
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kohya_loads_a_real_shaped_single_file_with_a_text_encoder_lora_strictly(real_shaped, family, tmp_path, report):
+    """sd-scripts' checkpoint loaders (strict: a missing or unexpected key is an error) take every tensor of a
+    real-shaped SD 1.5 / SDXL single file with a text-encoder LoRA merged."""
+    import json
+
+    state = real_shaped(family)
+    shapes = tmp_path / "shapes.json"
+    shapes.write_text(json.dumps({k: list(v.shape) for k, v in state.items()}))
+    result = oracles.kohya("checkpoint", family, shapes)
+    assert result == {"loaded": True, "tensors": len(state)}
+    _counts(report, "kohya single file (real shapes)", family, tensors=len(state), missing=0, unexpected=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_comfyui_detects_the_real_shaped_export_and_reads_its_markers_only_for_sdxl(real_shaped, family):
+    """ComfyUI's detection on a real-shaped v + zero-SNR export: the right model class; for SDXL it reads the
+    ``v_pred`` / ``ztsnr`` markers (v-prediction, σ_max ≈ 4519, its zero-SNR cap); for SD 1.x it reads neither and
+    would sample epsilon on SD's ladder (σ_max ≈ 14.6): why the SD 1.x export comes with a workflow."""
+    comfy = oracles.comfyui()
+    state = real_shaped(family)
+    config = comfy.model_detection.model_config_from_unet(state, "model.diffusion_model.")
+    assert type(config).__name__ == {"sd1": "SD15", "sdxl": "SDXL"}[family]
+    model_type = config.model_type(state)
+    sampling = comfy.model_base.model_sampling(config, model_type)
+    v = isinstance(sampling, comfy.model_sampling.V_PREDICTION)
+    if family == "sdxl":
+        assert v and sampling.sigma_max.item() == pytest.approx(tools.COMFYUI_ZSNR_SIGMA_MAX, abs=0.05)
+    else:
+        assert not v and sampling.sigma_max.item() == pytest.approx(tools.SD_SIGMA_MAX, abs=0.05)
+
+
+@pytest.mark.parametrize(("family", "expected"), [("sd1", ("SD15", "EPS")), ("sdxl", ("SDXL", "V_PREDICTION"))])
+def test_forge_detects_the_family_and_reads_v_prediction_only_for_sdxl(real_shaped, family, expected):
+    """Forge's detector (``huggingface_guess.guess``) on the same exports: the family, and the prediction type it
+    reads (v-prediction from the marker for SDXL only)."""
+    state = real_shaped(family)
+    guessed = oracles.huggingface_guess().guess(state)
+    assert (type(guessed).__name__, guessed.model_type(state).name) == expected
+
+
+# --- The SD 1.x companions: A1111's .yaml and ComfyUI's workflow ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def v_export(tmp_path_factory):
+    """The SD 1.5 twin trained as v + zero SNR, exported: the checkpoint and its companions."""
+    from dataclasses import replace
+
+    from fullrange.sampling import retrained
+
+    root = tmp_path_factory.mktemp("v_export")
+    base = load_stable_diffusion(save_twin(root / "base", "sd1"))
+    model = replace(base, spec=retrained(base.spec, "v_prediction", zero_terminal_snr=True))
+    written = export(root / "twin_v.safetensors", model, family="sd1", dtype=torch.float32)
+    return SimpleNamespace(folder=root / "base", files={p.suffixes[-2] if len(p.suffixes) > 1 else p.suffix: p
+                                                         for p in written})  # fmt: skip
+
+
+def test_a1111_finds_the_yaml_beside_the_sd1_export_and_it_builds_the_checkpoint_unet(v_export):
+    """A1111 picks the same-name ``.yaml`` (its own ``find_checkpoint_config_near_filename``); read as A1111 reads
+    it (YAML), it says ``parameterization: v``, and its UNet config builds the LDM UNet (ComfyUI's copy of the class
+    A1111 instantiates, after ComfyUI's own conversion of LDM's config keys) that loads the checkpoint's UNet with
+    nothing missing or unexpected."""
+    import yaml
+
+    checkpoint, config_file = v_export.files[".safetensors"], v_export.files[".yaml"]
+    a1111 = oracles.a1111()
+    assert a1111.sd_models_config.find_checkpoint_config_near_filename(SimpleNamespace(filename=str(checkpoint))) == (
+        str(config_file)
+    )
+    config = yaml.safe_load(config_file.read_text())["model"]["params"]
+    assert config["parameterization"] == "v"
+    comfy = oracles.comfyui()
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    params = comfy.model_detection.convert_config(config["unet_config"]["params"])  # LDM's keys to ComfyUI's
+    unet = UNetModel(**params, operations=comfy.ops.disable_weight_init)
+    prefix = "model.diffusion_model."
+    state = {k[len(prefix) :]: v for k, v in load_file(checkpoint).items() if k.startswith(prefix)}
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    assert (missing, unexpected) == ([], [])
+
+
+def test_the_comfyui_workflow_makes_comfyui_sample_the_sd1_export_as_v_with_zero_snr(v_export):
+    """The workflow beside the SD 1.x export, run through ComfyUI's own node classes (the checkpoint loaded as
+    ComfyUI loads it, named not detected): every input valid for its node, and the model the sampler gets predicts
+    v on the zero-SNR ladder (σ_max ≈ 4519 instead of 14.6) with RescaleCFG set."""
+    import json
+
+    comfy = oracles.comfyui()
+    workflow = json.loads(v_export.files[".comfyui"].read_text())
+    patcher, clip, _ = comfyui_load(comfy, v_export.files[".safetensors"], v_export.folder, "sd1")
+    # The export's folder as ComfyUI's models/checkpoints, where a user puts the file.
+    comfy.nodes.folder_paths.add_model_folder_path("checkpoints", str(v_export.files[".safetensors"].parent))
+    classes = comfy.nodes.NODE_CLASS_MAPPINGS | comfy.nodes_model_advanced.NODE_CLASS_MAPPINGS
+    outputs = {"1": (patcher, clip, None)}  # CheckpointLoaderSimple, whose detection a twin is too narrow for
+    for key in sorted(workflow, key=int):
+        node = workflow[key]
+        kind = classes[node["class_type"]]
+        declared = kind.INPUT_TYPES()["required"]
+        assert set(node["inputs"]) <= set(declared), node["class_type"]
+        for name, value in node["inputs"].items():
+            if isinstance(declared[name][0], list):
+                assert value in declared[name][0], (node["class_type"], name, value)
+        if node["class_type"] in ("ModelSamplingDiscrete", "RescaleCFG"):
+            inputs = {k: outputs[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            outputs[key] = getattr(kind(), kind.FUNCTION)(**inputs)
+    sampled = outputs[workflow["7"]["inputs"]["model"][0]][0]
+    sampling = sampled.get_model_object("model_sampling")
+    assert isinstance(sampling, comfy.model_sampling.V_PREDICTION)
+    assert sampling.sigma_max.item() == pytest.approx(tools.COMFYUI_ZSNR_SIGMA_MAX, abs=0.05)
+    assert sampled.model_options.get("sampler_cfg_function") is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,14 @@ def inspect_command(
     adapter: Adapter = None,
     probe: Annotated[bool, typer.Option("--probe", help="Run the probe even when the markers agree.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    tool: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="Also print the settings for comfyui, a1111, forge, diffusers or invokeai, and warn where that "
+            "tool reads the file wrongly.",
+        ),
+    ] = None,
     sha256: Sha256 = None,
     model_config: ModelConfigDir = None,
     allow_pickle: AllowPickle = False,
@@ -26,13 +35,24 @@ def inspect_command(
     (diffusers, ComfyUI, kohya, modelspec), a probe where they are silent or disagree, and the settings to use."""
     from ..sd.config import ModelConfig
     from ..sd.inspection import inspect
+    from ..sd.tools import TOOLS, settings_for
 
     if adapter is not None and not adapter.exists():
         fail(f"--adapter {adapter}: no such file or directory")
+    if tool is not None and tool not in TOOLS:
+        fail(f"--for {tool}: not one of {', '.join(TOOLS)}")
     with library_errors(MODEL_FLAGS | {"model.path": "MODEL", "adapter": "--adapter"}):
         config = ModelConfig(model, sha256, model_config, allow_pickle)
         found = inspect(config, None if adapter is None else str(adapter), always_probe=probe)
-    typer.echo(found.to_json() if as_json else "\n".join(_lines(found, config, adapter)))
+    advice = None if tool is None else settings_for(tool, found, config.path)
+    if as_json:
+        typer.echo(json.dumps(json.loads(found.to_json()) | ({"for": asdict(advice)} if advice else {}), indent=2))
+        return
+    lines = _lines(found, config, adapter)
+    if advice is not None:
+        lines += [f"for {tool}:", *(f"  {line}" for line in advice.settings)]
+        lines += [f"warning: {line}" for line in advice.warnings]
+    typer.echo("\n".join(lines))
 
 
 def _lines(found, config, adapter: Path | None) -> list[str]:

@@ -49,9 +49,7 @@ def twin_unet_config(family: str) -> dict:
 
 
 TWIN_TEXT_LAYERS = {"sd1": (12,), "sdxl": (12, 32)}
-"""The twins' text encoders have CLIP-L's 12 layers and OpenCLIP-bigG's 32, at the tiny widths, and CLIP's 49408
-token embeddings (ComfyUI builds that many whatever the config says)."""
-CLIP_VOCABULARY = 49408
+"""The twins' text encoders have CLIP-L's 12 layers and OpenCLIP-bigG's 32, at the tiny widths."""
 
 
 def save_twin(path: Path | str, family: str, seed: int = 0) -> Path:
@@ -62,7 +60,7 @@ def save_twin(path: Path | str, family: str, seed: int = 0) -> Path:
         xl=family == "sdxl",
         unet_config=twin_unet_config(family),
         text_layers=TWIN_TEXT_LAYERS[family],
-        vocab_size=CLIP_VOCABULARY,
+        clip_tables=True,
     )
 
 
@@ -75,14 +73,15 @@ def save_tiny_stable_diffusion(
     unet_config: dict | None = None,
     in_channels: int = 4,
     text_layers: tuple[int, ...] = (2, 2),
-    vocab_size: int | None = None,
+    clip_tables: bool = False,
 ) -> Path:
     """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer; with ``xl`` an
     SDXL-shaped one: two text encoders, size conditioning, several transformer layers per block), built from
     configs with random weights, as a diffusers folder: for tests and benchmarks, no download. ``unet_config``
     replaces the UNet by one of that config (e.g. :func:`sd15_unet_config`), the SD text encoder as wide as its
     cross-attention; ``in_channels`` 9 makes the SD UNet an inpainting one (latents, mask, masked image);
-    ``text_layers``: each text encoder's number of layers; ``vocab_size``: token embeddings beyond the tokenizer's."""
+    ``text_layers``: each text encoder's number of layers; ``clip_tables``: CLIP's 49408 token and 77 position
+    embeddings (ComfyUI builds that many token rows whatever the config says, and tokenizes to 77)."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -104,12 +103,12 @@ def save_tiny_stable_diffusion(
             for extra in ({}, {"pad_token": "!"})
         ]
     text_config = CLIPTextConfig(
-        vocab_size=vocab_size or len(vocab),
+        vocab_size=49408 if clip_tables else len(vocab),
         hidden_size=unet_config["cross_attention_dim"] if unet_config and not xl else 32,
         intermediate_size=64,
         num_hidden_layers=text_layers[0],
         num_attention_heads=4,
-        max_position_embeddings=16,
+        max_position_embeddings=77 if clip_tables else 16,
         projection_dim=32,
         bos_token_id=len(vocab) - 2,
         eos_token_id=len(vocab) - 1,
