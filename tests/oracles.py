@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import logging
 import os
 import sys
@@ -132,3 +133,59 @@ def kohya(*args) -> dict:
     run = subprocess.run([python, str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+# --- fullrange's twins as ComfyUI loads them ------------------------------------------------------------------------
+
+
+def _comfy_text_config(folder, subfolder: str) -> dict:
+    config = json.loads((folder / subfolder / "config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+    return {k: config[k] for k in keys} | {
+        "max_position_embeddings": config["max_position_embeddings"],
+        "projection_dim": config.get("projection_dim", config["hidden_size"]),
+        "hidden_act": config["hidden_act"],
+    }
+
+
+def comfyui_load(comfy, checkpoint, folder, family: str):
+    """A single file loaded the way ComfyUI's CheckpointLoaderSimple does (``load_state_dict_guess_config``), with
+    the model class named rather than detected (a twin is too narrow for detection): ComfyUI's UNet config read
+    from the file, its model and CLIP classes, their state-dict processing. Returns the model patcher, the CLIP
+    and each part's (missing, unexpected) keys."""
+    sd = comfy.utils.load_torch_file(str(checkpoint))
+    prefix = "model.diffusion_model."
+    unet_config = comfy.model_detection.detect_unet_config(sd, prefix)
+    config = {"sd1": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family](unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(sd, prefix)
+    unet_sd = config.process_unet_state_dict({k[len(prefix) :]: sd.pop(k) for k in list(sd) if k.startswith(prefix)})
+    unet_missing, unet_unexpected = model.diffusion_model.load_state_dict(unet_sd, strict=False)
+    # fp32 as ComfyUI's --fp32-text-enc makes it (on a CPU it would pick fp16), so changes compare exactly.
+    te_options = {"dtype": torch.float32, "clip_l_model_config": _comfy_text_config(folder, "text_encoder")}
+    if family == "sdxl":
+        te_options["clip_g_model_config"] = _comfy_text_config(folder, "text_encoder_2")
+    clip_sd = config.process_clip_state_dict(sd)
+    clip = comfy.sd.CLIP(config.clip_target(state_dict=sd), tokenizer_data=clip_sd, model_options=te_options)
+    clip_missing, clip_unexpected = clip.load_sd(clip_sd, full_model=True)
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    counts = {"unet": (unet_missing, unet_unexpected), "clip": (clip_missing, clip_unexpected)}
+    return patcher, clip, counts
+
+
+def comfyui_vae(comfy, checkpoint, folder):
+    """The twin's VAE as ComfyUI's ``VAE`` (fp32), from the file's ``first_stage_model.*`` tensors: built from the
+    twin's config, since ComfyUI builds SD's VAE at its real width only (the layout is SD's: ``TWIN_VAE``)."""
+    config = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    widths = config["block_out_channels"]
+    ddconfig = {
+        "double_z": True, "z_channels": config["latent_channels"], "resolution": 256, "in_channels": 3,
+        "out_ch": 3, "ch": widths[0], "ch_mult": [w // widths[0] for w in widths],
+        "num_res_blocks": config["layers_per_block"], "attn_resolutions": [], "dropout": 0.0,
+    }  # fmt: skip
+    prefix = "first_stage_model."
+    tensors = comfy.utils.load_torch_file(str(checkpoint))
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    params = {"embed_dim": config["latent_channels"], "ddconfig": ddconfig}
+    return comfy.sd.VAE(sd=state, config={"params": params}, dtype=torch.float32)

@@ -98,49 +98,11 @@ def _assert_same_changes(theirs: dict, ours: dict, family: str) -> float:
 # --- ComfyUI ---------------------------------------------------------------------------------------------------
 
 
-def _comfy_text_config(folder, subfolder: str) -> dict:
-    import json
-
-    config = json.loads((folder / subfolder / "config.json").read_text())
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-    return {k: config[k] for k in keys} | {
-        "max_position_embeddings": config["max_position_embeddings"],
-        "projection_dim": config.get("projection_dim", config["hidden_size"]),
-        "hidden_act": config["hidden_act"],
-    }
-
-
-def comfyui_load(comfy, checkpoint, folder, family: str):
-    """A single file loaded the way ComfyUI's CheckpointLoaderSimple does (``load_state_dict_guess_config``), with
-    the model class named rather than detected (a twin is too narrow for detection): ComfyUI's UNet config read
-    from the file, its model and CLIP classes, their state-dict processing. Returns the model patcher, the CLIP
-    and each part's (missing, unexpected) keys."""
-    sd = comfy.utils.load_torch_file(str(checkpoint))
-    prefix = "model.diffusion_model."
-    unet_config = comfy.model_detection.detect_unet_config(sd, prefix)
-    config = {"sd1": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family](unet_config)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model(sd, prefix)
-    unet_sd = config.process_unet_state_dict({k[len(prefix) :]: sd.pop(k) for k in list(sd) if k.startswith(prefix)})
-    unet_missing, unet_unexpected = model.diffusion_model.load_state_dict(unet_sd, strict=False)
-    # fp32 as ComfyUI's --fp32-text-enc makes it (on a CPU it would pick fp16), so changes compare exactly.
-    te_options = {"dtype": torch.float32, "clip_l_model_config": _comfy_text_config(folder, "text_encoder")}
-    if family == "sdxl":
-        te_options["clip_g_model_config"] = _comfy_text_config(folder, "text_encoder_2")
-    clip_sd = config.process_clip_state_dict(sd)
-    clip = comfy.sd.CLIP(config.clip_target(state_dict=sd), tokenizer_data=clip_sd, model_options=te_options)
-    clip_missing, clip_unexpected = clip.load_sd(clip_sd, full_model=True)
-    cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-    counts = {"unet": (unet_missing, unet_unexpected), "clip": (clip_missing, clip_unexpected)}
-    return patcher, clip, counts
-
-
 def test_comfyui_applies_every_tensor_of_the_kohya_lora_as_fullrange_merges_it(twin, report):
     """ComfyUI's LoraLoader path (``load_lora_for_models``, then patching the weights) maps every tensor of the
     kohya file, UNet and text encoders, and changes each weight by what fullrange's merge does."""
     comfy = oracles.comfyui()
-    patcher, clip, _ = comfyui_load(comfy, twin.checkpoint, twin.folder, twin.family)
+    patcher, clip, _ = oracles.comfyui_load(comfy, twin.checkpoint, twin.folder, twin.family)
     lora = comfy.utils.load_torch_file(str(twin.kohya))
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(patcher.model))
     with Warnings() as lines:
@@ -169,11 +131,11 @@ def test_comfyui_loads_the_single_file_with_a_text_encoder_lora_and_nothing_miss
     it needs and none it does not know, and the weights it loads are what ComfyUI's own LoRA loader makes of the base
     file and the kohya LoRA."""
     comfy = oracles.comfyui()
-    patcher, clip, counts = comfyui_load(comfy, twin.merged, twin.folder, twin.family)
+    patcher, clip, counts = oracles.comfyui_load(comfy, twin.merged, twin.folder, twin.family)
     missing = [k for part in counts.values() for k in part[0] if not k.endswith(COMFY_NEVER_IN_A_FILE)]
     unexpected = [k for part in counts.values() for k in part[1]]
     assert missing == [] and unexpected == []
-    base, base_clip, _ = comfyui_load(comfy, twin.checkpoint, twin.folder, twin.family)
+    base, base_clip, _ = oracles.comfyui_load(comfy, twin.checkpoint, twin.folder, twin.family)
     lora = comfy.utils.load_torch_file(str(twin.kohya))
     with_lora, clip_with_lora = comfy.sd.load_lora_for_models(base, base_clip, lora, 1.0, 1.0)
     comfy.model_management.load_models_gpu([with_lora, clip_with_lora.patcher])
@@ -216,7 +178,7 @@ def a1111_model(comfy, twin):
     ``cond_stage_model.wrapped.transformer.text_model.…``; SDXL's ``conditioner.embedders[0 / 1].wrapped``): the
     UNet and CLIP-L are ComfyUI's (the same LDM / CLIP names) with plain torch layers, as A1111's are (its LoRA code
     checks the exact class), SDXL's OpenCLIP-bigG the tree above."""
-    patcher, clip, _ = comfyui_load(comfy, twin.checkpoint, twin.folder, twin.family)
+    patcher, clip, _ = oracles.comfyui_load(comfy, twin.checkpoint, twin.folder, twin.family)
     for network in (patcher.model, clip.cond_stage_model):
         for layer in network.modules():
             plain = next(c for c in type(layer).__mro__ if c.__module__.startswith("torch.nn"))
@@ -414,7 +376,7 @@ def test_the_comfyui_workflow_makes_comfyui_sample_the_sd1_export_as_v_with_zero
 
     comfy = oracles.comfyui()
     workflow = json.loads(v_export.files[".comfyui"].read_text())
-    patcher, clip, _ = comfyui_load(comfy, v_export.files[".safetensors"], v_export.folder, "sd1")
+    patcher, clip, _ = oracles.comfyui_load(comfy, v_export.files[".safetensors"], v_export.folder, "sd1")
     # The export's folder as ComfyUI's models/checkpoints, where a user puts the file.
     comfy.nodes.folder_paths.add_model_folder_path("checkpoints", str(v_export.files[".safetensors"].parent))
     classes = comfy.nodes.NODE_CLASS_MAPPINGS | comfy.nodes_model_advanced.NODE_CLASS_MAPPINGS

@@ -37,6 +37,13 @@ class Probe:
     cosine: float
     prediction: str | None
 
+    @classmethod
+    def of(cls, output: torch.Tensor, noise: torch.Tensor) -> Probe:
+        """The verdict on a UNet's ``output`` for the input ``noise`` at t = T-1 (the module docstring)."""
+        cosine = float(torch.nn.functional.cosine_similarity(output.flatten(), noise.flatten(), dim=0))
+        verdict = "epsilon" if cosine > EPSILON_ABOVE else "v_prediction" if cosine < V_BELOW else None
+        return cls(cosine, verdict)
+
     def describe(self) -> str:
         reading = {
             "epsilon": "the output is the input noise: epsilon",
@@ -104,9 +111,7 @@ def probe(model: StableDiffusion, seed: int = 0) -> Probe:
     param = next(unet.parameters())
     t = torch.full((1,), model.spec.schedule.num_train_timesteps - 1.0, device=param.device)
     out = unet(x.to(param), t, **cond).sample.float().cpu()
-    cosine = float(torch.nn.functional.cosine_similarity(out.flatten(), x.flatten(), dim=0))
-    verdict = "epsilon" if cosine > EPSILON_ABOVE else "v_prediction" if cosine < V_BELOW else None
-    return Probe(cosine, verdict)
+    return Probe.of(out, x)
 
 
 def inspect(model: ModelConfig | str, adapter: str | None = None, *, always_probe: bool = False) -> Inspection:

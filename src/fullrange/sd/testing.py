@@ -23,7 +23,8 @@ def twin_unet_config(family: str) -> dict:
     and transformer depths, so the same modules under the same names as the real one (258 / 773 LoRA targets), at a
     few channels. Other tools map names by that layout (A1111 assumes two layers per block, kohya and ComfyUI build
     their tables from it), so their loaders can be tested on it without the real model's gigabytes."""
-    common = {"sample_size": 8, "layers_per_block": 2, "norm_num_groups": 8}
+    # 32 groups as SD's: ComfyUI's LDM blocks always normalise in 32 groups.
+    common = {"sample_size": 8, "layers_per_block": 2, "norm_num_groups": 32}
     if family == "sd1":
         return common | {
             "block_out_channels": (32, 32, 64, 64),
@@ -52,8 +53,21 @@ TWIN_TEXT_LAYERS = {"sd1": (12,), "sdxl": (12, 32)}
 """The twins' text encoders have CLIP-L's 12 layers and OpenCLIP-bigG's 32, at the tiny widths."""
 
 
+TWIN_VAE = {
+    "block_out_channels": (32, 32, 64, 64),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+"""The twins' VAE: SD's (four levels, 8× down, two layers per block, 32 groups) at a few channels."""
+SDXL_VAE_SCALE = 0.13025
+
+
 def save_twin(path: Path | str, family: str, seed: int = 0) -> Path:
-    """A tiny pipeline with the real family's module tree (:func:`twin_unet_config`, :data:`TWIN_TEXT_LAYERS`)."""
+    """A tiny pipeline with the real family's module tree (:func:`twin_unet_config`, :data:`TWIN_TEXT_LAYERS`,
+    :data:`TWIN_VAE`, SDXL's latent scale)."""
+    vae = TWIN_VAE | ({"scaling_factor": SDXL_VAE_SCALE} if family == "sdxl" else {})
     return save_tiny_stable_diffusion(
         path,
         seed=seed,
@@ -61,6 +75,7 @@ def save_twin(path: Path | str, family: str, seed: int = 0) -> Path:
         unet_config=twin_unet_config(family),
         text_layers=TWIN_TEXT_LAYERS[family],
         clip_tables=True,
+        vae_config=vae,
     )
 
 
@@ -74,6 +89,7 @@ def save_tiny_stable_diffusion(
     in_channels: int = 4,
     text_layers: tuple[int, ...] = (2, 2),
     clip_tables: bool = False,
+    vae_config: dict | None = None,
 ) -> Path:
     """Write a tiny SD pipeline (UNet, VAE, CLIP text encoder and a character-level tokenizer; with ``xl`` an
     SDXL-shaped one: two text encoders, size conditioning, several transformer layers per block), built from
@@ -81,7 +97,8 @@ def save_tiny_stable_diffusion(
     replaces the UNet by one of that config (e.g. :func:`sd15_unet_config`), the SD text encoder as wide as its
     cross-attention; ``in_channels`` 9 makes the SD UNet an inpainting one (latents, mask, masked image);
     ``text_layers``: each text encoder's number of layers; ``clip_tables``: CLIP's 49408 token and 77 position
-    embeddings (ComfyUI builds that many token rows whatever the config says, and tokenizes to 77)."""
+    embeddings (ComfyUI builds that many token rows whatever the config says, and tokenizes to 77); ``vae_config``
+    replaces the VAE's layout."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -151,15 +168,16 @@ def save_tiny_stable_diffusion(
                 norm_num_groups=8,
                 attention_head_dim=8,
             )
+        tiny_vae = {
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            "block_out_channels": (8, 16),
+            "norm_num_groups": 8,
+        }
+        vae_layout = vae_config or tiny_vae
+        factor = 2 ** (len(vae_layout["block_out_channels"]) - 1)
         vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=2 * sample_size,
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=factor * sample_size, **vae_layout
         )
         scheduler = DDIMScheduler(
             beta_schedule="scaled_linear",
