@@ -156,7 +156,10 @@ def _diffusers(base: StableDiffusion, outputs: dict[str, Path], adapter: Path | 
 def _tools(base: StableDiffusion, spec: SamplingSpec, outputs: dict[str, Path]) -> list[str]:
     v, ztsnr = spec.prediction == "v_prediction", spec.schedule.zero_terminal_snr
     kohya = outputs.get("kohya")
-    single = "a single file (`fullrange export --model ... --out model.safetensors`)"
+    single = (
+        "a single file (`fullrange export --model ... --out model.safetensors`, which writes beside it the ComfyUI "
+        "workflow and, for a v-prediction SD 1.x / 2.x model, the A1111 `.yaml` described here)"
+    )
     comfy = (
         f"put `{kohya.name}` in `models/loras` and load it with *LoraLoader* on the base; "
         if kohya
@@ -168,7 +171,7 @@ def _tools(base: StableDiffusion, spec: SamplingSpec, outputs: dict[str, Path]) 
     if v and not base.is_xl:
         a1111 += (
             "A v-prediction SD 1.x / 2.x checkpoint needs a config `.yaml` of the same name with "
-            '`parameterization: "v"`'
+            '`parameterization: "v"` (`fullrange export` writes it)'
             + (
                 "; a LoRA cannot change the base's prediction type there, so export the merged model. "
                 if kohya
@@ -181,7 +184,10 @@ def _tools(base: StableDiffusion, spec: SamplingSpec, outputs: dict[str, Path]) 
         + f"add *ModelSamplingDiscrete* with sampling `{'v_prediction' if v else 'eps'}` and zsnr "
         f"`{'true' if ztsnr else 'false'}`" + (", and *RescaleCFG* with multiplier 0.7." if ztsnr else "."),
         "",
-        "**A1111**: " + a1111 + "These ComfyUI and A1111 settings are written from their documentation.",
+        ("**A1111**: " + a1111).rstrip(),
+        "",
+        "`fullrange inspect FILE --for comfyui` (or `a1111`, `forge`, `diffusers`, `invokeai`) prints the settings "
+        "per tool, with a warning where the tool reads the file wrongly.",
         "",
     ]
 
