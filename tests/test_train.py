@@ -340,3 +340,111 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_lower_lr(tm
     assert not (tmp_path / train.DIVERGED).exists()
     with pytest.raises(ValueError, match="cannot resume"):  # the marker is gone: the lr is the checkpoint's again
         train.train(_model(), good, losses.get_recipe("baseline"), config, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"fused_backward": True, "grad_accum": 2, "grad_clip": 0.0}, "needs grad_accum 1"),
+        ({"fused_backward": True}, "needs grad_clip 0"),
+        ({"fused_backward": True, "grad_clip": 0.0, "mixed_precision": "fp16"}, "does not work with fp16"),
+        ({"full_bf16": True}, "full_bf16 needs mixed_precision bf16, got .no."),
+        ({"optimizer": "prodigy", "lr": 1.0, "fused_backward": True, "grad_clip": 0.0}, "needs all of them at once"),
+        ({"optimizer": "prodigy"}, "lr 0.001 with prodigy: its lr multiplies the step size it estimates; use 1.0"),
+        ({"memory": "4gb"}, "memory .4gb. is not one of 24gb, 16gb, 12gb, 8gb"),
+    ],
+)
+def test_memory_settings_refused_with_the_reason(change, match):
+    with pytest.raises(ValueError, match=match):
+        replace(CONFIG, **change)
+
+
+def test_prepare_stores_frozen_weights_in_the_half_type_and_trained_ones_in_fp32():
+    model = _model()
+    frozen = [name for name, p in model.named_parameters() if not name.startswith("conv_out")]
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
+    trained = train.prepare(model, replace(CONFIG, mixed_precision="bf16"))
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    assert {model.get_parameter(name).dtype for name in frozen} == {torch.bfloat16}
+    trained = train.prepare(model, replace(CONFIG, mixed_precision="bf16", full_bf16=True))
+    assert {p.dtype for p in trained.values()} == {torch.bfloat16}
+
+
+FUSED = {"fused_backward": True, "grad_clip": 0.0}
+
+
+def test_a_fused_backward_trains_as_the_ordinary_step(tmp_path, data):
+    """Each tensor stepped inside the backward pass: the same losses and weights as the step after it (AdamW over
+    one tensor at a time: float rounding apart)."""
+    images, labels = data
+    recipe = losses.get_recipe("ztsnr")
+    config = replace(CONFIG, steps=4, grad_clip=0.0)
+    runs = [
+        train.train(
+            _model(), batches.labelled(images, labels, 5), recipe, replace(config, **c), tmp_path / n, progress=False
+        )
+        for n, c in (("plain", {}), ("fused", FUSED))
+    ]
+    assert runs[0].losses == pytest.approx(runs[1].losses, rel=1e-5)
+    for (name, a), b in zip(runs[0].model.named_parameters(), runs[1].model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    saved = checkpoint.Checkpoint(tmp_path / "fused" / "checkpoint.safetensors").optimizer_state()
+    assert len(saved["param_groups"]) == len(saved["state"]) == len(list(runs[1].model.parameters()))
+    # No hook is left on the model: a backward pass after training leaves the gradients in place.
+    losses.batch_loss(runs[1].model, images[:2], {"class_labels": labels[:2]}, recipe, torch.Generator()).backward()
+    assert all(p.grad is not None for p in runs[1].model.parameters())
+
+
+def _resume_is_exact(changes: dict, folder: str) -> None:
+    """A run with ``changes`` stopped during step 4 and resumed ends with the losses, weights and EMA of the run that
+    was not stopped."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    images, labels = toy.synthetic_images(32, size=SIZE, channels=3, seed=0)
+    recipe = losses.get_recipe("ztsnr")
+    config = replace(CONFIG, **changes)
+    straight = train.train(_model(), batches.labelled(images, labels, 5), recipe, config, folder / "a", progress=False)
+    model = _model()
+    forward, calls = model.forward, []
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Stop
+        return forward(*args, **kwargs)
+
+    model.forward = failing_forward
+    with pytest.raises(_Stop):
+        train.train(model, batches.labelled(images, labels, 5), recipe, config, folder / "b", progress=False)
+    assert checkpoint.Checkpoint(folder / "b" / "checkpoint.safetensors").step == 3
+    resumed = train.train(_model(), batches.labelled(images, labels, 5), recipe, config, folder / "b", progress=False)
+    assert resumed.losses == straight.losses
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    for a, b in zip(straight.ema.values(), resumed.ema.values(), strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+BF16 = {"mixed_precision": "bf16", "full_bf16": True}
+
+
+@pytest.mark.parametrize(
+    "changes", [FUSED, FUSED | {"optimizer": "adafactor"}, BF16, BF16 | FUSED | {"optimizer": "adafactor"}]
+)
+def test_resume_is_bit_exact_with_each_memory_setting(changes, tmp_path):
+    """bf16 runs go to a process of their own: accelerate keeps one precision per process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if changes.get("mixed_precision") is None:
+        _resume_is_exact(changes, str(tmp_path))
+        return
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_train; "
+        f"test_train._resume_is_exact({changes!r}, {str(tmp_path)!r})"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]

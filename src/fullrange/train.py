@@ -27,20 +27,36 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .config import MAX_SEED, ConfigError, check_choice, check_finite, check_range, setting
 from .files import write_bytes
 from .losses import Recipe, batch_loss
+from .optimizers import OPTIMIZERS, PACKAGES, WHOLE, PerTensor, check_runs, make_optimizer
+from .precision import HALF, cast_parameters
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
+_SMALL_ACTIVATIONS = {"mixed_precision": "bf16", "gradient_checkpointing": True}
+_FUSED = _SMALL_ACTIVATIONS | {"optimizer": "adafactor", "fused_backward": True, "grad_clip": 0.0}
+MEMORY_PRESETS = {
+    "24gb": ({"mixed_precision": "bf16"}, _FUSED),
+    "16gb": ({"mixed_precision": "bf16"}, _FUSED),
+    "12gb": (_SMALL_ACTIVATIONS, _FUSED | {"full_bf16": True}),
+    "8gb": (_SMALL_ACTIVATIONS, _FUSED | {"full_bf16": True}),
+}
+"""``train.memory``: the settings for a card of that size, for an adapter (LoRA, OFT) and for a full fine-tune,
+chosen by ``benchmarks/device_memory.py`` (the README's table: what each projects on SD 1.5 and SDXL)."""
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("none", "tensorboard")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The ``[train]`` table: how long and how fast to train. ``optimizer``: AdamW, Adafactor (transformers') or
-    8-bit AdamW (bitsandbytes', where it runs on the device). ``lr_schedule`` after a linear warm-up of ``warmup``
-    steps (default 10% of the steps, at most 100): see :func:`lr_at`. ``ema_decay = 0`` keeps no EMA at all.
-    ``report_to``: ``"tensorboard"`` logs loss, learning rate and validation images through accelerate's
-    trackers."""
+    """The ``[train]`` table: how long and how fast to train, and in how much memory. ``optimizer``: see
+    :mod:`fullrange.optimizers`. ``lr_schedule`` after a linear warm-up of ``warmup`` steps (default 10% of the
+    steps, at most 100): see :func:`lr_at`. ``ema_decay = 0`` keeps no EMA at all. ``report_to``:
+    ``"tensorboard"`` logs loss, learning rate and validation images through accelerate's trackers.
+
+    Memory: under ``mixed_precision`` the frozen weights are stored in the half type (trained ones stay fp32);
+    ``full_bf16`` stores the trained ones in bf16 too, with stochastically rounded updates; ``fused_backward`` steps
+    each tensor as its gradient is ready and frees the gradient. ``memory`` names a preset of these for a card
+    size; ``fullrange train`` (:func:`fullrange.sd.config.finetune_config`) lays the given options over it, while
+    a ``TrainConfig`` built by hand takes its fields as given."""
 
     steps: int = setting(1000, "Training steps.")
     batch_size: int = setting(1, "Batch size (per process).")
@@ -53,10 +69,30 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, slower).")
     mixed_precision: str = setting("no", "no, fp16 or bf16 (accelerate's autocast).")
     seed: int = setting(0, "Seed of every random draw.")
-    optimizer: str = setting("adamw", "adamw, adafactor or adamw8bit (bitsandbytes, where it runs on the device).")
+    optimizer: str = setting(
+        "adamw",
+        "adamw, adafactor, prodigy (prodigyopt; its `train.lr` scales the step size it estimates: 1.0), or "
+        "bitsandbytes' adamw8bit, paged_adamw8bit, lion8bit (where they run on the device).",
+    )
     lr_schedule: str = setting("cosine", "constant, linear or cosine decay after the warm-up.")
     report_to: str = setting(
         "none", "none or tensorboard: loss, learning rate and validation images in OUT/train/logs."
+    )
+    full_bf16: bool = setting(
+        False,
+        "Trained weights, gradients and optimizer moments in bf16, updates rounded stochastically (needs "
+        "`train.mixed_precision` bf16).",
+    )
+    fused_backward: bool = setting(
+        False,
+        "Step each tensor as soon as its gradient is ready and free the gradient (one process, `train.grad_accum` 1, "
+        "`train.grad_clip` 0, not fp16).",
+    )
+    memory: str | None = setting(
+        None,
+        "8gb, 12gb, 16gb or 24gb: the memory settings for a card of that size (the README's table); options given "
+        "override it.",
+        shown="none",
     )
 
     def __post_init__(self) -> None:
@@ -75,16 +111,50 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("report_to", self.report_to, TRACKERS)
-        # Packages the choices need, checked before anything is loaded (whether 8-bit AdamW runs on the device is
+        if self.memory is not None:
+            check_choice("memory", self.memory, tuple(MEMORY_PRESETS))
+        # Packages the choices need, checked before anything is loaded (whether bitsandbytes runs on the device is
         # tried when training starts).
-        needs = {"report_to": ("tensorboard", "tensorboard"), "optimizer": ("adamw8bit", "bitsandbytes")}
-        for name, (value, package) in needs.items():
-            if getattr(self, name) == value and importlib.util.find_spec(package) is None:
-                raise ConfigError(name, f"{value} needs the {package} package (pip install {package})")
+        needs = {"report_to": {"tensorboard": "tensorboard"}, "optimizer": PACKAGES}
+        for name, packages in needs.items():
+            package = packages.get(getattr(self, name))
+            if package is not None and importlib.util.find_spec(package) is None:
+                raise ConfigError(name, f"{getattr(self, name)} needs the {package} package (pip install {package})")
+        if self.optimizer == "prodigy" and self.lr < 0.1:
+            raise ConfigError(
+                "lr", f"{self.lr} with prodigy: its lr multiplies the step size it estimates; use 1.0 (its authors')"
+            )
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            raise ConfigError("full_bf16", f"needs mixed_precision bf16, got {self.mixed_precision!r}")
+        if self.optimizer in WHOLE and (self.fused_backward or self.full_bf16):
+            flag = "fused_backward" if self.fused_backward else "full_bf16"
+            raise ConfigError(flag, f"steps one tensor at a time, and {self.optimizer} needs all of them at once")
+        if self.fused_backward:
+            reasons = (
+                (self.grad_accum > 1, "needs grad_accum 1: each gradient is applied as soon as it exists"),
+                (
+                    self.grad_clip > 0,
+                    "needs grad_clip 0: the norm of all gradients is known only after each was applied (adafactor "
+                    "clips its own updates)",
+                ),
+                (
+                    self.mixed_precision == "fp16",
+                    "does not work with fp16: its loss scaling must see every gradient before any step; use bf16",
+                ),
+            )
+            for refused, why in reasons:
+                if refused:
+                    raise ConfigError("fused_backward", why)
 
     @property
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else min(100, max(1, self.steps // 10))
+
+
+def memory_preset(card: str, full: bool) -> dict:
+    """The ``[train]`` settings of preset ``card`` (:data:`MEMORY_PRESETS`) for a full fine-tune or an adapter;
+    ``{}`` for a name that is not one (the config then refuses it)."""
+    return MEMORY_PRESETS[card][full] if card in MEMORY_PRESETS else {}
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -102,31 +172,47 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(
-    params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
-) -> torch.optim.Optimizer:
-    """The optimizer ``config`` names, over ``params`` (no weight decay: adapters and fine-tunes do not need it).
-    Adafactor takes the given learning rate (no relative step or parameter scaling, as kohya sets it). 8-bit AdamW
-    is first tried on one tensor on ``device``: where bitsandbytes is missing or cannot run there, it is refused
-    with the reason, before training starts."""
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    if config.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+def prepare(model: torch.nn.Module, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
+    """Make ``model`` ready to train as ``config`` says, in place: gradient checkpointing, the frozen weights in the
+    half type of ``mixed_precision`` and with ``full_bf16`` the trained ones in bf16. Returns the trained parameters
+    by name (a ``ValueError`` if there is none)."""
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if config.mixed_precision != "no":
+        cast_parameters(model, HALF[config.mixed_precision])
+    if config.full_bf16:
+        cast_parameters(model, torch.bfloat16, trained=True)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("the model has no trainable parameter")
+    return trainable
 
-        return Adafactor(params, lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    import bitsandbytes
 
-    try:  # big enough for 8-bit state (bitsandbytes keeps tensors under 4096 values in 32 bits)
-        probe = torch.zeros(4096, device=device, requires_grad=True)
-        probe.grad = torch.ones_like(probe)
-        bitsandbytes.optim.AdamW8bit([probe], lr=1e-3).step()
-    except Exception as err:  # bitsandbytes raises many kinds where its kernels are missing
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ConfigError(
-            "optimizer", f"adamw8bit does not run on {device.type} here ({detail}); use adamw or adafactor"
-        ) from None
-    return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=0.0)
+def make_stepper(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device):
+    """The optimizer ``config`` names over ``params``, refused before training if it cannot run on ``device``;
+    with ``fused_backward`` or ``full_bf16`` one per tensor (:class:`~fullrange.optimizers.PerTensor`), fused into
+    the backward pass with the first."""
+    check_runs(config.optimizer, device)
+    if not (config.fused_backward or config.full_bf16):
+        return make_optimizer(params, config.optimizer, config.lr)
+    stepper = PerTensor(params, lambda one: make_optimizer(one, config.optimizer, config.lr), bf16=config.full_bf16)
+    if config.fused_backward:
+        stepper.fuse()
+    return stepper
+
+
+def train_step(
+    model, batches: Batches, recipe: Recipe, config: TrainConfig, generator, accelerator, optimizer, params, ready
+) -> float:
+    """One optimizer step: the loss of ``grad_accum`` batches and its gradients (:func:`_accumulate`), the
+    gradients' norm clipped (over ``params``, the trained ones), the step; returns the loss. ``ready(loss)`` runs
+    once the loss is known, before any weight changes (with a fused backward, before the pass that steps them)."""
+    loss = _accumulate(model, batches, recipe, config, generator, accelerator, ready)
+    if config.grad_clip > 0:
+        accelerator.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 @dataclass
@@ -322,15 +408,14 @@ def train(
     for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # left by a process killed while writing
         stale.unlink()
     accelerator = _accelerator(config, out_dir)
-    if config.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        raise ValueError("the model has no trainable parameter")
+    if config.fused_backward and accelerator.num_processes > 1:
+        raise ConfigError("fused_backward", "works in one process: the gradients are averaged after it applied them")
+    trainable = prepare(model, config)
     state = _State(
         trainable=trainable,
-        ema={name: p.detach().clone() for name, p in trainable.items()} if config.ema_decay > 0 else None,
-        optimizer=make_optimizer(list(trainable.values()), config, accelerator.device),
+        # The EMA is kept in fp32 whatever the weights' type (bf16 would round its small steps away).
+        ema={n: p.detach().to(torch.float32, copy=True) for n, p in trainable.items()} if config.ema_decay else None,
+        optimizer=make_stepper(list(trainable.values()), config, accelerator.device),
         generator=torch.Generator().manual_seed(config.seed),
         losses=[],
         meta={"recipe": recipe.describe(), "train": asdict(config), **(identity or {})},
@@ -339,7 +424,10 @@ def train(
     saved = [start] if start else []
     if start and log is not None:
         log(f"resuming from step {start} of {config.steps} ({ckpt_path})")
-    model, state.optimizer = accelerator.prepare(model, state.optimizer)
+    if isinstance(state.optimizer, PerTensor):  # not a torch optimizer: accelerate has nothing to add to it
+        model = accelerator.prepare(model)
+    else:
+        model, state.optimizer = accelerator.prepare(model, state.optimizer)
     if state.ema is not None:
         state.ema = {name: value.to(accelerator.device) for name, value in state.ema.items()}
     if config.report_to != "none":
@@ -377,30 +465,35 @@ def train(
                 raise TrainingInterrupted(step, ckpt_path)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
+            if isinstance(state.optimizer, PerTensor):  # its stochastic rounding, replayed alike on resume
+                state.optimizer.begin(_step_seed(config.seed, step))
             rng = state.generator.get_state()  # before this step's draws: what a checkpoint here replays from
-            loss = _accumulate(model, batches, recipe, config, state.generator, accelerator)
-            if not math.isfinite(loss):
-                bar.close()
-                raise _diverged(loss, step, saved, ckpt_path, config)
-            # The weights this step starts from are checkpointed once their loss is known to be finite, so a
-            # checkpoint is always one a run can go on from; a resumed run replays this step's draws exactly.
-            if step > start and step % config.checkpoint_every == 0:
-                checkpoint(step, rng)
-            if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(params, config.grad_clip)
-            state.optimizer.step()
-            state.optimizer.zero_grad(set_to_none=True)
+
+            def ready(loss: float, step: int = step, rng: torch.Tensor = rng) -> None:
+                if not math.isfinite(loss):
+                    bar.close()
+                    raise _diverged(loss, step, saved, ckpt_path, config)
+                # The weights this step starts from are checkpointed once their loss is known to be finite, so a
+                # checkpoint is always one a run can go on from; a resumed run replays this step's draws exactly.
+                if step > start and step % config.checkpoint_every == 0:
+                    checkpoint(step, rng)
+
+            args = (model, batches, recipe, config, state.generator, accelerator, state.optimizer, params, ready)
+            loss = train_step(*args)
             if state.ema is not None:
                 # TensorFlow's warm-up of the decay, (1 + n) / (10 + n): 0.1 at the first step, so the average follows
                 # the early weights instead of keeping the random init for ~1 / (1 - decay) steps.
                 decay = min(config.ema_decay, (1 + step) / (10 + step))
-                torch._foreach_lerp_(list(state.ema.values()), [p.detach() for p in params], 1 - decay)
+                for average, p in zip(state.ema.values(), params, strict=True):
+                    average.lerp_(p.detach().to(average.dtype), 1 - decay)
             state.losses.append(loss)
             if config.report_to != "none":
                 accelerator.log({"loss": state.losses[-1], "lr": lr_at(step, config)}, step=step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
     bar.close()
+    if isinstance(state.optimizer, PerTensor):
+        state.optimizer.unfuse()
     # The final checkpoint: not again for a run resumed from a checkpoint already at the last step (it is that one).
     if start < config.steps or not ckpt_path.exists():
         checkpoint(config.steps)
@@ -410,30 +503,41 @@ def train(
     return TrainResult(trained, state.ema, state.losses)
 
 
-def _accumulate(model, batches: Batches, recipe: Recipe, config: TrainConfig, generator, accelerator) -> float:
+def _accumulate(model, batches: Batches, recipe: Recipe, config: TrainConfig, generator, accelerator, ready) -> float:
     """The loss of one optimizer step, its gradients accumulated: ``grad_accum`` global batches (``batch_size`` per
     process), drawn on the CPU from the run's generator in every process alike; each process trains on its shard
-    and DDP averages the gradients."""
+    and DDP averages the gradients. ``ready(loss)`` runs once the loss is known: after the last backward pass, or
+    with a fused backward (whose backward pass steps the weights) before it."""
     world, rank = accelerator.num_processes, accelerator.process_index
     loss = 0.0
     for micro_step in range(config.grad_accum):
         batch = batches(config.batch_size * world, generator)
         sync = micro_step == config.grad_accum - 1
-        with accelerator.autocast(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            micro = batch_loss(
-                model,
-                batch.x0,
-                batch.cond,
-                recipe,
-                generator,
-                weight=batch.weight,
-                rank=rank,
-                world=world,
-                device=accelerator.device,
-            )
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            with accelerator.autocast():
+                micro = batch_loss(
+                    model,
+                    batch.x0,
+                    batch.cond,
+                    recipe,
+                    generator,
+                    weight=batch.weight,
+                    rank=rank,
+                    world=world,
+                    device=accelerator.device,
+                )
+            loss += float(accelerator.reduce(micro.detach(), "mean")) / config.grad_accum
+            if config.fused_backward:
+                ready(loss)
             accelerator.backward(micro / config.grad_accum)
-        loss += float(accelerator.reduce(micro.detach(), "mean")) / config.grad_accum
+    if not config.fused_backward:
+        ready(loss)
     return loss
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s stochastic rounding: distinct per step, the same in every run of ``seed``."""
+    return (seed * 1_000_003 + step) % 2**63
 
 
 def _diverged(loss: float, step: int, saved: list[int], path: Path, config: TrainConfig) -> TrainingDiverged:

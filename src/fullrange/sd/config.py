@@ -22,7 +22,7 @@ from ..adapters import AdapterConfig
 from ..config import ConfigError, check_choice, check_finite, check_range, from_dict, setting
 from ..files import read_text
 from ..prediction import PREDICTIONS
-from ..train import TrainConfig
+from ..train import TrainConfig, memory_preset
 
 
 @dataclass(frozen=True)
@@ -185,5 +185,11 @@ def merge(base: dict, changes: dict) -> dict:
 
 
 def finetune_config(tables: dict) -> FinetuneConfig:
-    """A checked :class:`FinetuneConfig` from nested tables (a TOML file's, perhaps merged with overrides)."""
+    """A checked :class:`FinetuneConfig` from nested tables (a TOML file's, perhaps merged with overrides), laid
+    over the settings of its ``train.memory`` preset if it names one."""
+    card = tables.get("train", {}).get("memory") if isinstance(tables.get("train"), dict) else None
+    if isinstance(card, str):
+        adapter = tables.get("adapter") if isinstance(tables.get("adapter"), dict) else {}
+        full = adapter.get("kind", AdapterConfig.kind) == "full"
+        tables = merge({"train": memory_preset(card, full)}, tables)
     return from_dict(FinetuneConfig, tables)

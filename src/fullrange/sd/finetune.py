@@ -26,6 +26,7 @@ from ..config import ConfigError
 from ..files import Busy, claim_output_folder, fingerprint, lock, real_folder, sha256, write_bytes
 from ..images import save_png, to_uint8
 from ..losses import Recipe
+from ..precision import HALF, cast_parameters
 from ..sampling import SamplingSpec
 from ..train import check_resume, process_state, train
 from .card import write_model_card
@@ -66,11 +67,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True, log=print) -> dic
 def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[str, Path]:
     if not process_state().is_main_process:  # one process speaks for a distributed run
         log = lambda line: None  # noqa: E731
-    # The VAE and text encoders go where accelerate puts this process's UNet.
     model = load_stable_diffusion(config.model)
-    for encoder in (model.vae, model.text_encoder, model.text_encoder_2):
-        if encoder is not None:
-            encoder.to(process_state().device)
     recipe = recipe_for(config.noise, model.spec)
     spec = recipe.spec
     log(f"recipe: {spec.prediction}, zero terminal SNR {spec.schedule.zero_terminal_snr}, noise {recipe.noise}")
@@ -92,6 +89,7 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
         out / "config.json", json.dumps({"config": asdict(config), "recipe": recipe.describe()}, indent=2).encode()
     )
     batches = training_batches(model, config.data, items, out, progress, log, token_ids=config.adapter.text_encoder)
+    park(frozen_encoders(model, config), config.train.mixed_precision)
     count = ADAPTERS[config.adapter.kind].attach(model, config.adapter, config.train.seed)
     where = " (UNet and text encoders)" if config.adapter.text_encoder else ""
     processes = process_state().num_processes
@@ -124,6 +122,43 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
     for kind, path in outputs.items():
         log(f"wrote {kind}: {path}")
     return outputs
+
+
+def frozen_encoders(model: StableDiffusion, config: FinetuneConfig) -> dict[str, torch.nn.Module]:
+    """The parts a run needs only to encode its data (then cached) and to sample: the VAE, and the text encoders
+    unless they train."""
+    return {"vae": model.vae} | ({} if config.adapter.text_encoder else model.text_encoders)
+
+
+def park(parts: dict[str, torch.nn.Module], mixed_precision: str) -> None:
+    """Keep ``parts`` off the training device, on the CPU, once the caches are complete; under mixed precision in
+    its half type (the VAE only in bf16: SD's VAE overflows fp16)."""
+    for name, part in parts.items():
+        part.to("cpu")
+        if mixed_precision == "bf16" or (mixed_precision == "fp16" and name != "vae"):
+            cast_parameters(part, HALF[mixed_precision])
+
+
+@contextlib.contextmanager
+def on_device(parts, device: torch.device, mixed_precision: str = "no"):
+    """``parts`` (modules) on ``device`` for the block, under autocast in the half type of ``mixed_precision``, and
+    back where they were after it."""
+    homes = [next(part.parameters()).device for part in parts]
+    for part in parts:
+        part.to(device)
+    autocast = (
+        torch.autocast(device.type, dtype=HALF[mixed_precision])
+        if mixed_precision != "no"
+        else contextlib.nullcontext()
+    )
+    try:
+        with autocast:
+            yield
+    finally:
+        for part, home in zip(parts, homes, strict=True):
+            part.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def recipe_for(noise: NoiseConfig, spec: SamplingSpec) -> Recipe:
@@ -223,13 +258,15 @@ def make_class_images(model: StableDiffusion, config: DataConfig, folder: Path, 
     missing = max(0, config.num_class_images - have)
     names = (f"class_{k:05d}" for k in itertools.count(have))
     free = (n for n in names if not any((folder / f"{n}{suffix}").exists() for suffix in (".png", ".txt")))
-    for start in tqdm(range(0, missing, 4), desc="class images", disable=not progress):
-        count = min(4, missing - start)
-        settings = SampleSettings(steps=25, seed=have + start, resolution=config.resolution)
-        for array in to_uint8(generate(model, [config.class_prompt] * count, settings)):
-            name = next(free)
-            write_bytes(folder / f"{name}.txt", config.class_prompt.encode(), exclusive=True)
-            save_png(folder / f"{name}.png", array, exclusive=True)
+    parts = [model.unet, model.vae, *model.text_encoders.values()]
+    with on_device(parts, process_state().device) if missing else contextlib.nullcontext():
+        for start in tqdm(range(0, missing, 4), desc="class images", disable=not progress):
+            count = min(4, missing - start)
+            settings = SampleSettings(steps=25, seed=have + start, resolution=config.resolution)
+            for array in to_uint8(generate(model, [config.class_prompt] * count, settings)):
+                name = next(free)
+                write_bytes(folder / f"{name}.txt", config.class_prompt.encode(), exclusive=True)
+                save_png(folder / f"{name}.png", array, exclusive=True)
 
 
 def at_checkpoint(base: StableDiffusion, model: StableDiffusion, config: FinetuneConfig, out: Path, log=print):
@@ -248,7 +285,9 @@ def at_checkpoint(base: StableDiffusion, model: StableDiffusion, config: Finetun
             return None
         log(f"validation at step {step}: sampling {len(prompts)} prompt(s), {settings.steps} steps")
         began = time.perf_counter()
-        images = generate(model, prompts, settings)
+        device = next(model.unet.parameters()).device
+        with on_device(frozen_encoders(model, config).values(), device, config.train.mixed_precision):
+            images = generate(model, prompts, settings)
         log(f"validation at step {step}: {time.perf_counter() - began:.0f} s")
         save_images(images, prompts, resolve(model, settings)[0], out / "validation" / f"step_{step:06d}")
         save_grid(images, out / "validation" / f"step_{step:06d}", settings.seed)

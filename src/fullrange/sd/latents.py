@@ -20,6 +20,7 @@ from ..batches import Batch, Batches, one_of
 from ..files import save_safetensors
 from ..images import cover_crop, load_image
 from .config import DataConfig
+from .load import inference_device
 from .model import StableDiffusion
 
 
@@ -42,7 +43,8 @@ def encode_latents(
     model: StableDiffusion, items: list[data.Item], size: int | tuple[int, int], cache: Path, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of the VAE latents of every image at ``size`` (side or (width, height)), in the UNet's
-    units (:meth:`~fullrange.sd.model.StableDiffusion.encode_images`), from ``cache`` where already encoded."""
+    units (:meth:`~fullrange.sd.model.StableDiffusion.encode_images`), from ``cache`` where already encoded. The
+    VAE is moved to this process's device when an image must be encoded, never when all are cached."""
     key = f"{model_id(model)}:scaled"  # entries of an older layout (unscaled) are not read as these
     width, height = (size, size) if isinstance(size, int) else size
     factor = model.vae_scale_factor
@@ -52,6 +54,7 @@ def encode_latents(
         path = cache / f"latent_{data.cache_key(item.path, key, size)}.safetensors"
         stored = _cached(path, {"mean": shape, "std": shape})
         if stored is None:
+            model.vae.to(inference_device())
             mean, std = model.encode_images(load_image(item.path, size).unsqueeze(0))
             stored = {"mean": mean[0], "std": std[0]}
             save_safetensors(path, stored)
@@ -62,13 +65,16 @@ def encode_latents(
 
 @torch.no_grad()
 def encode_captions(model: StableDiffusion, captions: list[str], cache: Path) -> dict[str, torch.Tensor]:
-    """Text states of ``captions`` followed by the empty caption's, from ``cache`` when seen before."""
+    """Text states of ``captions`` followed by the empty caption's, from ``cache`` when seen before (else encoded on
+    this process's device)."""
     texts = [*captions, ""]
     key = hashlib.sha256(json.dumps([model_id(model), texts]).encode()).hexdigest()[:32]
     path = cache / f"text_{key}.safetensors"
     stored = _cached(path, None)
     if stored is not None and all(v.shape[0] == len(texts) for v in stored.values()):
         return stored
+    for encoder in model.text_encoders.values():
+        encoder.to(inference_device())
     states = {k: v.float().cpu().contiguous() for k, v in model.encode_prompts(texts).items()}
     save_safetensors(path, states)
     return states
