@@ -118,7 +118,11 @@ class Environment:
         self.device, self.dtype = device, dtype
 
     def autocast(self):
-        return torch.autocast(self.device.type, self.dtype) if self.dtype else contextlib.nullcontext()
+        from fullrange.train import AUTOCAST
+
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.dtype, cache_enabled=AUTOCAST.cache_enabled)
 
     def backward(self, loss):
         loss.backward()

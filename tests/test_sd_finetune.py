@@ -522,22 +522,34 @@ def test_bf16_mixed_precision_trains_with_fp32_master_weights(workspace, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "optimizer,schedule", [("adamw", "constant"), ("adafactor", "linear"), ("adafactor", "cosine"), ("adamw", "linear")]
+    "optimizer,schedule",
+    [
+        ("adamw", "constant"),
+        ("adafactor", "linear"),
+        ("adafactor", "cosine"),
+        ("adamw", "linear"),
+        ("prodigy", "cosine"),
+    ],
 )
 def test_each_optimizer_and_schedule_trains_a_tiny_sd(workspace, optimizer, schedule):
     from fullrange.checkpoint import Checkpoint
 
     out = f"opt_{optimizer}_{schedule}"
-    config = _config(workspace, out, train={"optimizer": optimizer, "lr_schedule": schedule})
+    lr = {"lr": 1.0} if optimizer == "prodigy" else {}  # Prodigy's lr scales the step size it estimates
+    config = _config(workspace, out, train={"optimizer": optimizer, "lr_schedule": schedule} | lr)
     outputs = finetune(config, progress=False, log=lambda _: None)
     ups = {k: v for k, v in load_file(outputs["lora"] / "pytorch_lora_weights.safetensors").items() if "lora_B" in k}
     assert ups and all(v.abs().sum() > 0 for v in ups.values())  # B starts at 0: every one of them moved
     ckpt = Checkpoint(workspace / out / "train" / "checkpoint.safetensors")
     assert ckpt.meta["train"]["optimizer"] == optimizer and ckpt.meta["train"]["lr_schedule"] == schedule
     state = ckpt.optimizer_state()["state"]
-    # Adafactor keeps factored second moments (a row and a column per matrix); AdamW full ones.
+    # Adafactor keeps factored second moments (a row and a column per matrix); AdamW full ones; Prodigy adds its
+    # step-size estimate's state (s, p0).
     kinds = {key for per_param in state.values() for key in per_param}
-    assert ("exp_avg_sq_row" in kinds) == (optimizer == "adafactor") and ("exp_avg" in kinds) == (optimizer == "adamw")
+    assert ("exp_avg_sq_row" in kinds) == (optimizer == "adafactor") and ("exp_avg" in kinds) == (
+        optimizer != "adafactor"
+    )
+    assert ("s" in kinds) == (optimizer == "prodigy")
 
 
 def test_8bit_adamw_runs_where_bitsandbytes_does_and_is_refused_with_a_reason_elsewhere(workspace):
@@ -761,3 +773,34 @@ def test_model_cards_quote_paths_and_fit_every_adapter_kind(workspace, tmp_path)
     text = full.read_text()
     assert "an **epsilon** model" in text and "from the adapter folder" not in text and "from the pipeline" in text
     assert "**A1111**: load a single file" in text and "- full" in text
+
+
+def test_a_run_whose_caches_are_complete_never_moves_the_encoders_and_writes_the_same_lora(workspace, monkeypatch):
+    """The VAE and text encoders go to the device only to encode what is not cached. With every latent and caption
+    state cached, the device they would go to is one no tensor can be computed on (meta), and the run still writes
+    the first run's LoRA, bit for bit; with an empty cache the same device fails the run."""
+    import shutil
+
+    first = finetune(_config(workspace, "cached_a", adapter={"kind": "lora"}), progress=False, log=lambda _: None)
+    shutil.copytree(workspace / "cached_a", workspace / "cached_b")  # its cache, without its checkpoint
+    shutil.rmtree(workspace / "cached_b" / "train")
+    monkeypatch.setattr("fullrange.sd.latents.inference_device", lambda: torch.device("meta"))
+    second = finetune(_config(workspace, "cached_b", adapter={"kind": "lora"}), progress=False, log=lambda _: None)
+    a, b = (load_file(o["lora"] / "pytorch_lora_weights.safetensors") for o in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(NotImplementedError, match="meta tensor"):  # the patch bites where something is encoded
+        finetune(_config(workspace, "cached_c", adapter={"kind": "lora"}), progress=False, log=lambda _: None)
+
+
+def test_memory_presets_fill_what_is_not_given(workspace):
+    full = _config(workspace, "p", train={"memory": "8gb"}, adapter={"kind": "full"}).train
+    assert (full.mixed_precision, full.gradient_checkpointing, full.optimizer) == ("bf16", True, "adafactor")
+    assert full.full_bf16 and full.fused_backward and full.grad_clip == 0
+    lora = _config(workspace, "p", train={"memory": "8gb"}).train
+    assert (lora.mixed_precision, lora.gradient_checkpointing, lora.fused_backward) == ("bf16", True, False)
+    roomy = _config(workspace, "p", train={"memory": "24gb"}).train
+    assert (roomy.mixed_precision, roomy.gradient_checkpointing) == ("bf16", False)
+    given = _config(workspace, "p", train={"memory": "8gb", "optimizer": "adamw"}, adapter={"kind": "full"}).train
+    assert given.optimizer == "adamw" and given.fused_backward and given.memory == "8gb"
+    result = runner.invoke(app, ["train", "--memory", "4gb", "--model", "m", "--data", "d", "--out", "o"])
+    assert result.exit_code == 2 and result.output.startswith("error: --memory '4gb' is not one of 24gb, 16gb")

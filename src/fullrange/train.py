@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import AutocastKwargs, DistributedType
 from tqdm.auto import tqdm
 
 from .batches import Batches
@@ -37,7 +38,7 @@ MEMORY_PRESETS = {
     "24gb": ({"mixed_precision": "bf16"}, _FUSED),
     "16gb": ({"mixed_precision": "bf16"}, _FUSED),
     "12gb": (_SMALL_ACTIVATIONS, _FUSED | {"full_bf16": True}),
-    "8gb": (_SMALL_ACTIVATIONS, _FUSED | {"full_bf16": True}),
+    "8gb": (_SMALL_ACTIVATIONS | {"full_bf16": True}, _FUSED | {"full_bf16": True}),
 }
 """``train.memory``: the settings for a card of that size, for an adapter (LoRA, OFT) and for a full fine-tune,
 chosen by ``benchmarks/device_memory.py`` (the README's table: what each projects on SD 1.5 and SDXL)."""
@@ -278,10 +279,17 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+AUTOCAST = AutocastKwargs(cache_enabled=False)
+"""Autocast without its cache of half copies of the trained weights: the cache keeps a copy of every trained weight
+alive until the forward pass ends (5.1 GB for a full SDXL fine-tune with gradient checkpointing, which would not
+keep them), and a UNet uses each weight once per pass, so nothing is cast twice without it."""
+
+
 def _accelerator(config: TrainConfig, log_dir: Path) -> Accelerator:
     tracking = {} if config.report_to == "none" else {"log_with": config.report_to, "project_dir": log_dir}
+    cpu = not torch.cuda.is_available()
     try:
-        return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), **tracking)
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu, kwargs_handlers=[AUTOCAST], **tracking)
     except ValueError as err:
         if "already been initialized" not in str(err):
             raise
@@ -408,6 +416,13 @@ def train(
     for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # left by a process killed while writing
         stale.unlink()
     accelerator = _accelerator(config, out_dir)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # The loop holds the trained parameters and checkpoints them itself; sharding engines replace them.
+        raise ConfigError(
+            "accelerate launch",
+            f"with {accelerator.distributed_type.value}: fullrange trains in one process or with DDP (its checkpoints "
+            "hold the parameters it trains, which sharding replaces); launch without --use_fsdp / --use_deepspeed",
+        )
     if config.fused_backward and accelerator.num_processes > 1:
         raise ConfigError("fused_backward", "works in one process: the gradients are averaged after it applied them")
     trainable = prepare(model, config)
