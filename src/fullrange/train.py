@@ -68,12 +68,14 @@ class TrainConfig:
     ema_decay: float = setting(0.0, "EMA decay of the trained weights.", shown="0, off: no copy is kept")
     checkpoint_every: int = setting(250, "Steps between checkpoints.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, slower).")
-    mixed_precision: str = setting("no", "no, fp16 or bf16 (accelerate's autocast).")
+    mixed_precision: str = setting(
+        "no", "no, fp16 or bf16: accelerate's autocast, and the frozen weights stored in that type."
+    )
     seed: int = setting(0, "Seed of every random draw.")
     optimizer: str = setting(
         "adamw",
-        "adamw, adafactor, prodigy (prodigyopt; its `train.lr` scales the step size it estimates: 1.0), or "
-        "bitsandbytes' adamw8bit, paged_adamw8bit, lion8bit (where they run on the device).",
+        "adamw, adafactor, prodigy (prodigyopt; its learning rate scales the step size it estimates: give 1.0), "
+        "or bitsandbytes' adamw8bit, paged_adamw8bit, lion8bit (where they run on the device).",
     )
     lr_schedule: str = setting("cosine", "constant, linear or cosine decay after the warm-up.")
     report_to: str = setting(
@@ -499,8 +501,12 @@ def train(
                 # TensorFlow's warm-up of the decay, (1 + n) / (10 + n): 0.1 at the first step, so the average follows
                 # the early weights instead of keeping the random init for ~1 / (1 - decay) steps.
                 decay = min(config.ema_decay, (1 + step) / (10 + step))
-                for average, p in zip(state.ema.values(), params, strict=True):
-                    average.lerp_(p.detach().to(average.dtype), 1 - decay)
+                weights = [p.detach() for p in params]
+                if config.full_bf16:  # an fp32 copy of one bf16 tensor at a time
+                    for average, weight in zip(state.ema.values(), weights, strict=True):
+                        average.lerp_(weight.float(), 1 - decay)
+                else:
+                    torch._foreach_lerp_(list(state.ema.values()), weights, 1 - decay)
             state.losses.append(loss)
             if config.report_to != "none":
                 accelerator.log({"loss": state.losses[-1], "lr": lr_at(step, config)}, step=step + 1)
