@@ -804,3 +804,32 @@ def test_memory_presets_fill_what_is_not_given(workspace):
     assert given.optimizer == "adamw" and given.fused_backward and given.memory == "8gb"
     result = runner.invoke(app, ["train", "--memory", "4gb", "--model", "m", "--data", "d", "--out", "o"])
     assert result.exit_code == 2 and result.output.startswith("error: --memory '4gb' is not one of 24gb, 16gb")
+
+
+def test_a_bf16_run_saves_its_frozen_parts_in_full_precision(workspace, tmp_path):
+    """Under bf16 the frozen UNet trains in bf16 and validation samples with bf16 copies of the encoders, but what
+    the run saves starts from the weights as stored: an OFT run's merged pipeline holds the base's VAE and text
+    encoder bit for bit, and its UNet is the adapter merged into the fp32 base (its own process: accelerate keeps
+    one precision per process)."""
+    import subprocess
+    import sys
+
+    from fullrange.adapters import ADAPTERS
+
+    out = tmp_path / "oft_bf16"
+    args = [sys.executable, "-m", "fullrange", "train", "--model", str(workspace / "sd"), "--out", str(out)]
+    args += ["--data", str(workspace / "data"), "--resolution", "16", "--max-steps", "2", "--checkpoint-every", "1"]
+    args += ["--adapter", "oft", "--mixed-precision", "bf16", "--validation-prompt", "dark", "--no-progress"]
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "validation" / "step_000002").is_dir()
+    base = load_stable_diffusion(workspace / "sd")
+    expected = load_adapter(load_stable_diffusion(workspace / "sd"), out / "oft")
+    ADAPTERS["oft"].merge(expected)
+    saved = load_stable_diffusion(out / "pipeline")
+    for part in ("vae", "text_encoder"):
+        mine, theirs = getattr(saved, part).state_dict(), getattr(base, part).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), part
+    merged, unet = expected.unet.state_dict(), saved.unet.state_dict()
+    assert {v.dtype for v in unet.values()} == {torch.float32}
+    assert all(torch.equal(unet[k], merged[k]) for k in merged)

@@ -9,6 +9,7 @@ sampled (prediction type, zero terminal SNR, trailing steps), LoRA weights for `
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -26,14 +27,14 @@ from ..config import ConfigError
 from ..files import Busy, claim_output_folder, fingerprint, lock, real_folder, sha256, write_bytes
 from ..images import save_png, to_uint8
 from ..losses import Recipe
-from ..precision import HALF, cast_parameters
+from ..precision import HALF
 from ..sampling import SamplingSpec
 from ..train import check_resume, process_state, train
 from .card import write_model_card
 from .config import DataConfig, FinetuneConfig, NoiseConfig
 from .export import save_pipeline
 from .latents import bucket_step, image_batches
-from .load import load_stable_diffusion
+from .load import load_adapter, load_stable_diffusion
 from .model import StableDiffusion, TextConditionedUNet
 from .sample import SampleSettings, generate, resolve, save_grid, save_images
 
@@ -89,7 +90,8 @@ def _finetune(config: FinetuneConfig, out: Path, progress: bool, log) -> dict[st
         out / "config.json", json.dumps({"config": asdict(config), "recipe": recipe.describe()}, indent=2).encode()
     )
     batches = training_batches(model, config.data, items, out, progress, log, token_ids=config.adapter.text_encoder)
-    park(frozen_encoders(model, config), config.train.mixed_precision)
+    for part in frozen_encoders(model, config).values():  # off the training device once the caches are complete
+        part.to("cpu")
     count = ADAPTERS[config.adapter.kind].attach(model, config.adapter, config.train.seed)
     where = " (UNet and text encoders)" if config.adapter.text_encoder else ""
     processes = process_state().num_processes
@@ -130,33 +132,39 @@ def frozen_encoders(model: StableDiffusion, config: FinetuneConfig) -> dict[str,
     return {"vae": model.vae} | ({} if config.adapter.text_encoder else model.text_encoders)
 
 
-def park(parts: dict[str, torch.nn.Module], mixed_precision: str) -> None:
-    """Keep ``parts`` off the training device, on the CPU, once the caches are complete; under mixed precision in
-    its half type (the VAE only in bf16: SD's VAE overflows fp16)."""
-    for name, part in parts.items():
-        part.to("cpu")
-        if mixed_precision == "bf16" or (mixed_precision == "fp16" and name != "vae"):
-            cast_parameters(part, HALF[mixed_precision])
-
-
 @contextlib.contextmanager
-def on_device(parts, device: torch.device, mixed_precision: str = "no"):
-    """``parts`` (modules) on ``device`` for the block, under autocast in the half type of ``mixed_precision``, and
-    back where they were after it."""
+def on_device(parts, device: torch.device):
+    """``parts`` (modules) on ``device`` for the block, and back where they were after it."""
     homes = [next(part.parameters()).device for part in parts]
     for part in parts:
         part.to(device)
-    autocast = (
-        torch.autocast(device.type, dtype=HALF[mixed_precision])
-        if mixed_precision != "no"
-        else contextlib.nullcontext()
-    )
     try:
-        with autocast:
-            yield
+        yield
     finally:
         for part, home in zip(parts, homes, strict=True):
             part.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def for_validation(model: StableDiffusion, config: FinetuneConfig):
+    """``model`` as validation samples it, during the block: beside the UNet in training, copies of the frozen
+    encoders (:func:`frozen_encoders`, kept on the CPU in their own type) on the UNet's device, in the half type
+    of ``train.mixed_precision`` (the VAE only in bf16: SD's VAE overflows fp16), under autocast. Copies, so the
+    encoders the run saves keep their precision."""
+    device = next(model.unet.parameters()).device
+    precision = config.train.mixed_precision
+    copies = {}
+    for name, part in frozen_encoders(model, config).items():
+        half = precision == "bf16" or (precision == "fp16" and name != "vae")
+        copies[name] = copy.deepcopy(part).to(device, HALF[precision] if half else None)
+    autocast = torch.autocast(device.type, HALF[precision]) if precision != "no" else contextlib.nullcontext()
+    try:
+        with autocast:
+            yield replace(model, **copies)
+    finally:
+        copies.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -285,9 +293,8 @@ def at_checkpoint(base: StableDiffusion, model: StableDiffusion, config: Finetun
             return None
         log(f"validation at step {step}: sampling {len(prompts)} prompt(s), {settings.steps} steps")
         began = time.perf_counter()
-        device = next(model.unet.parameters()).device
-        with on_device(frozen_encoders(model, config).values(), device, config.train.mixed_precision):
-            images = generate(model, prompts, settings)
+        with for_validation(model, config) as sampled:
+            images = generate(sampled, prompts, settings)
         log(f"validation at step {step}: {time.perf_counter() - began:.0f} s")
         save_images(images, prompts, resolve(model, settings)[0], out / "validation" / f"step_{step:06d}")
         save_grid(images, out / "validation" / f"step_{step:06d}", settings.seed)
@@ -319,6 +326,9 @@ def save_outputs(
     outputs = save_adapter(model, base, config, out, log)
     kind = ADAPTERS[config.adapter.kind]
     if kind.pipeline:
+        if kind.name != "full" and config.train.mixed_precision != "no":
+            # The frozen base trained in the half type: the merged pipeline starts from the base as stored.
+            model = load_adapter(load_stable_diffusion(config.model), outputs[kind.name])
         kind.merge(model)
         outputs["pipeline"] = save_pipeline(model, out / "pipeline")
     return outputs
