@@ -75,3 +75,109 @@ def test_bad_guidance_options():
     guided = guidance.cfg(_conditional_denoiser(), 7.5, {"other": torch.zeros(1)})
     with pytest.raises(ValueError, match="different keys"):
         guided(torch.zeros(1, 1, 1, 1), 0, 0.5, scale=torch.ones(1))
+
+
+def _branches(gen, n=3):
+    return [torch.randn(n, 4, 8, 8, generator=gen, dtype=torch.float64) for _ in range(2)]
+
+
+def test_every_shaping_at_its_neutral_setting_is_plain_cfg(gen):
+    negative, positive = _branches(gen)
+    neutral = guidance.Shaping(momentum=0.0, norm_threshold=0.0, eta=1.0, low_scale=7.5)
+    plain = negative + 7.5 * (positive - negative)
+    torch.testing.assert_close(guidance.combine(negative, positive, 7.5, neutral, {}), plain)
+
+
+def test_apg_equals_diffusers_normalized_guidance_over_steps_with_momentum(gen):
+    """Sadat et al.: momentum, norm threshold, the parallel part weighed by eta; diffusers' AdaptiveProjectedGuidance
+    computes it with ``normalized_guidance`` on the same two branches."""
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    shaping = guidance.Shaping(momentum=-0.5, norm_threshold=5.0, eta=0.0)
+    buffer, state = MomentumBuffer(-0.5), {}
+    for _ in range(3):
+        negative, positive = _branches(gen)
+        theirs = normalized_guidance(positive, negative, 7.5, buffer, eta=0.0, norm_threshold=5.0)
+        torch.testing.assert_close(guidance.combine(negative, positive, 7.5, shaping, state), theirs)
+
+
+def test_apg_with_eta_zero_keeps_no_part_parallel_to_the_positive_branch(gen):
+    negative, positive = _branches(gen)
+    out = guidance.combine(negative, positive, 7.5, guidance.Shaping(eta=0.0), {})
+    along = ((out - negative) * positive).flatten(1).sum(1)
+    assert along.abs().max().item() < 1e-9
+    assert not torch.allclose(out, negative + 7.5 * (positive - negative))
+
+
+def test_cfg_zero_star_equals_diffusers(gen):
+    """Fan et al. 2025: the negative branch scaled by <x_pos, x_neg> / ||x_neg||² per sample (diffusers'
+    ClassifierFreeZeroStarGuidance after its zero-init steps)."""
+    from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
+
+    negative, positive = _branches(gen)
+    alpha = cfg_zero_star_scale(positive.flatten(1), negative.flatten(1)).view(-1, 1, 1, 1)
+    theirs = negative * alpha + 7.5 * (positive - negative * alpha)
+    out = guidance.combine(negative, positive, 7.5, guidance.Shaping(zero_star=True), {})
+    torch.testing.assert_close(out, theirs)
+    # The scale is the least-squares fit: the fitted negative is closer to the positive than the raw one.
+    fitted = negative * alpha
+    assert ((positive - fitted) ** 2).sum() < ((positive - negative) ** 2).sum()
+
+
+def test_frequency_decoupled_guidance_moves_only_the_low_band_to_its_scale(gen):
+    """With the low band's scale 1, the output's lowest 3×3 DCT frequencies are the positive branch's (no guidance
+    there, so no brightness shift from it), and the rest is plain CFG's."""
+    from fullrange.leak import from_low_frequencies, low_frequencies
+
+    negative, positive = _branches(gen)
+
+    def low(x):
+        return from_low_frequencies(low_frequencies(x, 3), (8, 8))
+
+    out = guidance.combine(negative, positive, 7.5, guidance.Shaping(low_scale=1.0), {})
+    plain = negative + 7.5 * (positive - negative)
+    torch.testing.assert_close(low(out), low(positive))
+    torch.testing.assert_close(out - low(out), plain - low(plain))
+
+
+def test_guidance_interval_skips_the_negative_branch_outside_it(gen):
+    """Kynkäänniemi et al.: no guidance outside (lo, hi] in σ; there the model runs on the positive branch alone.
+    At zero terminal SNR (σ = ∞) a finite interval never guides the first step."""
+    x, cond, uncond = _inputs(gen)
+    calls = []
+
+    def counted(x, t, ac, **kw):
+        calls.append(x.shape[0])
+        return _conditional_denoiser()(x, t, ac, **kw)
+
+    shaping = guidance.Shaping(interval=(0.3, 5.0))
+    guided = guidance.cfg(counted, 7.5, uncond, shaping=shaping, space="x0")
+    inside = 1 / (1 + 1.0**2)  # σ = 1
+    for ac, guides in ((0.0, False), (1 / (1 + 10.0**2), False), (inside, True), (1 / (1 + 0.1**2), False)):
+        calls.clear()
+        out = guided(x, 0, ac, **cond)
+        plain = guidance.cfg(_conditional_denoiser(), 7.5, uncond, space="x0")(x, 0, ac, **cond)
+        if guides:
+            assert calls == [6] and torch.allclose(out, plain)
+        else:
+            assert calls == [3] and torch.equal(out, _conditional_denoiser()(x, 0, ac, **cond))
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        guidance.Shaping(interval=(2.0, 1.0))
+
+
+def test_sample_takes_a_shaping(gen):
+    """Through ``fullrange.sample``: an interval that holds no step of the run is sampling without guidance."""
+    from fullrange import SamplingSpec, sample, schedules
+
+    spec = SamplingSpec(schedules.rescale_zero_terminal_snr(schedules.scaled_linear()), "v_prediction")
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+
+    def model(x, t, scale):
+        return 0.1 * x * scale.view(-1, 1, 1, 1) + scale.view(-1, 1, 1, 1)
+
+    cond, uncond = {"scale": torch.tensor([1.0, 2.0])}, {"scale": torch.zeros(2)}
+    kwargs = {"sampler": "ddim", "steps": 6, "cond": cond, "uncond": uncond}
+    unguided = sample(model, noise, spec, guidance_scale=1.0, **kwargs)
+    never = guidance.Shaping(interval=(1e6, 1e7))
+    torch.testing.assert_close(sample(model, noise, spec, guidance_scale=7.5, shaping=never, **kwargs), unguided)
+    assert not torch.allclose(sample(model, noise, spec, guidance_scale=7.5, **kwargs), unguided)

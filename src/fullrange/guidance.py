@@ -1,4 +1,6 @@
-"""Classifier-free guidance (Ho & Salimans 2022) and its rescale (Lin et al. 2024, eq. 14-16).
+"""Classifier-free guidance (Ho & Salimans 2022), its rescale (Lin et al. 2024, eq. 14-16), and the later
+training-free changes to how its two branches combine (:class:`Shaping`), each reducing to plain CFG at its
+neutral setting.
 
 Guidance wraps a denoiser into a denoiser; samplers never see a guidance scale.
 
@@ -11,9 +13,13 @@ same φ means the same thing for eps, v and x0 models, as in the paper.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from .denoiser import Denoiser, map_cond
+from .leak import from_low_frequencies, low_frequencies
 from .prediction import from_v, to_v
 
 RESCALE_SPACES = ("v", "x0")
@@ -30,14 +36,88 @@ def rescale(guided: torch.Tensor, positive: torch.Tensor, phi: float) -> torch.T
     return phi * guided * ratio + (1 - phi) * guided
 
 
+LOW_BAND = 3
+"""The low-frequency band of frequency-decoupled guidance: the lowest 3 × 3 DCT frequencies per channel, the band
+that carries an image's brightness and colour cast (the one :mod:`fullrange.leak` works in)."""
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """How the guidance term ``d = x_pos - x_neg`` is shaped before ``x_neg + w d``; every default is plain CFG.
+
+    - ``interval``: guidance only where ``lo < σ <= hi`` (Kynkäänniemi et al. 2024), σ = sqrt((1 - ᾱ) / ᾱ); elsewhere
+      the positive branch alone (and the negative one is not evaluated). σ = ∞ at zero terminal SNR.
+    - ``zero_star``: the negative branch scaled by ``s* = <x_pos, x_neg> / ||x_neg||²`` per sample (CFG-Zero*, Fan et
+      al. 2025), the scale that best fits it to the positive one.
+    - APG (Sadat et al., ICLR 2025): ``momentum`` β (``d ← d + β d_prev``), ``norm_threshold`` r (``d ← d ·
+      min(1, r / ||d||)``, 0: none), and ``eta``: the weight of d's component parallel to ``x_pos`` (the one that
+      over-saturates; 1 keeps it, the paper uses 0).
+    - ``low_scale``: frequency-decoupled guidance (Sadat et al. 2025): the guidance scale of d's lowest
+      :data:`LOW_BAND` × LOW_BAND DCT frequencies, where ``w`` keeps the rest (``None``: ``w`` for all).
+
+    Norms and projections are per sample over all other dimensions, in the space guidance runs in."""
+
+    interval: tuple[float, float] = (0.0, math.inf)
+    zero_star: bool = False
+    momentum: float = 0.0
+    norm_threshold: float = 0.0
+    eta: float = 1.0
+    low_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        lo, hi = self.interval
+        if not 0 <= lo < hi:
+            raise ValueError(f"guidance interval must satisfy 0 <= lo < hi, got {self.interval}")
+        if self.norm_threshold < 0:
+            raise ValueError(f"norm_threshold must be >= 0, got {self.norm_threshold}")
+
+    def guides_at(self, alpha_cumprod: float) -> bool:
+        """Whether guidance applies at ``ᾱ`` (σ inside the interval)."""
+        sigma = math.inf if alpha_cumprod <= 0 else math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
+        return self.interval[0] < sigma <= self.interval[1]
+
+
+def _per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a, b>`` per sample, shaped to broadcast against them."""
+    return (a * b).flatten(1).sum(1).view(-1, *[1] * (a.ndim - 1))
+
+
+def combine(
+    negative: torch.Tensor, positive: torch.Tensor, scale: float, shaping: Shaping, state: dict | None = None
+) -> torch.Tensor:
+    """``x_neg + w d``, with ``d = x_pos - x_neg`` shaped as ``shaping`` says; ``state`` carries APG's running
+    average from one call to the next."""
+    if shaping.zero_star:  # eps guards an all-zero negative branch
+        negative = negative * _per_sample(positive, negative) / (_per_sample(negative, negative) + 1e-8)
+    d = positive - negative
+    if shaping.momentum:
+        d = d + shaping.momentum * state["running"] if "running" in state else d
+        state["running"] = d
+    if shaping.norm_threshold > 0:
+        norm = _per_sample(d, d).sqrt()
+        d = d * torch.clamp(shaping.norm_threshold / norm.clamp(min=1e-12), max=1.0)
+    if shaping.eta != 1.0:  # the projection in float64, as the paper's code computes it
+        unit = positive.double() / _per_sample(positive.double(), positive.double()).sqrt().clamp(min=1e-12)
+        parallel = (_per_sample(d.double(), unit) * unit).to(d.dtype)
+        d = d - parallel + shaping.eta * parallel
+    out = negative + scale * d
+    if shaping.low_scale is not None and shaping.low_scale != scale:
+        size = tuple(d.shape[-2:])
+        low = from_low_frequencies(low_frequencies(d, min(LOW_BAND, *size)), size)
+        out = out + (shaping.low_scale - scale) * low
+    return out
+
+
 def cfg(
     denoiser: Denoiser,
     scale: float,
     uncond: dict | None = None,
     guidance_rescale: float = 0.0,
     space: str = "v",
+    shaping: Shaping | None = None,
 ) -> Denoiser:
-    """``x_neg + w (x_pos - x_neg)`` with optional rescale ``phi`` (eq. 14-16) in ``space`` ("v" or "x0").
+    """``x_neg + w (x_pos - x_neg)`` with optional rescale ``phi`` (eq. 14-16) in ``space`` ("v" or "x0"), the
+    guidance term shaped as ``shaping`` says (:func:`combine`; default: plain CFG).
 
     The positive branch gets the caller's ``**cond``, the negative one ``uncond`` (same keys, tensors
     concatenated so both run as one batch; nested dicts alike).
@@ -46,14 +126,17 @@ def cfg(
         raise ValueError(f"unknown guidance rescale space {space!r}; choose one of {', '.join(RESCALE_SPACES)}")
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
-    uncond = uncond or {}
+    uncond, shaping, state = uncond or {}, shaping or Shaping(), {}
 
     def guided(x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
+        if not shaping.guides_at(alpha_cumprod):
+            return denoiser(x, t, alpha_cumprod, **cond)
         both = map_cond(lambda negative, positive: torch.cat([negative, positive]), uncond, cond)
         negative, positive = denoiser(torch.cat([x, x]), t, alpha_cumprod, **both).chunk(2)
         if space == "v":
             negative, positive = to_v(negative, x, alpha_cumprod), to_v(positive, x, alpha_cumprod)
-        out = negative + scale * (positive - negative)  # affine: the same image in eps, v or x0 space
+        # Plain CFG is affine: the same image in eps, v or x0 space; the shaping's norms and projections are not.
+        out = combine(negative, positive, scale, shaping, state)
         if guidance_rescale > 0:  # the std ratio is not affine: it depends on the space (module docstring)
             out = rescale(out, positive, guidance_rescale)
         return from_v(out, x, alpha_cumprod) if space == "v" else out

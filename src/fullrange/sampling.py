@@ -15,7 +15,7 @@ import torch
 from . import leak as signal_leak
 from . import samplers, schedules
 from .denoiser import from_model
-from .guidance import cfg
+from .guidance import Shaping, cfg
 from .prediction import check_prediction
 from .samplers import Callback, Hook
 from .timesteps import SPACINGS, plan, resolution_sigma_max
@@ -155,6 +155,7 @@ def sample(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     rescale_space: str = "v",
+    shaping: Shaping | None = None,
     callback: Callback | None = None,
     hook: Hook | None = None,
     leak: torch.Tensor | None = None,
@@ -169,7 +170,9 @@ def sample(
     explicit descending tensor of timesteps.
     ``cond`` / ``uncond``: keyword arguments for the model (tensors, or dicts of them such as SDXL's
     ``added_cond_kwargs``); with ``guidance_scale != 1`` the model also runs on ``uncond`` (classifier-free
-    guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``.
+    guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``; ``shaping`` changes how the
+    two branches combine (APG, CFG-Zero*, a guidance interval, frequency-decoupled scales:
+    :class:`fullrange.guidance.Shaping`).
     ``callback(StepInfo)`` runs after each step (progress bars); ``hook(x, alpha_cumprod) -> x`` edits the latents
     after every step (blended inpainting). Other ``options`` are the sampler's own (``SAMPLERS[name].knobs``), e.g.
     ``eta`` for ddim.
@@ -197,7 +200,7 @@ def sample(
         noise = signal_leak.start(noise, leak, alpha_cumprod)
     denoiser = from_model(model, spec.prediction)
     if guidance_scale != 1.0:
-        denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space)
+        denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space, shaping)
     with torch.no_grad():
         return solver(
             denoiser,
