@@ -269,3 +269,26 @@ def test_width_height_and_same_seed(tiny_sd, tmp_path):
     paths, _ = sample_to_folder(model, ["a", "b"], settings, tmp_path, num_images=2, same_seed=True, progress=False)
     assert [p.name for p in paths] == ["000000-a.png", "000001-a.png", "000000-b.png", "000001-b.png"]
     assert Image.open(paths[0]).size == (24, 16)
+
+
+def test_guidance_shaping_from_the_command_line(tiny_sd, tmp_path):
+    """`fullrange sample`'s guidance shaping reaches the sampler: an interval holding none of the run's σ samples
+    as guidance 1 does; APG without its parallel part changes the image; a bad interval is one line."""
+    from typer.testing import CliRunner
+
+    from fullrange.cli import app
+
+    args = ["sample", "--model", str(tiny_sd), "--prompt", "a", "--sampler", "ddim", "--steps", "3"]
+    args += ["--spacing", "trailing", "--no-progress"]
+
+    def pixels(name, *extra):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        return np.asarray(Image.open(next((tmp_path / name).glob("*.png"))), dtype=np.int16)
+
+    unguided = pixels("one", "--guidance", "1")
+    never = pixels("never", "--guidance-interval", "1e6", "--guidance-interval", "1e7")
+    assert np.array_equal(never, unguided)
+    assert not np.array_equal(pixels("apg", "--apg-eta", "0"), pixels("cfg"))
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad"), "--guidance-interval", "3"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: --guidance-interval takes lo then hi")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import MAX_SEED, ConfigError, check_choice, check_finite, check_range, setting
 from ..denoiser import map_cond
+from ..guidance import Shaping
 from ..images import read_image, save_new_png, tile, to_uint8
 from ..prediction import add_noise
 from ..samplers import SAMPLERS, Callback, Hook
@@ -51,6 +52,22 @@ class SampleSettings:
     )
     guidance: float = setting(7.5, "Classifier-free guidance scale.")
     guidance_rescale: float = setting(0.0, "Guidance rescale φ (Lin et al.; 0.7 recommended at zero terminal SNR).")
+    guidance_interval: tuple[float, ...] = setting(
+        (),
+        "Guide only where lo < σ <= hi (Kynkäänniemi et al. 2024): give it twice, lo then hi.",
+        shown="every step",
+    )
+    guidance_low: float | None = setting(
+        None,
+        "Frequency-decoupled guidance: the scale of the lowest 3×3 frequencies (brightness, colour cast).",
+        shown="`guidance`",
+    )
+    apg_eta: float = setting(
+        1.0, "APG (Sadat et al. 2025): weight of the guidance's part along the conditional prediction (0 drops it)."
+    )
+    apg_norm_threshold: float = setting(0.0, "APG: clamp the guidance term's norm to this (0: no clamp).")
+    apg_momentum: float = setting(0.0, "APG: momentum of the guidance term across steps, e.g. -0.5 (0: none).")
+    cfg_zero_star: bool = setting(False, "CFG-Zero* (Fan et al. 2025): fit the negative branch's scale to the other.")
     seed: int = setting(0, "Seed of the first image; image i uses seed + i.")
     resolution: int | None = setting(None, "Image side in pixels, a multiple of 8.", shown="the UNet's")
     width: int | None = setting(None, "Image width in pixels, a multiple of 8.", shown="`resolution`")
@@ -96,12 +113,30 @@ class SampleSettings:
             check_choice("spacing", self.spacing, SPACINGS + LADDERS)
         check_range("guidance", self.guidance, 0)
         check_range("guidance_rescale", self.guidance_rescale, 0, 1)
+        if self.guidance_interval and (
+            len(self.guidance_interval) != 2 or not 0 <= self.guidance_interval[0] < self.guidance_interval[1]
+        ):
+            raise ConfigError("guidance_interval", f"takes lo then hi with 0 <= lo < hi, got {self.guidance_interval}")
+        check_range("apg_norm_threshold", self.apg_norm_threshold, 0)
         check_range("seed", self.seed, 0)
         check_range("seed", self.seed, None, MAX_SEED)
         for name in ("resolution", "width", "height"):
             side = getattr(self, name)
             if side is not None and (side <= 0 or side % 8):
                 raise ConfigError(name, f"must be a positive multiple of 8, got {side}")
+
+    @property
+    def shaping(self) -> Shaping:
+        """How the guidance term is shaped (:class:`fullrange.guidance.Shaping`)."""
+        interval = tuple(self.guidance_interval) if self.guidance_interval else (0.0, math.inf)
+        return Shaping(
+            interval=interval,
+            zero_star=self.cfg_zero_star,
+            momentum=self.apg_momentum,
+            norm_threshold=self.apg_norm_threshold,
+            eta=self.apg_eta,
+            low_scale=self.guidance_low,
+        )
 
 
 class ControlledUNet(torch.nn.Module):
@@ -270,6 +305,7 @@ def generate(
         uncond=map_cond(lambda v: v.to(device), uncond) | extra,
         guidance_scale=settings.guidance,
         guidance_rescale=settings.guidance_rescale,
+        shaping=settings.shaping,
         callback=callback,
         hook=hook,
         generator=torch.Generator().manual_seed(settings.seed),
