@@ -90,26 +90,44 @@ def test_the_leak_starts_at_the_actual_first_step(gen):
     torch.testing.assert_close(seen[0].x, math.sqrt(ac) * L + math.sqrt(1 - ac) * noise)
 
 
-def test_zero_terminal_snr_from_t_max_is_a_stated_no_op(gen):
-    noise = torch.randn(2, 3, 4, 4, generator=gen)
+def test_at_zero_snr_the_tone_replaces_the_low_band_of_the_first_prediction(gen, caplog):
+    """Zero terminal SNR from t = T-1: nothing leaks, so the tone goes into the model's x0 predictions while σ is
+    high (their lowest 3×3 frequencies become L's, the rest stays the model's), and the step from σ = ∞ carries it
+    into x; a black tone darkens the samples and a white one brightens them. An INFO line says which mechanism
+    acted."""
+    import logging
+
+    noise = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64)
     data = toy.MixtureToy()
     model = x0_network(data, ZERO_TERMINAL_SNR.schedule)
     spec = SamplingSpec(ZERO_TERMINAL_SNR.schedule, "sample")
     plain = fullrange.sample(model, noise, spec, sampler="euler", steps=5)
-    with pytest.warns(UserWarning, match=r"t = 999\) is at zero SNR.*the leak changes nothing"):
-        leaked = fullrange.sample(model, noise, spec, sampler="euler", steps=5, leak=torch.tensor(-1.0))
-    torch.testing.assert_close(leaked, plain, rtol=0, atol=0)
-    with warnings.catch_warnings():  # leading steps at zero SNR do not visit t = T-1: there the leak acts
+    seen = []
+    with caplog.at_level(logging.INFO, logger="fullrange"):
+        black = fullrange.sample(
+            model, noise, spec, sampler="euler", steps=5, leak=torch.tensor(-1.0), callback=seen.append
+        )
+    assert "is at zero SNR, where nothing leaks: the tone replaces the lowest frequencies" in caplog.text
+    white = fullrange.sample(model, noise, spec, sampler="euler", steps=5, leak=torch.tensor(1.0))
+    assert float(black.mean()) < float(plain.mean()) < float(white.mean())
+    # The first step's prediction: L's low band, the model's high frequencies.
+    first = data.denoise(noise, 999.0, 0.0)
+    expected = first - leak.low_band(first) + torch.full_like(first, -1.0)
+    torch.testing.assert_close(seen[0].x0, expected)
+    torch.testing.assert_close(leak.low_band(leak.low_band(first)), leak.low_band(first))  # a projection
+    with warnings.catch_warnings():  # leading steps at zero SNR do not visit t = T-1: there the leak-aware start acts
         warnings.simplefilter("ignore")
-        black = torch.full_like(noise, -1.0)
-        leading = fullrange.sample(model, noise, spec, sampler="euler", steps=5, spacing="leading", leak=black)
+        leading = fullrange.sample(
+            model, noise, spec, sampler="euler", steps=5, spacing="leading", leak=torch.full_like(noise, -1.0)
+        )
     assert float(leading.mean()) < float(plain.mean())
 
 
-def calibration(size: int, spacing: str, requested: list[float], batch: int = 16) -> list[float]:
-    """Achieved mean brightness (0-1) of the exact mixture denoiser on SD's schedule, started with flat leaks."""
+def calibration(size: int, spacing: str, requested: list[float], batch: int = 16, spec=STABLE_DIFFUSION) -> list[float]:
+    """Achieved mean brightness (0-1) of the exact mixture denoiser on ``spec``'s schedule (SD's: a leak-aware
+    start; zero terminal SNR: the first prediction's band), toned with flat leaks."""
     data = toy.MixtureToy(levels=tuple(torch.linspace(-1, 1, 21).tolist()), pixel_std=0.1)
-    spec = SamplingSpec(STABLE_DIFFUSION.schedule, "sample", spacing, 1)
+    spec = SamplingSpec(spec.schedule, "sample", spacing, spec.steps_offset)
     model = x0_network(data, spec.schedule)
     noise = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     achieved = []
@@ -130,6 +148,19 @@ def test_calibration_is_monotonic_from_black_to_white(spacing, report):
         f"{', '.join(f'{a:.2f}' for a in achieved)} for {requested}; mean error {error:.3f}"
     )
     assert achieved[0] < 0.25 and achieved[-1] > 0.75  # far from the mid-grey of the unleaked start
+
+
+def test_zero_snr_tone_calibration_is_monotonic_and_close(report):
+    """The tone of a model that leaks nothing, on the exact mixture with zero terminal SNR, trailing steps."""
+    requested = [0.1, 0.25, 0.5, 0.75, 0.9]
+    achieved = calibration(16, "trailing", requested, spec=ZERO_TERMINAL_SNR)
+    error = sum(abs(a - r) for a, r in zip(achieved, requested, strict=True)) / len(requested)
+    report(
+        f"zero-SNR tone calibration, exact mixture 3×16×16, trailing, 10 steps: achieved "
+        f"{', '.join(f'{a:.2f}' for a in achieved)} for {requested}; mean error {error:.3f}"
+    )
+    assert all(lo < hi for lo, hi in itertools.pairwise(achieved)), achieved
+    assert error < 0.05
 
 
 def test_tone_stats_draw_the_fitted_gaussian(gen):

@@ -170,7 +170,7 @@ def test_cli_bad_tones_are_named(tiny_sd, tmp_path, extra, message):
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_cli_a_tone_at_zero_terminal_snr_says_it_does_nothing(tiny_sd, tmp_path):
+def test_cli_a_tone_at_zero_terminal_snr_says_how_it_acts(tiny_sd, tmp_path):
     ztsnr = tmp_path / "ztsnr"
     shutil.copytree(tiny_sd, ztsnr)
     config_path = ztsnr / "scheduler" / "scheduler_config.json"
@@ -181,12 +181,13 @@ def test_cli_a_tone_at_zero_terminal_snr_says_it_does_nothing(tiny_sd, tmp_path)
     plain = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     toned = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--tone", "0"])
     assert toned.exit_code == 0, toned.output
-    assert "warning: the first step (t = 999) is at zero SNR" in toned.output and "warning" not in plain.output
+    said = "note: the first step (t = 999) is at zero SNR, where nothing leaks: the tone replaces the lowest"
+    assert said in toned.output and "zero SNR" not in plain.output and "warning" not in toned.output
     # What it picked for a zero-terminal-SNR model, said once: UniPC on the ladder topped by the 4×8×8 latent.
     assert plain.output.count("note: fullrange picked sampler unipc and a Karras σ ladder") == 1
     assert "then from σ = 32 for latents of 4×8×8 values" in plain.output, plain.output
-    same = [np.asarray(Image.open(tmp_path / f / "000000-x.png")) for f in ("a", "b")]
-    assert np.array_equal(*same)
+    images = [np.asarray(Image.open(tmp_path / f / "000000-x.png")) for f in ("a", "b")]
+    assert not np.array_equal(*images)
 
 
 def test_cli_eval_brightness_compares_with_and_without_the_tone(tiny_sd, tmp_path):

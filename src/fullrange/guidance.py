@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .denoiser import Denoiser, map_cond
-from .leak import from_low_frequencies, low_frequencies
+from .leak import BAND, low_band
 from .prediction import from_v, to_v
 
 RESCALE_SPACES = ("v", "x0")
@@ -36,11 +36,6 @@ def rescale(guided: torch.Tensor, positive: torch.Tensor, phi: float) -> torch.T
     return phi * guided * ratio + (1 - phi) * guided
 
 
-LOW_BAND = 3
-"""The low-frequency band of frequency-decoupled guidance: the lowest 3 × 3 DCT frequencies per channel, the band
-that carries an image's brightness and colour cast (the one :mod:`fullrange.leak` works in)."""
-
-
 @dataclass(frozen=True)
 class Shaping:
     """How the guidance term ``d = x_pos - x_neg`` is shaped before ``x_neg + w d``; every default is plain CFG.
@@ -50,10 +45,11 @@ class Shaping:
     - ``zero_star``: the negative branch scaled by ``s* = <x_pos, x_neg> / ||x_neg||²`` per sample (CFG-Zero*, Fan et
       al. 2025), the scale that best fits it to the positive one.
     - APG (Sadat et al., ICLR 2025): ``momentum`` β (``d ← d + β d_prev``), ``norm_threshold`` r (``d ← d ·
-      min(1, r / ||d||)``, 0: none), and ``eta``: the weight of d's component parallel to ``x_pos`` (the one that
-      over-saturates; 1 keeps it, the paper uses 0).
+      min(1, r / ||d||)``, 0: none), and ``eta``: the weight of d's component parallel to ``x_pos``, the one the
+      paper finds to over-saturate (1 keeps it, 0 drops it).
     - ``low_scale``: frequency-decoupled guidance (Sadat et al. 2025): the guidance scale of d's lowest
-      :data:`LOW_BAND` × LOW_BAND DCT frequencies, where ``w`` keeps the rest (``None``: ``w`` for all).
+      :data:`fullrange.leak.BAND` × BAND DCT frequencies (brightness, colour cast), where ``w`` keeps the rest
+      (``None``: ``w`` for all).
 
     Norms and projections are per sample over all other dimensions, in the space guidance runs in."""
 
@@ -102,9 +98,7 @@ def combine(
         d = d - parallel + shaping.eta * parallel
     out = negative + scale * d
     if shaping.low_scale is not None and shaping.low_scale != scale:
-        size = tuple(d.shape[-2:])
-        low = from_low_frequencies(low_frequencies(d, min(LOW_BAND, *size)), size)
-        out = out + (shaping.low_scale - scale) * low
+        out = out + (shaping.low_scale - scale) * low_band(d, BAND)
     return out
 
 

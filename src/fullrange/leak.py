@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+BAND = 3
+"""DCT frequencies kept per side and channel (3 × 3): the mean and the slowest gradients, as Everaert et al."""
+
 
 def start(noise: torch.Tensor, leak: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
     """``sqrt(ᾱ) L + sqrt(1 - ᾱ) noise``: the forward process at ᾱ with ``L`` in place of x0. ``leak`` broadcasts
@@ -31,6 +34,39 @@ def start(noise: torch.Tensor, leak: torch.Tensor, alpha_cumprod: float) -> torc
         raise ValueError("leak has non-finite values")
     x = math.sqrt(alpha_cumprod) * leak.to(noise) + math.sqrt(1 - alpha_cumprod) * noise
     return x.expand_as(noise) if x.shape != noise.shape else x
+
+
+RELEASE = 0.25
+"""The tone of a model that leaks nothing is held in its predictions down to σ = RELEASE·sqrt(C·H·W): a quarter of
+the scale at which an image's mean is decided (fullrange tops its σ ladders at twice that scale). Chosen on the
+exact mixture (``benchmarks/leak_calibration.py``): held only at σ = ∞, a tone survives trailing steps, whose
+second step is already below it, but not a Karras ladder, whose next steps are still far above it."""
+
+
+def steer(denoiser, leak: torch.Tensor, k: int = BAND):
+    """A denoiser whose x0 predictions carry ``leak``'s lowest ``k × k`` frequencies in place of their own while
+    σ >= :data:`RELEASE`·sqrt(C·H·W): the tone of a model that leaks nothing. At zero terminal SNR the first step sees
+    pure noise, and the model's x0 prediction there is the same for any noise, the conditional mean (Lin et al.
+    2024, §4), so no start can carry a tone. The step from σ = ∞ puts the toned prediction into the next x
+    (``x = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε``), and the exact ODE goes on from there; the model's own high frequencies
+    are kept. ``leak`` broadcasts against x (per-channel means, a low-frequency image, an x0)."""
+
+    def steered(x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
+        x0 = denoiser(x, t, alpha_cumprod, **cond)
+        release = RELEASE**2 * x[0].numel()  # σ² at which the model's own low band takes over
+        if alpha_cumprod > 0 and (1 - alpha_cumprod) / alpha_cumprod < release:
+            return x0
+        target = leak.to(x0).expand_as(x0)
+        return x0 - low_band(x0, k) + low_band(target, k)
+
+    return steered
+
+
+def low_band(x: torch.Tensor, k: int = BAND) -> torch.Tensor:
+    """The part of ``x`` (..., H, W) in its lowest ``k × k`` DCT frequencies (a projection: ``low_band`` of it is
+    itself)."""
+    size = tuple(x.shape[-2:])
+    return from_low_frequencies(low_frequencies(x, min(k, *size)), size)
 
 
 def dct_matrix(n: int, dtype=torch.float64) -> torch.Tensor:

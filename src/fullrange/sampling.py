@@ -178,7 +178,8 @@ def sample(
     ``eta`` for ddim.
     ``leak``: the x0 content L the first step should carry (broadcast against ``noise``): the sampler starts
     from ``sqrt(ᾱ_first) L + sqrt(1 - ᾱ_first) noise`` at its actual first step (Everaert et al. 2024). At
-    ᾱ_first = 0 (zero terminal SNR from t = T-1) it changes nothing, and a warning says so.
+    ᾱ_first = 0 (zero terminal SNR from t = T-1), where nothing leaks, L's lowest frequencies replace those of the
+    model's first prediction instead (:func:`fullrange.leak.steer`), and an INFO line says so.
     """
     steps = _steps(steps)
     explicit_steps = not isinstance(steps, int)
@@ -188,19 +189,23 @@ def sample(
     solver = samplers.get(sampler, options)
     if isinstance(steps, int):
         steps = spec.plan(steps, spacing, num_values=math.prod(noise.shape[1:]))
+    steered = False
     if leak is not None:
         first = torch.as_tensor(steps, dtype=torch.float64).flatten()[:1].cpu()
         alpha_cumprod = float(spec.schedule.alphas_cumprod_at(first)[0])
-        if alpha_cumprod == 0:
-            warnings.warn(
-                f"the first step (t = {float(first[0]):g}) is at zero SNR, where nothing leaks: the leak changes "
-                "nothing (the model starts from pure noise, as it was trained to)",
-                stacklevel=2,
+        steered = alpha_cumprod == 0
+        if steered:  # nothing leaks at zero SNR: the tone goes into the model's first prediction instead
+            logging.getLogger("fullrange").info(
+                f"the first step (t = {float(first[0]):g}) is at zero SNR, where nothing leaks: the tone replaces the "
+                "lowest frequencies of the model's first prediction"
             )
-        noise = signal_leak.start(noise, leak, alpha_cumprod)
+        else:
+            noise = signal_leak.start(noise, leak, alpha_cumprod)
     denoiser = from_model(model, spec.prediction)
     if guidance_scale != 1.0:
         denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space, shaping)
+    if steered:
+        denoiser = signal_leak.steer(denoiser, leak)
     with torch.no_grad():
         return solver(
             denoiser,

@@ -16,11 +16,10 @@ from .. import data
 from ..config import ConfigError
 from ..files import save_safetensors
 from ..images import load_image, read_image
-from ..leak import ToneStats, from_low_frequencies, low_frequencies
+from ..leak import BAND, ToneStats, from_low_frequencies, low_frequencies
 from .model import StableDiffusion
 
-K = 3
-"""DCT coefficients kept per side and channel (3 × 3): the mean and the slowest gradients, as Everaert et al."""
+K = BAND
 STATS_FORMAT = "fullrange-tone-stats"
 SEED_STREAM = 2**32
 """An image's leak is drawn with seed ``SEED_STREAM + seed``: a stream apart from its noise's (``seed``)."""
