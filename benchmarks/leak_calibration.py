@@ -1,11 +1,13 @@
-"""Requested against achieved mean brightness with the leak-aware start, on the exact mixture denoiser.
+"""Requested against achieved mean brightness with a tone, on the exact mixture denoiser.
 
 Data: ``fullrange.toy.MixtureToy`` with 21 flat levels from black to white (pixel noise 0.1), so every brightness
-in [0, 1] is in the data; its exact denoiser stands in for an epsilon model trained on SD's schedule (scaled_linear,
-no zero terminal SNR). Each requested brightness b starts the sampler from the flat leak L = 2b - 1 at its actual
-first step, leading (SD's default, + 1) and trailing; the achieved brightness is the mean of the samples (clipped
-to [-1, 1], then to 0-1), and the spread is the std of the per-image brightness around it: how closely one image
-follows its request. The same noise for every row. Everything from one run.
+in [0, 1] is in the data; its exact denoiser stands in for a model trained on SD's schedule (scaled_linear, no
+zero terminal SNR: the leak-aware start, from the flat leak L = 2b - 1 at its actual first step, leading (SD's
+default, + 1) and trailing) and on its zero-terminal-SNR rescaling (nothing leaks: the tone replaces the low band
+of the predictions while σ is high, ``fullrange.leak.steer``; trailing steps and fullrange's default Karras ladder).
+The achieved brightness is the mean of the samples (clipped to [-1, 1], then to 0-1), and the spread is the std of
+the per-image brightness around it: how closely one image follows its request. The same noise for every row.
+Everything from one run.
 
     python benchmarks/leak_calibration.py [--batch 32] [--steps 25] [--plot leak_calibration.png]
 """
@@ -19,11 +21,16 @@ import torch
 
 import fullrange
 from fullrange import metrics, toy
-from fullrange.sampling import STABLE_DIFFUSION, SamplingSpec
+from fullrange.sampling import STABLE_DIFFUSION, ZERO_TERMINAL_SNR, SamplingSpec
 
 REQUESTED = [round(0.05 * i, 2) for i in range(21)]
 SHAPES = {"3×32×32": (3, 32, 32), "4×64×64 (SD latent)": (4, 64, 64)}
-SPACINGS = ("leading", "trailing")
+RUNS = {
+    "SD, leading": (STABLE_DIFFUSION, "leading"),
+    "SD, trailing": (STABLE_DIFFUSION, "trailing"),
+    "zero SNR, trailing": (ZERO_TERMINAL_SNR, "trailing"),
+    "zero SNR, karras": (ZERO_TERMINAL_SNR, "karras"),
+}
 
 
 def network(data, schedule):
@@ -35,12 +42,12 @@ def network(data, schedule):
     return model
 
 
-def achieved(model, spec, noise, steps, requested):
-    """(mean, std) of the per-image brightness without a leak, then for each requested brightness."""
+def achieved(model, spec, spacing, noise, steps, requested):
+    """(mean, std) of the per-image brightness without a tone, then for each requested brightness."""
     out = []
     for b in [None, *requested]:
         leak = None if b is None else torch.tensor(2 * b - 1.0, dtype=noise.dtype)
-        x0 = fullrange.sample(model, noise, spec, sampler="dpmpp_2m", steps=steps, leak=leak)
+        x0 = fullrange.sample(model, noise, spec, sampler="dpmpp_2m", steps=steps, spacing=spacing, leak=leak)
         per_image = metrics.brightness(x0.clamp(-1, 1))
         out.append((float(per_image.mean()), float(per_image.std())))
     return out[0], out[1:]
@@ -56,20 +63,23 @@ def main() -> None:
     results = {}
     for shape_name, shape in SHAPES.items():
         noise = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        for spacing in SPACINGS:
-            spec = SamplingSpec(STABLE_DIFFUSION.schedule, "sample", spacing, STABLE_DIFFUSION.steps_offset)
-            first = int(spec.plan(args.steps)[0])
-            alpha = float(spec.schedule.alphas_cumprod[first]) ** 0.5
+        for run, (base, spacing) in RUNS.items():
+            own = "trailing" if spacing == "karras" else spacing  # a spec's own spacing is never a ladder
+            spec = SamplingSpec(base.schedule, "sample", own, base.steps_offset)
+            second = spec.plan(args.steps, spacing, num_values=noise[0].numel())[:2]
+            # √ᾱ at the first step (what the start leaks), or at zero SNR at the second (what the first step carries)
+            t = float(second[1] if base is ZERO_TERMINAL_SNR else second[0])
+            alpha = float(spec.schedule.alphas_cumprod_at(t)) ** 0.5
             model = network(data, spec.schedule)
-            plain, got = achieved(model, spec, noise, args.steps, REQUESTED)
-            results[(shape_name, spacing)] = (first, alpha, plain, got)
-            print(f"{shape_name}, {spacing}: done", flush=True)
+            plain, got = achieved(model, spec, spacing, noise, args.steps, REQUESTED)
+            results[(shape_name, run)] = (round(t), alpha, plain, got)
+            print(f"{shape_name}, {run}: done", flush=True)
 
     print(
         f"\nSD schedule, dpmpp_2m, {args.steps} steps, {args.batch} samples per row; achieved brightness, mean "
         "(std of the per-image brightness)\n"
     )
-    header = "| requested | " + " | ".join(f"{s}, {p} (t₀ = {results[(s, p)][0]})" for s, p in results) + " |"
+    header = "| requested | " + " | ".join(f"{s}, {p} (t = {results[(s, p)][0]})" for s, p in results) + " |"
     print(header)
     print("|" + "---|" * (len(results) + 1))
     print("| no leak | " + " | ".join(f"{v[2][0]:.3f} ({v[2][1]:.3f})" for v in results.values()) + " |")
@@ -83,7 +93,8 @@ def main() -> None:
     print("| mean abs error | " + " | ".join(f"{e:.3f}" for e in errors.values()) + " |")
     print("| mean abs error, 0.1-0.9 | " + " | ".join(f"{e:.3f}" for e in inner_errors.values()) + " |")
     print("| mean per-image std | " + " | ".join(f"{e:.3f}" for e in spreads.values()) + " |")
-    print("| √ᾱ at t₀ | " + " | ".join(f"{v[1]:.3f}" for v in results.values()) + " |")
+    alphas = " | ".join(f"{v[1]:.3f}" for v in results.values())
+    print(f"| √ᾱ at t (the first step; at zero SNR the second) | {alphas} |")
     monotonic = {k: all(a < b for a, b in itertools.pairwise(m)) for k, m in means.items()}
     print("| monotonic | " + " | ".join("yes" if m else "no" for m in monotonic.values()) + " |")
 

@@ -34,7 +34,10 @@ def test_every_experiment_writes_json_pngs_and_the_report(micro_run):
     assert all(f"## {name}" in text for name in reproduce.EXPERIMENTS)
     assert not [line for line in text.splitlines() if line.startswith("    ")]  # no docstring indent read as code
     leak = json.loads((out / "training_free" / "results.json").read_text())["numbers"]
-    assert sorted(leak) == ["baseline", "baseline + leak", "ztsnr"]
+    assert sorted(leak) == ["baseline", "baseline + leak", "ztsnr", "ztsnr + tone"]
+    assert sorted(leak["ztsnr + tone"]) == ["solid black", "solid white"]
+    methods = json.loads((out / "guidance" / "results.json").read_text())["numbers"]
+    assert {"w=1", "w=7.5, CFG", "w=12, APG η=0", "w=3, FDG low=1"} <= set(methods)
     assert sorted(leak["baseline + leak"]) == ["any", "solid black", "solid white"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,iVBOR") >= 6 and "<table>" in html

@@ -11,6 +11,7 @@ import torch
 
 from .. import batches, metrics, toy
 from ..files import write_bytes
+from ..guidance import Shaping
 from ..images import save_png, to_uint8
 from ..losses import RECIPES, Recipe
 from ..models import tiny_unet
@@ -160,6 +161,7 @@ def sample_labels(
     spacing: str | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
+    shaping: Shaping | None = None,
     seed: int = 1,
     leak: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -179,6 +181,7 @@ def sample_labels(
         uncond={"class_labels": torch.full_like(labels, NULL_LABEL).to(device)},
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
+        shaping=shaping,
         leak=None if leak is None else leak.to(device),
     )
     return out.float().cpu()

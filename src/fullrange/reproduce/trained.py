@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import leak, metrics, toy
+from ..guidance import Shaping
 from ..plots import log_steps_axis, pyplot, save_figure
 from .common import (
     Context,
@@ -236,81 +237,85 @@ def sample_steps(ctx: Context) -> dict:
     return {"numbers": numbers, "plots": [plot], "findings": findings}
 
 
+SCALES = (1.0, 3.0, 5.0, 7.5, 12.0)
+METHODS = {
+    "CFG": (0.0, Shaping()),
+    "rescale φ=0.7": (0.7, Shaping()),
+    "APG η=0": (0.0, Shaping(eta=0.0)),
+    "CFG-Zero*": (0.0, Shaping(zero_star=True)),
+    "interval (0.28, 5.42]": (0.0, Shaping(interval=(0.28, 5.42))),
+    "FDG low=1": (0.0, Shaping(low_scale=1.0)),
+}
+"""The guidance methods compared, as (rescale φ, shaping): Lin et al.'s rescale, APG without the parallel part
+(no norm clamp or momentum, whose scales depend on the model), CFG-Zero*'s fitted negative branch, EDM2's guidance
+interval in σ (Kynkäänniemi et al.), and frequency-decoupled guidance with no guidance in the lowest 3×3
+frequencies (the brightness band)."""
+
+
 def guidance_experiment(ctx: Context) -> dict:
-    """A zero-terminal-SNR model with classifier-free guidance w = 7.5, φ in {0, 0.7} (Lin et al. §3.4), per seed:
-    pixels beyond ±1 before clipping (the data has none), brightness and colour casts."""
+    """A zero-terminal-SNR model under classifier-free guidance w in :data:`SCALES` with each of :data:`METHODS`,
+    per seed: pixels beyond ±1 before clipping (the data has none), W1 of the brightness to the data's, the colour
+    cast, and the shift of the mean brightness against w = 1 (where every method is plain sampling)."""
     out = ctx.out / "guidance"
     if "ztsnr" not in ctx.recipes:
         return {"numbers": {}, "plots": [], "findings": []}
     recipe = ctx.recipes["ztsnr"]
     images, data_labels = ctx.data
     labels = balanced_labels(ctx.preset.num_samples)
-    settings = {"w=1": (1.0, 0.0), "w=7.5, φ=0": (7.5, 0.0), "w=7.5, φ=0.7": (7.5, 0.7)}
+    settings = {"w=1": (1.0, 0.0, Shaping())} | {
+        f"w={w:g}, {name}": (w, phi, shaping) for w in SCALES[1:] for name, (phi, shaping) in METHODS.items()
+    }
     seeds = ctx.preset.seeds
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     grids = []
     jobs = [(seed, name) for seed in seeds for name in settings]
     for seed, name in tqdm(jobs, desc="guidance", disable=not ctx.progress):
-        w, phi = settings[name]
-        samples = sample_labels(
-            ctx, ctx.model("ztsnr", seed), recipe, labels, guidance_scale=w, guidance_rescale=phi, seed=seed + 1
-        )
+        w, phi, shaping = settings[name]
+        model = ctx.model("ztsnr", seed)
+        kwargs = {"guidance_scale": w, "guidance_rescale": phi, "shaping": shaping, "seed": seed + 1}
+        samples = sample_labels(ctx, model, recipe, labels, **kwargs)
         runs[name].append(
             brightness_summary(samples, labels, images, data_labels)
             | {
                 "out_of_range": metrics.saturation(samples, 1.0),
                 "colour_cast": metrics.colour_cast(samples.clamp(-1, 1)),
+                "mean": float(metrics.brightness(samples.clamp(-1, 1)).mean()),
             }
         )
-        if seed == seeds[0]:
-            slug = name.replace(", ", "_").replace("=", "").replace(".", "").replace("φ", "phi")
+        if seed == seeds[0] and (name == "w=1" or name.startswith("w=7.5")):
+            slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
             grids.append(label_grid(samples, labels, out / f"samples_{slug}.png", data=(images, data_labels)))
     numbers = {
         name: summarise(rs)
         | {
             "out_of_range": interval([r["out_of_range"] for r in rs]),
             "chroma": interval([r["colour_cast"]["chroma"] for r in rs]),
+            "shift": interval([r["mean"] - o["mean"] for r, o in zip(rs, runs["w=1"], strict=True)]),
         }
         for name, rs in runs.items()
     }
     numbers["data"] = {"saturation": metrics.saturation(images), "out_of_range": 0.0}
     numbers["data"]["colour_cast"] = metrics.colour_cast(images)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    keys = list(settings)
-    xs = torch.arange(len(keys)).numpy()
-    for offset, key, label in (
-        (-0.2, "out_of_range", "beyond ±1 before clipping"),
-        (0.2, "saturation", "at ±0.98 or beyond after clipping"),
-    ):
-        cells = [numbers[k][key] for k in keys]
-        errors = [[c["mean"] - c["low"] for c in cells], [c["high"] - c["mean"] for c in cells]]
-        ax.bar(xs + offset, [c["mean"] for c in cells], 0.4, yerr=errors, capsize=3, label=label)
-    ax.axhline(numbers["data"]["saturation"], color="gray", linestyle="--", label="data, at ±0.98 or beyond")
-    ax.set_xticks(xs, keys)
-    ax.set(
-        ylabel="fraction of pixels", title=f"Over-exposure under guidance (zero-terminal-SNR model, {len(seeds)} seeds)"
-    )
-    ax.legend(fontsize=8)
-    plot = save_figure(fig, out / "saturation.png")
-    one, plain, rescaled = (runs[k] for k in settings)
+    plot = _guidance_plot(numbers, out / "guidance_methods.png", len(seeds))
     oor = {k: [r["out_of_range"] for r in runs[k]] for k in settings}
+    w1 = {k: [r["wasserstein"] for r in runs[k]] for k in settings}
+    one, plain, rescaled = runs["w=1"], runs["w=7.5, CFG"], runs["w=7.5, rescale φ=0.7"]
     findings = [
         {
             "claim": "At zero terminal SNR, strong guidance (w = 7.5) over-exposes: more pixels beyond ±1 than at "
             "w = 1 (Lin et al. §3.4)",
-            "verdict": holds([p > 1.2 * o for p, o in zip(oor["w=7.5, φ=0"], oor["w=1"], strict=True)]),
-            "evidence": f"pixels beyond ±1 before clipping: {fmt(oor['w=1'])} (w = 1), {fmt(oor['w=7.5, φ=0'])} "
+            "verdict": holds([p > 1.2 * o for p, o in zip(oor["w=7.5, CFG"], oor["w=1"], strict=True)]),
+            "evidence": f"pixels beyond ±1 before clipping: {fmt(oor['w=1'])} (w = 1), {fmt(oor['w=7.5, CFG'])} "
             "(w = 7.5); the data has none",
             "rule": "in every seed w = 7.5 has at least 1.2× the pixels beyond ±1 of w = 1",
         },
         {
             "claim": "Rescaling the guidance (φ = 0.7) brings the pixels back toward the data's range "
             "(Lin et al. §3.4)",
-            "verdict": closer(oor["w=7.5, φ=0.7"], oor["w=7.5, φ=0"]),
-            "evidence": f"pixels beyond ±1: {fmt(oor['w=7.5, φ=0.7'])} (φ = 0.7) against {fmt(oor['w=7.5, φ=0'])} "
-            f"(φ = 0); W1 of brightness to the data {fmt([r['wasserstein'] for r in rescaled])} against "
-            f"{fmt([r['wasserstein'] for r in plain])} (w = 1: {fmt([r['wasserstein'] for r in one])})",
+            "verdict": closer(oor["w=7.5, rescale φ=0.7"], oor["w=7.5, CFG"]),
+            "evidence": f"pixels beyond ±1: {fmt(oor['w=7.5, rescale φ=0.7'])} (φ = 0.7) against "
+            f"{fmt(oor['w=7.5, CFG'])} (φ = 0); W1 of brightness to the data {fmt(w1['w=7.5, rescale φ=0.7'])} "
+            f"against {fmt(w1['w=7.5, CFG'])} (w = 1: {fmt(w1['w=1'])})",
             "rule": "fewer pixels beyond ±1 in every seed and by 25% on average",
         },
         {
@@ -332,7 +337,42 @@ def guidance_experiment(ctx: Context) -> dict:
             "rule": "in every seed w = 7.5's chroma is 1.5× that of w = 1 and of the data",
         },
     ]
+    for method in list(METHODS)[1:]:
+        key = f"w=7.5, {method}"
+        keeps = [
+            m <= 1.1 * o and d <= c for m, o, d, c in zip(oor[key], oor["w=1"], w1[key], w1["w=7.5, CFG"], strict=True)
+        ]
+        findings.append(
+            {
+                "claim": f"{method} at w = 7.5 keeps the pixels beyond ±1 within 10% of w = 1's, with the brightness "
+                "no further from the data than plain CFG's (fullrange's own test of the method)",
+                "verdict": holds(keeps),
+                "evidence": f"pixels beyond ±1: {fmt(oor[key])} against {fmt(oor['w=1'])} (w = 1) and "
+                f"{fmt(oor['w=7.5, CFG'])} (CFG); W1 to the data {fmt(w1[key])} against {fmt(w1['w=7.5, CFG'])} "
+                f"(CFG); mean brightness shift against w = 1 {fmt(numbers[key]['shift'])}",
+                "rule": "in every seed: beyond ±1 at most 1.1× w = 1's, and W1 at most CFG's",
+            }
+        )
     return {"numbers": numbers, "plots": [plot], "grids": grids, "findings": findings}
+
+
+def _guidance_plot(numbers: dict, path, num_seeds: int) -> str:
+    """Pixels beyond ±1 and W1 to the data against w, a line per method (mean over seeds, the seeds' range)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method in METHODS:
+        keys = ["w=1", *[f"w={w:g}, {method}" for w in SCALES[1:]]]
+        for ax, key in zip(axes, ("out_of_range", "wasserstein"), strict=True):
+            cells = [numbers[k][key] for k in keys]
+            mean = [c["mean"] for c in cells]
+            ax.plot(SCALES, mean, "o-", markersize=3, label=method)
+            ax.fill_between(SCALES, [c["low"] for c in cells], [c["high"] for c in cells], alpha=0.12, linewidth=0)
+    axes[0].set(xlabel="guidance scale w", ylabel="fraction of pixels beyond ±1 before clipping")
+    axes[1].set(xlabel="guidance scale w", ylabel="W1 of brightness to the data")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Guidance methods on the zero-terminal-SNR model ({num_seeds} seeds)")
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def _leans(runs: list[dict]) -> str:
@@ -450,4 +490,34 @@ def training_free(ctx: Context) -> dict:
             "rule": "W1 lower with the leak in every seed and by 25% on average",
         }
     )
+    if "ztsnr" in ctx.recipes:
+        findings.append(_zero_snr_tone(ctx, n, per_seed["ztsnr"], numbers))
     return {"numbers": numbers, "plots": [plot], "grids": grids, "findings": findings}
+
+
+def _zero_snr_tone(ctx: Context, n: int, plain: dict[str, list[dict]], numbers: dict) -> dict:
+    """The zero-terminal-SNR model, which leaks nothing, asked for 'solid black' with a white tone and for 'solid
+    white' with a black one (:func:`fullrange.leak.steer`): how far the tone moves each against the same model and
+    noise untoned. Adds its brightness to ``numbers["ztsnr + tone"]``."""
+    recipe, moved, toned = ctx.recipes["ztsnr"], {}, {}
+    asks = {"solid black": (1.0, 1.0), "solid white": (-1.0, 0.0)}  # label: (tone, brightness it asks for)
+    for label, (tone, target) in asks.items():
+        labels = torch.full((n,), toy.LABELS.index(label))
+        for i, seed in enumerate(ctx.preset.seeds):
+            model = ctx.model("ztsnr", seed)
+            samples = sample_labels(ctx, model, recipe, labels, leak=torch.tensor(tone), seed=seed + 1).clamp(-1, 1)
+            b, before = float(metrics.brightness(samples).mean()), plain[label][i]["brightness"]
+            toned.setdefault(label, []).append(b)
+            moved.setdefault(label, []).append((b - before) / (target - before))
+    numbers["ztsnr + tone"] = {label: {"brightness": interval(v)} for label, v in toned.items()}
+    return {
+        "claim": "A model that leaks nothing (zero terminal SNR) takes a tone through its first predictions: "
+        "'solid black' asked with a white tone moves at least half-way to white, and the reverse (fullrange's own)",
+        "verdict": holds([m >= 0.5 for label in asks for m in moved[label]]),
+        "evidence": "; ".join(
+            f"'{label}' {fmt([r['brightness'] for r in plain[label]])} untoned, {fmt(toned[label])} with a "
+            f"{'white' if asks[label][0] > 0 else 'black'} tone (moved {fmt(moved[label])} of the way)"
+            for label in asks
+        ),
+        "rule": "in every seed and for both, the tone moves the mean brightness at least half-way to the one asked",
+    }
