@@ -198,6 +198,11 @@ def test_cli_eval_brightness_compares_with_and_without_the_tone(tiny_sd, tmp_pat
     assert sorted(results) == [tiny_sd.name, f"{tiny_sd.name} + tone 0.0"]
     a, b = (results[k]["prompts"]["A dark alley in the rain"]["mean_brightness"] for k in sorted(results))
     assert a != b
+    # The guidance shaping reaches eval too: APG without the parallel part measures another brightness.
+    shaped = runner.invoke(app, [*args[:5], str(tmp_path / "apg"), *args[6:], "--apg-eta", "0"])
+    assert shaped.exit_code == 0, shaped.output
+    c = json.loads((tmp_path / "apg" / "brightness.json").read_text())[tiny_sd.name]
+    assert c["prompts"]["A dark alley in the rain"]["mean_brightness"] != a
 
 
 def test_tone_stats_needs_no_captions(tiny_sd, tmp_path):
