@@ -1,4 +1,4 @@
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -448,3 +448,31 @@ def test_resume_is_bit_exact_with_each_memory_setting(changes, tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_at_its_default(tmp_path, data):
+    """Checkpoints of an earlier version lack the settings added since (here the memory ones): at their defaults
+    the run resumes; set otherwise, it is refused naming the setting."""
+    images, labels = data
+    recipe = losses.get_recipe("baseline")
+    config = replace(CONFIG, steps=2)
+    train.train(_model(), batches.labelled(images, labels, 5), recipe, config, tmp_path, progress=False)
+    path = tmp_path / "checkpoint.safetensors"
+    old = checkpoint.Checkpoint(path)
+    meta = old.meta
+    for key in ("full_bf16", "fused_backward", "memory"):
+        del meta["train"][key]
+    checkpoint.save_checkpoint(
+        path,
+        step=old.step,
+        model=old.group("model"),
+        ema=old.group("ema"),
+        optimizer=old.optimizer_state(),
+        rng=old.group("rng"),
+        log=old.group("log"),
+        meta=meta,
+    )
+    assert train.check_resume(path, {"recipe": recipe.describe(), "train": asdict(replace(config, steps=3))}, 3)
+    fused = asdict(replace(config, steps=3, fused_backward=True, grad_clip=0.0))
+    with pytest.raises(ValueError, match=r"train.fused_backward \('absent' in the checkpoint, True now\)"):
+        train.check_resume(path, {"recipe": recipe.describe(), "train": fused}, 3)

@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -367,10 +367,13 @@ def check_resume(path: Path, meta: dict, steps: int) -> Checkpoint:
     may_change += tuple(
         f"{n}.path" for n in ("model", "data") if saved.get(f"{n}.fingerprint") == now.get(f"{n}.fingerprint")
     )
+    # A setting added since the checkpoint was written, left at its default, is the behaviour it was written with.
+    added = {f"train.{f.name}" for f in fields(TrainConfig) if f.default is not MISSING}
+    added = {key for key in added - set(saved) if now.get(key) == getattr(TrainConfig, key.split(".")[1])}
     differ = [
         f"{key} ({saved.get(key, 'absent')!r} in the checkpoint, {now.get(key, 'absent')!r} now)"
         for key in sorted(set(saved) | set(now))
-        if key not in may_change and saved.get(key) != now.get(key)
+        if key not in may_change and key not in added and saved.get(key) != now.get(key)
     ]
     if differ:
         raise ValueError(
