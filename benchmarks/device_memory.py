@@ -155,6 +155,18 @@ def sd_spec(family: str):
     return spec_from_config(configs(family)["scheduler"])
 
 
+def step_inputs(family: str, unet, resolution: int):
+    """One batch of zero latents and text states at ``resolution`` (CPU tensors, as the run's cached batches are),
+    and the fine-tuning recipe of the family's own spec."""
+    from fullrange.batches import Batch
+    from fullrange.sd.config import NoiseConfig
+    from fullrange.sd.finetune import recipe_for
+
+    latent = resolution // 8
+    cond = {"encoder_hidden_states": torch.zeros(1, 77, unet.config.cross_attention_dim)} | sdxl_cond(1, family)
+    return Batch(torch.zeros(1, 4, latent, latent), cond), recipe_for(NoiseConfig(), sd_spec(family))
+
+
 def sdxl_cond(batch: int, family: str) -> dict:
     if family != "sdxl":
         return {}
@@ -166,10 +178,7 @@ def fullrange_step(family: str, kind: str, resolution: int, setting: str) -> dic
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fullrange.adapters import ADAPTERS, AdapterConfig
-    from fullrange.batches import Batch
     from fullrange.precision import HALF
-    from fullrange.sd.config import NoiseConfig
-    from fullrange.sd.finetune import recipe_for
     from fullrange.train import make_stepper, prepare, train_step
 
     config = train_config(setting, kind)
@@ -178,10 +187,7 @@ def fullrange_step(family: str, kind: str, resolution: int, setting: str) -> dic
     ADAPTERS[kind].attach(model, AdapterConfig(kind=kind, rank=RANK), config.seed)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakeify(unet, mode)
-    latent = resolution // 8
-    cond = {"encoder_hidden_states": torch.zeros(1, 77, unet.config.cross_attention_dim)} | sdxl_cond(1, family)
-    batch = Batch(torch.zeros(1, 4, latent, latent), cond)
-    recipe = recipe_for(NoiseConfig(), sd_spec(family))
+    batch, recipe = step_inputs(family, unet, resolution)
     dtype = HALF.get(config.mixed_precision)
     with mode:
         trainable = prepare(unet, config)
@@ -288,10 +294,7 @@ def cuda_step(profile: str, setting: str) -> float:
     """On a CUDA device: fullrange's step for real (random weights), returns ``max_memory_allocated`` in GB. Never
     run where this was written (no GPU)."""
     from fullrange.adapters import ADAPTERS, AdapterConfig
-    from fullrange.batches import Batch
     from fullrange.precision import HALF
-    from fullrange.sd.config import NoiseConfig
-    from fullrange.sd.finetune import recipe_for
     from fullrange.train import make_stepper, prepare, train_step
 
     family, kind, resolution = PROFILES[profile]
@@ -307,12 +310,9 @@ def cuda_step(profile: str, setting: str) -> float:
     torch.cuda.reset_peak_memory_stats()
     params = list(trainable.values())
     stepper = make_stepper(params, config, device)
-    latent = resolution // 8
-    cond = {"encoder_hidden_states": torch.zeros(1, 77, unet.config.cross_attention_dim)} | sdxl_cond(1, family)
-    batch = Batch(torch.zeros(1, 4, latent, latent), cond)
+    batch, recipe = step_inputs(family, unet, resolution)
     environment = Environment(device, HALF.get(config.mixed_precision))
     environment.reduce = lambda value, reduction="mean": value
-    recipe = recipe_for(NoiseConfig(), sd_spec(family))
     unet.train()
     train_step(unet, lambda n, g: batch, recipe, config, torch.Generator(), environment, stepper, params, lambda _: 0)
     torch.cuda.synchronize()

@@ -120,15 +120,21 @@ def test_resume_refuses_another_recipe(tmp_path, data):
     assert len(longer.losses) == 4 and checkpoint.Checkpoint(tmp_path / "checkpoint.safetensors").step == 4
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
-    images, labels = data
-    good = batches.labelled(images, labels, 5)
+def _poisoned(good, bad):
+    """``good``'s batches, made all nan on the calls (counted from 1) where ``bad(call)``."""
     calls = []
 
     def poisoned(batch_size, generator):
         calls.append(1)
         batch = good(batch_size, generator)
-        return batch if len(calls) < 4 else batches.Batch(batch.x0 * float("nan"), batch.cond)
+        return batches.Batch(batch.x0 * float("nan"), batch.cond) if bad(len(calls)) else batch
+
+    return poisoned
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    images, labels = data
+    poisoned = _poisoned(batches.labelled(images, labels, 5), lambda call: call >= 4)
 
     config = replace(CONFIG, steps=6, checkpoint_every=2)
     with pytest.raises(train.TrainingDiverged, match=r"the loss is nan at step 3: .* last good checkpoint is step 2"):
@@ -291,12 +297,7 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_lower_lr(tm
     may lower the learning rate (once: the marker goes with the resumed run's first checkpoint)."""
     images, labels = data
     good = batches.labelled(images, labels, 5)
-    calls = []
-
-    def poisoned(batch_size, generator):
-        calls.append(1)
-        batch = good(batch_size, generator)
-        return batch if len(calls) != 4 else batches.Batch(batch.x0 * float("nan"), batch.cond)
+    poisoned = _poisoned(good, lambda call: call == 4)
 
     config = replace(CONFIG, steps=6, checkpoint_every=1)
     # The 4th draw is NaN: step 3's loss; the checkpoint of step 3 is never written, step 2's is the last good one.
