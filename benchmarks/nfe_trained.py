@@ -1,11 +1,17 @@
-"""The defaults of ``benchmarks/nfe_frontier.py`` on trained networks: the zero-terminal-SNR models of
-``fullrange reproduce`` (3×16×16 images; trained here, or resumed from ``--out``'s checkpoints).
+"""The sampling defaults on trained networks: the zero-terminal-SNR models of ``fullrange reproduce`` (3×16×16
+images; one per seed, trained here or resumed from ``--out``'s checkpoints).
 
-For each model, samples for balanced labels with guidance 1 at 4, 6 and 8 model evaluations, and the W1 distance
-of their brightness (clamped to [-1, 1]) to the data's, for: what ``fullrange.sample`` picks, UniPC and DDIM on
-trailing steps (the reproduction's own), and UniPC on a Karras ladder from σ = 80. Everything from one run.
+1. Few steps. For each model, samples for balanced labels with guidance 1 at 4, 6 and 8 steps, and the W1 distance
+   of their brightness (clamped to [-1, 1]) to the data's, for what ``fullrange.sample`` picks and for each sampler
+   on trailing steps and on the σ ladders topped by the latent size.
+2. Guidance. At w = 3 and 7.5, with the reproduction's own sampling (DDIM, trailing, 25 steps): pixels beyond ±1
+   before clipping (the data has none) and W1, for plain CFG, Lin et al.'s rescale and the shapings of
+   ``fullrange.guidance`` alone and with the rescale.
 
-    python benchmarks/nfe_trained.py [--out fullrange-report] [--preset quick]
+Each cell is the mean over the model seeds with the lowest and highest seed in brackets; each seed samples its own
+noise. Everything from one run.
+
+    python benchmarks/nfe_trained.py [--out fullrange-report] [--preset quick] [--only steps|guidance]
 """
 
 from __future__ import annotations
@@ -17,51 +23,84 @@ from pathlib import Path
 import torch
 
 from fullrange import metrics, sample
-from fullrange.reproduce.common import PRESETS, Context, balanced_labels
-from fullrange.timesteps import ladder
+from fullrange.guidance import Shaping
+from fullrange.reproduce.common import NULL_LABEL, PRESETS, Context, balanced_labels
 
-CONFIGS = {
+STEPS = (4, 6, 8)
+SAMPLERS = {
     "fullrange.sample() default": {},
-    "unipc, trailing": {"sampler": "unipc", "spacing": "trailing"},
-    "ddim, trailing": {"sampler": "ddim", "spacing": "trailing"},
-    "unipc, karras σ≤80": {"sampler": "unipc", "ladder": True},
+    **{f"{s}, trailing": {"sampler": s, "spacing": "trailing"} for s in ("ddim", "euler", "dpmpp_2m", "unipc")},
+    **{f"{s}, latent-size karras": {"sampler": s, "spacing": "karras"} for s in ("ddim", "dpmpp_2m", "unipc")},
+    "unipc, latent-size exponential": {"sampler": "unipc", "spacing": "exponential"},
 }
+SCALES = (3.0, 7.5)
+GUIDANCE = {
+    "CFG": (0.0, Shaping()),
+    "rescale φ=0.7": (0.7, Shaping()),
+    "CFG-Zero*": (0.0, Shaping(zero_star=True)),
+    "CFG-Zero* + rescale 0.7": (0.7, Shaping(zero_star=True)),
+    "interval (0.28, 5.42]": (0.0, Shaping(interval=(0.28, 5.42))),
+    "interval + rescale 0.7": (0.7, Shaping(interval=(0.28, 5.42))),
+    "FDG low=1": (0.0, Shaping(low_scale=1.0)),
+    "FDG low=1 + rescale 0.7": (0.7, Shaping(low_scale=1.0)),
+}
+
+
+def cell(values: list[float]) -> str:
+    v = torch.tensor(values)
+    return f"{v.mean():.3f} ({v.min():.3f}–{v.max():.3f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("fullrange-report"))
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    parser.add_argument("--seeds", type=int, default=3, help="noise seeds per configuration")
+    parser.add_argument("--only", choices=("steps", "guidance"), default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     ctx = Context(args.out, PRESETS[args.preset], progress=False)
+    p = ctx.preset
     images, _ = ctx.data
     data_b = metrics.brightness(images)
-    labels = balanced_labels(ctx.preset.num_samples)
-    print(f"W1 of sample brightness to the data's ({ctx.preset.num_samples} samples × {args.seeds} seeds, mean ± std)")
-    for name in ("ztsnr",):
-        recipe, model = ctx.recipes[name], ctx.model(name)
-        print(f"model {name!r} ({recipe.spec.prediction}, zero terminal SNR)")
-        print(f"{'configuration':<30}" + "".join(f"{n:>16}" for n in (4, 6, 8)))
-        for config, options in CONFIGS.items():
+    labels = balanced_labels(p.num_samples)
+    recipe = ctx.recipes["ztsnr"]
+    models = {seed: ctx.model("ztsnr", seed) for seed in p.seeds}
+    trained = time.perf_counter()
+    print(f"zero-terminal-SNR models of the {p.name} preset, seeds {list(p.seeds)} ({trained - started:.0f} s to load "
+          f"or train); {p.num_samples} samples per seed, balanced labels")
+
+    def run(seed: int, **kwargs) -> torch.Tensor:
+        noise = torch.randn(len(labels), p.channels, p.size, p.size, generator=torch.Generator().manual_seed(seed + 1))
+        cond = {"class_labels": labels}
+        uncond = {"class_labels": torch.full_like(labels, NULL_LABEL)}
+        return sample(models[seed], noise, recipe.spec, cond=cond, uncond=uncond, **kwargs)
+
+    def w1(samples: torch.Tensor) -> float:
+        return metrics.wasserstein_1d(metrics.brightness(samples.clamp(-1, 1)), data_b)
+
+    if args.only in (None, "steps"):
+        print("\nW1 of the samples' brightness to the data's, guidance 1")
+        print(f"| configuration | {' | '.join(f'{n} steps' for n in STEPS)} |\n|---|{'---|' * len(STEPS)}")
+        for name, options in SAMPLERS.items():
+            cells = [cell([w1(run(seed, steps=n, **options)) for seed in p.seeds]) for n in STEPS]
+            print(f"| {name} | {' | '.join(cells)} |")
+    if args.only in (None, "guidance"):
+        print(f"\nguidance, DDIM on {p.sample_steps} trailing steps: pixels beyond ±1 / W1")
+        print(f"| method | {' | '.join(f'w = {w:g}' for w in SCALES)} |\n|---|{'---|' * len(SCALES)}")
+        plain = [run(seed, sampler="ddim", steps=p.sample_steps) for seed in p.seeds]
+        both = cell([metrics.saturation(s, 1.0) for s in plain]) + " / " + cell([w1(s) for s in plain])
+        print(f"| w = 1 | {' | '.join([both] * len(SCALES))} |")
+        for name, (phi, shaping) in GUIDANCE.items():
             cells = []
-            for steps in (4, 6, 8):
-                w1 = []
-                for seed in range(args.seeds):
-                    g = torch.Generator().manual_seed(seed)
-                    p = ctx.preset
-                    noise = torch.randn(len(labels), p.channels, p.size, p.size, generator=g)
-                    opts = dict(options)
-                    plan = steps
-                    if opts.pop("ladder", False):
-                        plan = ladder(recipe.spec.schedule, steps, "karras")
-                    out = sample(model, noise, recipe.spec, steps=plan, cond={"class_labels": labels}, **opts)
-                    w1.append(metrics.wasserstein_1d(metrics.brightness(out.clamp(-1, 1)), data_b))
-                w1 = torch.tensor(w1)
-                cells.append(f"{w1.mean():.3f} ± {w1.std():.3f}")
-            print(f"{config:<30}" + "".join(f"{c:>16}" for c in cells))
-    print(f"(all from this run, {time.perf_counter() - started:.0f} s)")
+            for w in SCALES:
+                out = [
+                    run(seed, sampler="ddim", steps=p.sample_steps, guidance_scale=w, guidance_rescale=phi,
+                        shaping=shaping)
+                    for seed in p.seeds
+                ]
+                cells.append(cell([metrics.saturation(s, 1.0) for s in out]) + " / " + cell([w1(s) for s in out]))
+            print(f"| {name} | {' | '.join(cells)} |")
+    print(f"\n(all from this run, {time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,84 @@ def test_sample_takes_a_shaping(gen):
     never = guidance.Shaping(interval=(1e6, 1e7))
     torch.testing.assert_close(sample(model, noise, spec, guidance_scale=7.5, shaping=never, **kwargs), unguided)
     assert not torch.allclose(sample(model, noise, spec, guidance_scale=7.5, **kwargs), unguided)
+
+
+def _two_branch_model(x, t, scale):
+    return 0.1 * x * scale.view(-1, 1, 1, 1) + scale.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_cfg_pp_is_the_papers_ddim_step(gen, zero_snr):
+    """CFG++ (Chung et al., ICLR 2025, Algorithm 1), written out: ``x' = a' x0_λ + s' eps_∅`` with the unconditional
+    eps, and the guided x0 at the last step; fullrange applies it as per-step CFG scales. Euler is the same step."""
+    from fullrange import SamplingSpec, sample, schedules
+    from fullrange.sampling import STABLE_DIFFUSION
+
+    spec = (
+        SamplingSpec(schedules.rescale_zero_terminal_snr(schedules.scaled_linear()), "v_prediction")
+        if zero_snr
+        else STABLE_DIFFUSION
+    )
+    noise = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    cond, uncond = {"scale": torch.tensor([1.0, 2.0])}, {"scale": torch.zeros(2)}
+    lam, steps = 0.6, spec.plan(6)
+    x = noise
+    for i, t in enumerate(steps.tolist()):
+        ac = float(spec.schedule.alphas_cumprod_at(torch.tensor([t], dtype=torch.float64))[0])
+        tt = torch.full((2,), t)
+        x0_c = prediction.to_x0(spec.prediction, _two_branch_model(x, tt, **cond).double(), x, ac)
+        x0_u = prediction.to_x0(spec.prediction, _two_branch_model(x, tt, **uncond).double(), x, ac)
+        x0_lam = x0_u + lam * (x0_c - x0_u)
+        if i == len(steps) - 1:
+            break
+        nxt = float(spec.schedule.alphas_cumprod_at(torch.tensor([steps[i + 1].item()], dtype=torch.float64))[0])
+        eps_u = (x - ac**0.5 * x0_u) / (1 - ac) ** 0.5
+        x = nxt**0.5 * x0_lam + (1 - nxt) ** 0.5 * eps_u
+    shaping = guidance.Shaping(cfg_pp=True)
+    kwargs = {"steps": 6, "cond": cond, "uncond": uncond, "guidance_scale": lam, "shaping": shaping}
+    for sampler in ("ddim", "euler"):
+        out = sample(_two_branch_model, noise, spec, sampler=sampler, spacing=spec.spacing, **kwargs)
+        torch.testing.assert_close(out, x0_lam, rtol=1e-9, atol=1e-9)
+    plain = sample(_two_branch_model, noise, spec, sampler="ddim", spacing=spec.spacing, **kwargs | {"shaping": None})
+    assert not torch.allclose(plain, x0_lam)
+
+
+def test_cfg_pp_scales_and_refusals(gen):
+    """λ at σ = ∞ and at the last step, λ σ / (σ - σ') between; samplers it is not defined for are refused."""
+    from fullrange import sample
+    from fullrange.sampling import ZERO_TERMINAL_SNR
+
+    scales = guidance.cfg_pp_scales(0.5, [999.0, 500.0, 10.0], [float("inf"), 4.0, 1.0, 0.0])
+    assert scales == {999.0: 0.5, 500.0: 0.5 * 4 / 3, 10.0: 0.5}
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        guidance.cfg_pp_scales(2.0, [1.0], [1.0, 0.0])
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    kwargs = {"steps": 4, "cond": {"scale": torch.ones(2)}, "uncond": {"scale": torch.zeros(2)}}
+    for sampler, knobs in (("unipc", {}), ("ddim", {"eta": 1.0})):
+        with pytest.raises(ValueError, match="CFG\\+\\+ is defined here for ddim and euler"):
+            sample(_two_branch_model, noise, ZERO_TERMINAL_SNR, sampler=sampler, shaping=guidance.Shaping(cfg_pp=True),
+                   guidance_scale=0.5, **kwargs, **knobs)
+
+
+def test_cfg_zero_init_is_zero_flow_velocity(gen):
+    """CFG-Zero*'s zero-init: the first step runs no model and predicts ``x0 = x / (a + s)`` (eps = x0, flow velocity
+    0), so a DDIM step from it keeps the flow state ``x / (a + s)``: the paper's ``v = 0``. Later steps guide."""
+    x, cond, uncond = _inputs(gen)
+    calls = []
+
+    def counted(x, t, ac, **kw):
+        calls.append(t)
+        return _conditional_denoiser()(x, t, ac, **kw)
+
+    guided = guidance.cfg(counted, 3.0, uncond, shaping=guidance.Shaping(zero_init=1), space="x0")
+    ac, ac_next = 0.0, 0.2
+    x0 = guided(x, 999, ac, **cond)
+    assert calls == []
+    eps = (x - ac**0.5 * x0) / (1 - ac) ** 0.5
+    x_next = ac_next**0.5 * x0 + (1 - ac_next) ** 0.5 * eps
+    torch.testing.assert_close(x_next / (ac_next**0.5 + (1 - ac_next) ** 0.5), x / (ac**0.5 + (1 - ac) ** 0.5))
+    out = guided(x_next, 800, ac_next, **cond)
+    plain = guidance.cfg(_conditional_denoiser(), 3.0, uncond, space="x0")(x_next, 800, ac_next, **cond)
+    assert calls == [800] and torch.equal(out, plain)
+    with pytest.raises(ValueError, match="zero_init"):
+        guidance.Shaping(zero_init=-1)

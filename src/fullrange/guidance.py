@@ -2,7 +2,8 @@
 training-free changes to how its two branches combine (:class:`Shaping`), each reducing to plain CFG at its
 neutral setting.
 
-Guidance wraps a denoiser into a denoiser; samplers never see a guidance scale.
+Guidance wraps a denoiser into a denoiser; samplers never see a guidance scale. CFG++ changes the sampler's update
+instead; on the steps it is defined for it equals CFG with a scale that varies per step (:func:`cfg_pp_scales`).
 
 In which space the rescale works matters: guidance itself is affine in the model output, so it is the
 same in eps, v and x0 space, but the std ratio of eq. 15 is not. The paper rescales the raw v output of
@@ -14,6 +15,7 @@ same φ means the same thing for eps, v and x0 models, as in the paper.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,11 @@ class Shaping:
     - ``low_scale``: frequency-decoupled guidance (Sadat et al. 2025): the guidance scale of d's lowest
       :data:`fullrange.leak.BAND` × BAND DCT frequencies (brightness, colour cast), where ``w`` keeps the rest
       (``None``: ``w`` for all).
+    - ``zero_init``: CFG-Zero*'s zero-init, the first ``zero_init`` steps predict zero flow velocity (``u = eps - x0 =
+      0``, so ``x0 = x_t / (sqrt(ᾱ) + sqrt(1 - ᾱ))``) without running the model: the paper's ``v = 0`` for a flow
+      model, the same point of the ODE for any other.
+    - ``cfg_pp``: CFG++ (Chung et al., ICLR 2025), ``w`` being its λ in [0, 1]: each DDIM / Euler step re-noises with
+      the unconditional prediction (:func:`cfg_pp_scales`; :func:`fullrange.sample` applies it).
 
     Norms and projections are per sample over all other dimensions, in the space guidance runs in."""
 
@@ -59,6 +66,8 @@ class Shaping:
     norm_threshold: float = 0.0
     eta: float = 1.0
     low_scale: float | None = None
+    zero_init: int = 0
+    cfg_pp: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.interval
@@ -66,6 +75,8 @@ class Shaping:
             raise ValueError(f"guidance interval must satisfy 0 <= lo < hi, got {self.interval}")
         if self.norm_threshold < 0:
             raise ValueError(f"norm_threshold must be >= 0, got {self.norm_threshold}")
+        if self.zero_init < 0:
+            raise ValueError(f"zero_init must be >= 0, got {self.zero_init}")
 
     def guides_at(self, alpha_cumprod: float) -> bool:
         """Whether guidance applies at ``ᾱ`` (σ inside the interval)."""
@@ -102,16 +113,38 @@ def combine(
     return out
 
 
+CFG_PP_SAMPLERS = ("ddim", "euler")
+"""The samplers CFG++ is defined for here: the deterministic first-order step (DDIM at η = 0, which is Euler in σ)."""
+
+
+def cfg_pp_scales(lam: float, t: Sequence[float], sigma: Sequence[float]) -> dict[float, float]:
+    """CFG++ (Chung et al., ICLR 2025, Algorithm 1) as CFG scales per step: ``{t_i: w_i}`` for the steps at ``t``
+    with ``σ = sqrt((1 - ᾱ) / ᾱ)`` (``sigma`` has one more entry, the end: 0).
+
+    CFG++ steps ``x' = a' x0_λ + s' eps_∅`` (``x0_λ`` guided with scale λ, ``eps_∅`` the unconditional eps
+    ``(x - a x0_∅) / s``). DDIM's ``x' = a' x0 + s' (x - a x0) / s`` gives the same x' for
+    ``x0 = x0_∅ + w (x0_c - x0_∅)`` with ``w = λ σ / (σ - σ')``: solve ``(a' - s' a / s) x0 = a' x0_λ - (s' a / s) x0_∅``
+    and divide by a'. At σ = ∞ (zero SNR) and at the last step (σ' = 0) it is λ; in between it is larger."""
+    if not 0 <= lam <= 1:
+        raise ValueError(f"CFG++ takes a guidance scale λ in [0, 1], got {lam}")
+    scales = {}
+    for i, step in enumerate(t):
+        now, after = sigma[i], sigma[i + 1]
+        scales[step] = lam if math.isinf(now) else lam * now / (now - after)
+    return scales
+
+
 def cfg(
     denoiser: Denoiser,
-    scale: float,
+    scale: float | Callable[[float], float],
     uncond: dict | None = None,
     guidance_rescale: float = 0.0,
     space: str = "v",
     shaping: Shaping | None = None,
 ) -> Denoiser:
     """``x_neg + w (x_pos - x_neg)`` with optional rescale ``phi`` (eq. 14-16) in ``space`` ("v" or "x0"), the
-    guidance term shaped as ``shaping`` says (:func:`combine`; default: plain CFG).
+    guidance term shaped as ``shaping`` says (:func:`combine`; default: plain CFG). ``scale`` is w, or a function of
+    the timestep giving it (CFG++: :func:`cfg_pp_scales`).
 
     The positive branch gets the caller's ``**cond``, the negative one ``uncond`` (same keys, tensors
     concatenated so both run as one batch; nested dicts alike).
@@ -120,9 +153,14 @@ def cfg(
         raise ValueError(f"unknown guidance rescale space {space!r}; choose one of {', '.join(RESCALE_SPACES)}")
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
-    uncond, shaping, state = uncond or {}, shaping or Shaping(), {}
+    uncond, shaping, state = uncond or {}, shaping or Shaping(), {"steps": []}
+    scale_at = scale if callable(scale) else lambda t: scale
 
     def guided(x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
+        if t not in state["steps"]:
+            state["steps"].append(t)
+        if state["steps"].index(t) < shaping.zero_init:  # zero flow velocity: eps = x0, x_t = (a + s) x0
+            return x / (math.sqrt(alpha_cumprod) + math.sqrt(1 - alpha_cumprod))
         if not shaping.guides_at(alpha_cumprod):
             return denoiser(x, t, alpha_cumprod, **cond)
         both = map_cond(lambda negative, positive: torch.cat([negative, positive]), uncond, cond)
@@ -130,7 +168,7 @@ def cfg(
         if space == "v":
             negative, positive = to_v(negative, x, alpha_cumprod), to_v(positive, x, alpha_cumprod)
         # Plain CFG is affine: the same image in eps, v or x0 space; the shaping's norms and projections are not.
-        out = combine(negative, positive, scale, shaping, state)
+        out = combine(negative, positive, scale_at(t), shaping, state)
         if guidance_rescale > 0:  # the std ratio is not affine: it depends on the space (module docstring)
             out = rescale(out, positive, guidance_rescale)
         return from_v(out, x, alpha_cumprod) if space == "v" else out

@@ -15,9 +15,9 @@ import torch
 from . import leak as signal_leak
 from . import samplers, schedules
 from .denoiser import from_model
-from .guidance import Shaping, cfg
+from .guidance import CFG_PP_SAMPLERS, Shaping, cfg, cfg_pp_scales
 from .prediction import check_prediction
-from .samplers import Callback, Hook
+from .samplers import Callback, Hook, prepare
 from .timesteps import SPACINGS, plan, resolution_sigma_max
 
 DEFAULT_SAMPLER = "unipc"
@@ -172,7 +172,7 @@ def sample(
     ``added_cond_kwargs``); with ``guidance_scale != 1`` the model also runs on ``uncond`` (classifier-free
     guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``; ``shaping`` changes how the
     two branches combine (APG, CFG-Zero*, a guidance interval, frequency-decoupled scales:
-    :class:`fullrange.guidance.Shaping`).
+    :class:`fullrange.guidance.Shaping`), or CFG++ (``guidance_scale`` is then its λ, for ddim and euler).
     ``callback(StepInfo)`` runs after each step (progress bars); ``hook(x, alpha_cumprod) -> x`` edits the latents
     after every step (blended inpainting). Other ``options`` are the sampler's own (``SAMPLERS[name].knobs``), e.g.
     ``eta`` for ddim.
@@ -202,8 +202,15 @@ def sample(
         else:
             noise = signal_leak.start(noise, leak, alpha_cumprod)
     denoiser = from_model(model, spec.prediction)
-    if guidance_scale != 1.0:
-        denoiser = cfg(denoiser, guidance_scale, uncond, guidance_rescale, rescale_space, shaping)
+    scale = guidance_scale
+    if shaping is not None and shaping.cfg_pp:
+        if sampler not in CFG_PP_SAMPLERS or options.get("eta", 0.0) != 0:
+            raise ValueError(f"CFG++ is defined here for {' and '.join(CFG_PP_SAMPLERS)} (η = 0), not {sampler!r}")
+        ladder = prepare(spec.schedule, steps)
+        sigmas = [ladder.sigma(i) for i in range(ladder.num_steps + 1)]
+        scale = cfg_pp_scales(guidance_scale, ladder.t, sigmas).__getitem__
+    if scale != 1.0:
+        denoiser = cfg(denoiser, scale, uncond, guidance_rescale, rescale_space, shaping)
     if steered:
         denoiser = signal_leak.steer(denoiser, leak)
     with torch.no_grad():

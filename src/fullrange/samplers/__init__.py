@@ -9,7 +9,7 @@ model's x0 at the last step. All are finite at zero terminal SNR: they step from
 
 from __future__ import annotations
 
-from ._common import Callback, Hook, Sampler, StepInfo, Stepper
+from ._common import Callback, Hook, Sampler, StepInfo, Stepper, prepare
 from .ddim import DDIM
 from .dpmpp import DPMSolverPP
 from .euler import Euler, EulerAncestral, Heun
@@ -39,4 +39,4 @@ def get(name: str, knobs: dict | None = None) -> Sampler:
     return sampler
 
 
-__all__ = ["SAMPLERS", "STOCHASTIC", "Callback", "Hook", "Sampler", "StepInfo", "Stepper", "get"]
+__all__ = ["SAMPLERS", "STOCHASTIC", "Callback", "Hook", "Sampler", "StepInfo", "Stepper", "get", "prepare"]
