@@ -329,3 +329,39 @@ def test_exact_where_diffusers_schedulers_fail_at_zero_terminal_snr():
         torch.testing.assert_close(_run(ours, oracle(ours.spec), noise, 7), x0, atol=1e-5, rtol=0)
     flat = torch.zeros(1, 4, 8, 8)
     torch.testing.assert_close(rescale(flat, flat, 0.7), flat)
+
+
+def test_guide_puts_fullrange_guidance_in_a_pipeline(tiny_sd):
+    """``guide``: the pipeline called with its own guidance_scale and guidance_rescale gives ``fullrange sample``'s
+    images with the same guidance, rescale (v space) and shaping; removing the hook restores the pipeline's CFG."""
+    from diffusers import StableDiffusionPipeline
+
+    from fullrange.diffusers import guide
+    from fullrange.sd import load_stable_diffusion
+    from fullrange.sd.sample import SampleSettings, generate
+
+    prompts = ["a dark room", "a bright beach"]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler="ddim", spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+        kwargs = {"guidance_scale": 3.0, "guidance_rescale": 0.5, "height": 16, "width": 16, "output_type": "pt"}
+        return pipe(prompts, num_inference_steps=5, latents=noise, **kwargs).images
+
+    plain = run()
+    settings = SampleSettings(
+        sampler="ddim", steps=5, spacing="trailing", guidance=3.0, guidance_rescale=0.5, cfg_zero_star=True,
+        apg_eta=0.0, apg_momentum=-0.5,
+    )
+    handle = guide(pipe, settings.shaping)
+    theirs, again = run(), run()
+    ours = generate(load_stable_diffusion(tiny_sd), prompts, settings)
+    torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=0)
+    torch.testing.assert_close(again, theirs, atol=0, rtol=0)  # momentum starts afresh with each call
+    assert (theirs - plain).abs().max() > 1e-3
+    handle.remove()
+    torch.testing.assert_close(run(), plain, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="CFG\\+\\+"):
+        guide(pipe, settings.shaping.__class__(cfg_pp=True))

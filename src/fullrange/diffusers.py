@@ -8,11 +8,15 @@ steps are respected), and the last step returns the model's x0.
 
     from fullrange.diffusers import FullrangeScheduler
     pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config, sampler="dpmpp_2m", spacing="trailing")
+
+A pipeline combines guidance's two branches itself; :func:`guide` puts fullrange's guidance (the rescale in v space,
+:class:`fullrange.guidance.Shaping`) in its place.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,7 +25,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .prediction import to_x0
+from .guidance import Shaping, cfg
+from .prediction import from_x0, to_x0
 from .samplers import Stepper, get
 from .samplers._common import Ladder, prepare
 from .sampling import pick
@@ -177,3 +182,52 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def guide(pipe, shaping: Shaping | None = None, space: str = "v") -> torch.utils.hooks.RemovableHandle:
+    """fullrange's guidance inside a diffusers pipeline (SD, SDXL, img2img, ControlNet: any that batches the negative
+    prompt first and combines ``u + w (c - u)`` itself).
+
+    A forward hook on ``pipe.unet`` takes the UNet's two halves and returns fullrange's guided output in both, so
+    that the pipeline's combination and its own rescale (of ``g`` against ``g``) leave it as it is. It reads the
+    ``guidance_scale`` and ``guidance_rescale`` the pipeline is called with, applies the rescale in ``space`` (v, the
+    paper's, by default; :func:`fullrange.guidance.cfg`) and ``shaping``, at the ᾱ of the pipeline's scheduler. APG's
+    momentum and CFG-Zero*'s zero-init count steps from the first timestep of each call. CFG++ is refused: it needs
+    the sampler's next step, which only ``fullrange.sample`` knows. ``handle.remove()`` restores the pipeline."""
+    if shaping is not None and shaping.cfg_pp:
+        raise ValueError("CFG++ changes the sampler's step, which a pipeline's UNet hook cannot see: use fullrange.sample")
+    run: dict = {"last": math.inf}
+
+    def hook(module, args, kwargs, output):
+        if not getattr(pipe, "do_classifier_free_guidance", False):
+            return output
+        x = (args[0] if args else kwargs["sample"]).float()
+        t = float(torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).flatten()[0])
+        raw = output[0] if isinstance(output, tuple) else output.sample
+        scheduler = pipe.scheduler
+        spec = scheduler.spec if isinstance(scheduler, FullrangeScheduler) else spec_from_config(scheduler.config)
+        ac = float(spec.schedule.alphas_cumprod_at(torch.tensor([t], dtype=torch.float64))[0])
+        run["pair"] = to_x0(spec.prediction, raw.float(), x, ac).chunk(2)  # negative first, as pipelines batch
+        if t > run["last"]:  # a new call of the pipeline: fresh momentum and step count
+            del run["guided"]
+        if "guided" not in run:
+            scale, phi = pipe.guidance_scale, getattr(pipe, "guidance_rescale", 0.0)
+            run["guided"] = cfg(_branches(run), scale, None, phi, space, shaping)
+        run["last"] = t
+        half = x[: len(x) // 2]
+        out = from_x0(spec.prediction, run["guided"](half, t, ac), half, ac).to(raw.dtype)
+        out = torch.cat([out, out])
+        return (out,) if isinstance(output, tuple) else type(output)(sample=out)
+
+    return pipe.unet.register_forward_hook(hook, with_kwargs=True)
+
+
+def _branches(run: dict):
+    """A denoiser giving the UNet's x0 predictions of this step: both branches when called on both, else the
+    positive one (a guidance interval's unguided steps)."""
+
+    def denoise(x: torch.Tensor, t: float, alpha_cumprod: float) -> torch.Tensor:
+        negative, positive = run["pair"]
+        return torch.cat([negative, positive]) if len(x) == 2 * len(positive) else positive
+
+    return denoise

@@ -65,6 +65,16 @@ def to_x0(
     return x0
 
 
+def from_x0(
+    prediction: str, x0: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: torch.Tensor | float
+) -> torch.Tensor:
+    """The network output that gives ``x0`` at ``x_t``: the inverse of :func:`to_x0`."""
+    check_prediction(prediction)
+    if prediction == "sample":
+        return x0
+    return (to_v if prediction == "v_prediction" else to_eps)(x0, x_t, alpha_cumprod)
+
+
 def to_eps(x0: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: torch.Tensor | float) -> torch.Tensor:
     """``eps = (x_t - a x0) / s``: finite at ᾱ = 0 (s = 1); undefined only at ᾱ = 1."""
     a, s = _coefficients(alpha_cumprod, x_t)

@@ -26,7 +26,16 @@ from ._options import (
 )
 
 app = typer.Typer(help="Measure models.", no_args_is_help=True, rich_markup_mode=None)
-SHAPING = ("guidance_interval", "guidance_low", "apg_eta", "apg_norm_threshold", "apg_momentum", "cfg_zero_star")
+SHAPING = (
+    "guidance_interval",
+    "guidance_low",
+    "apg_eta",
+    "apg_norm_threshold",
+    "apg_momentum",
+    "cfg_zero_star",
+    "cfg_zero_init",
+    "cfg_pp",
+)
 SETTINGS = ("sampler", "steps", "guidance", "guidance_rescale", *SHAPING, "seed", "resolution", *TONE_SOURCES)
 ERROR_NAMES = MODEL_FLAGS | field_flags(SampleSettings) | {"num_images": "--num-images"}
 

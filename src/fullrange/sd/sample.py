@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import MAX_SEED, ConfigError, check_choice, check_finite, check_range, setting
 from ..denoiser import map_cond
-from ..guidance import Shaping
+from ..guidance import CFG_PP_SAMPLERS, Shaping
 from ..images import read_image, save_new_png, tile, to_uint8
 from ..prediction import add_noise
 from ..samplers import SAMPLERS, Callback, Hook
@@ -68,6 +68,10 @@ class SampleSettings:
     apg_norm_threshold: float = setting(0.0, "APG: clamp the guidance term's norm to this (0: no clamp).")
     apg_momentum: float = setting(0.0, "APG: momentum of the guidance term across steps, e.g. -0.5 (0: none).")
     cfg_zero_star: bool = setting(False, "CFG-Zero* (Fan et al. 2025): fit the negative branch's scale to the other.")
+    cfg_zero_init: int = setting(0, "CFG-Zero*: the first N steps predict zero flow velocity, without the model.")
+    cfg_pp: bool = setting(
+        False, "CFG++ (Chung et al. 2025), `guidance` being its λ in [0, 1]: ddim and euler re-noise unconditionally."
+    )
     seed: int = setting(0, "Seed of the first image; image i uses seed + i.")
     resolution: int | None = setting(None, "Image side in pixels, a multiple of 8.", shown="the UNet's")
     width: int | None = setting(None, "Image width in pixels, a multiple of 8.", shown="`resolution`")
@@ -118,6 +122,11 @@ class SampleSettings:
         ):
             raise ConfigError("guidance_interval", f"takes lo then hi with 0 <= lo < hi, got {self.guidance_interval}")
         check_range("apg_norm_threshold", self.apg_norm_threshold, 0)
+        check_range("cfg_zero_init", self.cfg_zero_init, 0)
+        if self.cfg_pp:
+            check_range("guidance", self.guidance, 0, 1)
+            if self.sampler not in CFG_PP_SAMPLERS:
+                raise ConfigError("cfg_pp", f"needs --sampler {' or '.join(CFG_PP_SAMPLERS)} (its update is theirs)")
         check_range("seed", self.seed, 0)
         check_range("seed", self.seed, None, MAX_SEED)
         for name in ("resolution", "width", "height"):
@@ -136,6 +145,8 @@ class SampleSettings:
             norm_threshold=self.apg_norm_threshold,
             eta=self.apg_eta,
             low_scale=self.guidance_low,
+            zero_init=self.cfg_zero_init,
+            cfg_pp=self.cfg_pp,
         )
 
 
