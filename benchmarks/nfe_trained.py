@@ -66,8 +66,10 @@ def main() -> None:
     recipe = ctx.recipes["ztsnr"]
     models = {seed: ctx.model("ztsnr", seed) for seed in p.seeds}
     trained = time.perf_counter()
-    print(f"zero-terminal-SNR models of the {p.name} preset, seeds {list(p.seeds)} ({trained - started:.0f} s to load "
-          f"or train); {p.num_samples} samples per seed, balanced labels")
+    print(
+        f"zero-terminal-SNR models of the {p.name} preset, seeds {list(p.seeds)} ({trained - started:.0f} s to load "
+        f"or train); {p.num_samples} samples per seed, balanced labels"
+    )
 
     def run(seed: int, **kwargs) -> torch.Tensor:
         noise = torch.randn(len(labels), p.channels, p.size, p.size, generator=torch.Generator().manual_seed(seed + 1))
@@ -94,8 +96,14 @@ def main() -> None:
             cells = []
             for w in SCALES:
                 out = [
-                    run(seed, sampler="ddim", steps=p.sample_steps, guidance_scale=w, guidance_rescale=phi,
-                        shaping=shaping)
+                    run(
+                        seed,
+                        sampler="ddim",
+                        steps=p.sample_steps,
+                        guidance_scale=w,
+                        guidance_rescale=phi,
+                        shaping=shaping,
+                    )
                     for seed in p.seeds
                 ]
                 cells.append(cell([metrics.saturation(s, 1.0) for s in out]) + " / " + cell([w1(s) for s in out]))

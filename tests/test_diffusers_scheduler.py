@@ -352,8 +352,14 @@ def test_guide_puts_fullrange_guidance_in_a_pipeline(tiny_sd):
 
     plain = run()
     settings = SampleSettings(
-        sampler="ddim", steps=5, spacing="trailing", guidance=3.0, guidance_rescale=0.5, cfg_zero_star=True,
-        apg_eta=0.0, apg_momentum=-0.5,
+        sampler="ddim",
+        steps=5,
+        spacing="trailing",
+        guidance=3.0,
+        guidance_rescale=0.5,
+        cfg_zero_star=True,
+        apg_eta=0.0,
+        apg_momentum=-0.5,
     )
     handle = guide(pipe, settings.shaping)
     theirs, again = run(), run()

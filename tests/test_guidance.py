@@ -236,8 +236,16 @@ def test_cfg_pp_scales_and_refusals(gen):
     kwargs = {"steps": 4, "cond": {"scale": torch.ones(2)}, "uncond": {"scale": torch.zeros(2)}}
     for sampler, knobs in (("unipc", {}), ("ddim", {"eta": 1.0})):
         with pytest.raises(ValueError, match="CFG\\+\\+ is defined here for ddim and euler"):
-            sample(_two_branch_model, noise, ZERO_TERMINAL_SNR, sampler=sampler, shaping=guidance.Shaping(cfg_pp=True),
-                   guidance_scale=0.5, **kwargs, **knobs)
+            sample(
+                _two_branch_model,
+                noise,
+                ZERO_TERMINAL_SNR,
+                sampler=sampler,
+                shaping=guidance.Shaping(cfg_pp=True),
+                guidance_scale=0.5,
+                **kwargs,
+                **knobs,
+            )
 
 
 def test_cfg_zero_init_is_zero_flow_velocity(gen):

@@ -195,7 +195,7 @@ def guide(pipe, shaping: Shaping | None = None, space: str = "v") -> torch.utils
     momentum and CFG-Zero*'s zero-init count steps from the first timestep of each call. CFG++ is refused: it needs
     the sampler's next step, which only ``fullrange.sample`` knows. ``handle.remove()`` restores the pipeline."""
     if shaping is not None and shaping.cfg_pp:
-        raise ValueError("CFG++ changes the sampler's step, which a pipeline's UNet hook cannot see: use fullrange.sample")
+        raise ValueError("CFG++ changes the sampler's step, which a hook on the UNet cannot see: use fullrange.sample")
     run: dict = {"last": math.inf}
 
     def hook(module, args, kwargs, output):

@@ -123,8 +123,9 @@ def cfg_pp_scales(lam: float, t: Sequence[float], sigma: Sequence[float]) -> dic
 
     CFG++ steps ``x' = a' x0_λ + s' eps_∅`` (``x0_λ`` guided with scale λ, ``eps_∅`` the unconditional eps
     ``(x - a x0_∅) / s``). DDIM's ``x' = a' x0 + s' (x - a x0) / s`` gives the same x' for
-    ``x0 = x0_∅ + w (x0_c - x0_∅)`` with ``w = λ σ / (σ - σ')``: solve ``(a' - s' a / s) x0 = a' x0_λ - (s' a / s) x0_∅``
-    and divide by a'. At σ = ∞ (zero SNR) and at the last step (σ' = 0) it is λ; in between it is larger."""
+    ``x0 = x0_∅ + w (x0_c - x0_∅)`` with ``w = λ σ / (σ - σ')``: solve
+    ``(a' - s' a / s) x0 = a' x0_λ - (s' a / s) x0_∅`` and divide by a'. At σ = ∞ (zero SNR) and at the last step
+    (σ' = 0) it is λ; in between it is larger."""
     if not 0 <= lam <= 1:
         raise ValueError(f"CFG++ takes a guidance scale λ in [0, 1], got {lam}")
     scales = {}

@@ -65,9 +65,7 @@ def to_x0(
     return x0
 
 
-def from_x0(
-    prediction: str, x0: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: torch.Tensor | float
-) -> torch.Tensor:
+def from_x0(prediction: str, x0: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: torch.Tensor | float) -> torch.Tensor:
     """The network output that gives ``x0`` at ``x_t``: the inverse of :func:`to_x0`."""
     check_prediction(prediction)
     if prediction == "sample":
