@@ -72,7 +72,8 @@ def test_describe_tells_schedules_apart():
 
 def test_sample_picks_unipc_and_the_latent_size_ladder_and_says_so(caplog, gen):
     """Without a sampler or spacing, zero terminal SNR samples with UniPC on the Karras ladder topped by C·H·W (the
-    winner of benchmarks/nfe_frontier.py); other schedules keep their own spacing. It logs what it picked."""
+    winner of benchmarks/nfe_frontier.py); other schedules take trailing steps, whatever their own. It logs what it
+    picked."""
     data = toy.MixtureToy()
     noise = torch.randn(2, 4, 16, 16, generator=gen, dtype=torch.float64)
 
@@ -86,7 +87,7 @@ def test_sample_picks_unipc_and_the_latent_size_ladder_and_says_so(caplog, gen):
     assert "sampler unipc" in caplog.text and "σ = 64 for latents of 4×16×16 values" in caplog.text
     ladder = timesteps.ladder(ZTSNR, 6, "karras", num_values=4 * 16 * 16)
     torch.testing.assert_close(picked, SAMPLERS["unipc"](data.denoise, noise, ZTSNR, ladder), atol=1e-5, rtol=0)
-    assert fullrange.sampling.pick(STABLE_DIFFUSION, (1, 4, 64, 64))[:2] == ("unipc", "leading")
+    assert fullrange.sampling.pick(STABLE_DIFFUSION, (1, 4, 64, 64))[:2] == ("unipc", "trailing")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fullrange"):
         fullrange.sample(model, noise, spec, sampler="ddim", spacing="trailing", steps=3)

@@ -292,3 +292,13 @@ def test_guidance_shaping_from_the_command_line(tiny_sd, tmp_path):
     assert not np.array_equal(pixels("apg", "--apg-eta", "0"), pixels("cfg"))
     bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad"), "--guidance-interval", "3"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --guidance-interval takes lo then hi")
+    # CFG++ with its λ, and CFG-Zero*'s zero-init, change the image; CFG++ needs ddim or euler and λ <= 1.
+    plain = pixels("cfg-half", "--guidance", "0.6")
+    assert not np.array_equal(pixels("cfgpp", "--guidance", "0.6", "--cfg-pp"), plain)
+    assert not np.array_equal(pixels("zero-init", "--cfg-zero-init", "1"), pixels("cfg"))
+    for extra, says in (
+        (["--cfg-pp", "--sampler", "unipc", "--guidance", "0.5"], "error: --cfg-pp needs --sampler ddim or euler"),
+        (["--cfg-pp", "--guidance", "3"], "error: --guidance must lie in [0, 1], got 3.0"),
+    ):
+        bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad"), *extra])
+        assert bad.exit_code == 2 and bad.output.startswith(says), bad.output

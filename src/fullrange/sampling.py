@@ -116,22 +116,33 @@ def _steps(steps) -> int | torch.Tensor:
     raise ValueError(f"steps must be a count (an int) or a 1-D sequence of descending timesteps, got {steps!r}")
 
 
+ZERO_SNR_RESCALE = 0.7
+"""Lin et al.'s guidance rescale φ at zero terminal SNR (their §3.4), the default of :func:`sample` there."""
+
+
+def default_rescale(spec: SamplingSpec) -> float:
+    """The guidance rescale φ :func:`sample` uses where none is given: :data:`ZERO_SNR_RESCALE` at zero terminal SNR,
+    where guidance over-exposes (measured in ``fullrange reproduce`` and ``benchmarks/nfe_trained.py``), else 0."""
+    return ZERO_SNR_RESCALE if spec.schedule.zero_terminal_snr else 0.0
+
+
 def pick(spec: SamplingSpec, shape: tuple[int, ...], sampler: str | None = None, spacing: str | None = None):
     """``(sampler, spacing, note)``: what :func:`sample` uses for samples of ``shape`` (B, C, H, W) where
     ``sampler`` / ``spacing`` are not given, and one line saying what it picked (``""`` if nothing was picked).
 
     The defaults come from ``benchmarks/nfe_frontier.py`` (README): :data:`DEFAULT_SAMPLER`, and at zero terminal
     SNR a Karras σ ladder whose first finite step is at ``2 sqrt(C·H·W)``
-    (:func:`fullrange.timesteps.resolution_sigma_max`), where the image mean is still undecided. Other schedules keep
-    the spec's own spacing.
+    (:func:`fullrange.timesteps.resolution_sigma_max`), where the image mean is still undecided. Other schedules take
+    trailing steps, which start at t = T-1 whatever the model's own spacing (Lin et al. §3.3; closer to the data than
+    leading on the reproduction's model trained with SD's recipe).
     """
     picked = []
     if sampler is None:
         sampler = DEFAULT_SAMPLER
         picked.append(f"sampler {sampler}")
     if spacing is None and not spec.schedule.zero_terminal_snr:
-        spacing = spec.spacing
-        picked.append(f"the model's own {spacing} spacing")
+        spacing = "trailing"
+        picked.append("trailing steps, from t = T-1")
     elif spacing is None:
         spacing = "karras"
         top = min(resolution_sigma_max(math.prod(shape[1:])), float(spec.schedule.sigmas[-2]))
@@ -153,7 +164,7 @@ def sample(
     cond: dict | None = None,
     uncond: dict | None = None,
     guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
+    guidance_rescale: float | None = None,
     rescale_space: str = "v",
     shaping: Shaping | None = None,
     callback: Callback | None = None,
@@ -170,7 +181,8 @@ def sample(
     explicit descending tensor of timesteps.
     ``cond`` / ``uncond``: keyword arguments for the model (tensors, or dicts of them such as SDXL's
     ``added_cond_kwargs``); with ``guidance_scale != 1`` the model also runs on ``uncond`` (classifier-free
-    guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space``; ``shaping`` changes how the
+    guidance) and ``guidance_rescale`` is Lin et al.'s φ applied in ``rescale_space`` (``None``:
+    :func:`default_rescale`); ``shaping`` changes how the
     two branches combine (APG, CFG-Zero*, a guidance interval, frequency-decoupled scales:
     :class:`fullrange.guidance.Shaping`), or CFG++ (``guidance_scale`` is then its λ, for ddim and euler).
     ``callback(StepInfo)`` runs after each step (progress bars); ``hook(x, alpha_cumprod) -> x`` edits the latents
@@ -210,7 +222,8 @@ def sample(
         sigmas = [ladder.sigma(i) for i in range(ladder.num_steps + 1)]
         scale = cfg_pp_scales(guidance_scale, ladder.t, sigmas).__getitem__
     if scale != 1.0:
-        denoiser = cfg(denoiser, scale, uncond, guidance_rescale, rescale_space, shaping)
+        phi = default_rescale(spec) if guidance_rescale is None else guidance_rescale
+        denoiser = cfg(denoiser, scale, uncond, phi, rescale_space, shaping)
     if steered:
         denoiser = signal_leak.steer(denoiser, leak)
     with torch.no_grad():

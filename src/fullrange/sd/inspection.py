@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..files import read_json
-from ..sampling import retrained
+from ..sampling import default_rescale, pick, retrained
 from ..scheduler_config import config_from_spec
 from . import markers, single_file
 from .config import ModelConfig
@@ -165,7 +165,10 @@ def inspect(model: ModelConfig | str, adapter: str | None = None, *, always_prob
         notes.append("zero terminal SNR is marked but the model predicts epsilon, which says nothing at SNR = 0")
         ztsnr = False
     spec = replace(retrained(model.spec, prediction, ztsnr), spacing="trailing", steps_offset=0)
-    settings = {"sampler": "dpmpp_2m", "steps": 25, "spacing": "trailing", "guidance_rescale": 0.7 if ztsnr else 0.0}
+    # What `fullrange sample` picks for this model at its own size, written out.
+    size = model.unet.config.sample_size
+    sampler, spacing, _ = pick(spec, (1, model.vae.config.latent_channels, size, size))
+    settings = {"sampler": sampler, "steps": 25, "spacing": spacing, "guidance_rescale": default_rescale(spec)}
     if (model.spec.prediction, model.spec.schedule.zero_terminal_snr) != (prediction, ztsnr):
         settings |= {"prediction": prediction, "zero_terminal_snr": ztsnr}
         notes.append(

@@ -22,7 +22,7 @@ from ..guidance import CFG_PP_SAMPLERS, Shaping
 from ..images import read_image, save_new_png, tile, to_uint8
 from ..prediction import add_noise
 from ..samplers import SAMPLERS, Callback, Hook
-from ..sampling import pick, sample
+from ..sampling import default_rescale, pick, sample
 from ..timesteps import LADDERS, SPACINGS
 from .model import StableDiffusion
 from .tone import leak_for, parse_tone
@@ -48,10 +48,12 @@ class SampleSettings:
     spacing: str | None = setting(
         None,
         "leading, linspace, trailing, karras or exponential.",
-        shown="at zero terminal SNR a Karras ladder topped by the latent size, else the model's own",
+        shown="at zero terminal SNR a Karras ladder topped by the latent size, else trailing",
     )
     guidance: float = setting(7.5, "Classifier-free guidance scale.")
-    guidance_rescale: float = setting(0.0, "Guidance rescale φ (Lin et al.; 0.7 recommended at zero terminal SNR).")
+    guidance_rescale: float | None = setting(
+        None, "Guidance rescale φ (Lin et al.) against over-exposure.", shown="0.7 at zero terminal SNR, else 0"
+    )
     guidance_interval: tuple[float, ...] = setting(
         (),
         "Guide only where lo < σ <= hi (Kynkäänniemi et al. 2024): give it twice, lo then hi.",
@@ -116,7 +118,8 @@ class SampleSettings:
         if self.spacing is not None:
             check_choice("spacing", self.spacing, SPACINGS + LADDERS)
         check_range("guidance", self.guidance, 0)
-        check_range("guidance_rescale", self.guidance_rescale, 0, 1)
+        if self.guidance_rescale is not None:
+            check_range("guidance_rescale", self.guidance_rescale, 0, 1)
         if self.guidance_interval and (
             len(self.guidance_interval) != 2 or not 0 <= self.guidance_interval[0] < self.guidance_interval[1]
         ):
@@ -193,14 +196,18 @@ class InpaintingUNet(torch.nn.Module):
 
 def resolve(model: StableDiffusion, settings: SampleSettings) -> tuple[SampleSettings, str]:
     """The settings sampling actually uses: the sampler and spacing :func:`~fullrange.sampling.pick` picks where
-    none is given, and the UNet's own resolution (the width and height where they are not given); with the note saying
-    what was picked (``""`` if nothing)."""
+    none is given, the guidance rescale of :func:`~fullrange.sampling.default_rescale`, and the UNet's own resolution
+    (the width and height where they are not given); with the note saying what was picked (``""`` if nothing)."""
     resolution = settings.resolution or model.unet.config.sample_size * model.vae_scale_factor
     width, height = settings.width or resolution, settings.height or resolution
     f = model.vae_scale_factor
     shape = (1, model.vae.config.latent_channels, height // f, width // f)
     sampler, spacing, note = pick(model.spec, shape, settings.sampler, settings.spacing)
     effective = {"sampler": sampler, "spacing": spacing, "resolution": resolution, "width": width, "height": height}
+    if settings.guidance_rescale is None:
+        effective["guidance_rescale"] = phi = default_rescale(model.spec)
+        if phi and settings.guidance != 1:
+            note = "; ".join(filter(None, [note, f"guidance rescale {phi:g} at zero terminal SNR"]))
     return replace(settings, **effective), note
 
 
