@@ -3,7 +3,9 @@ images; one per seed, trained here or resumed from ``--out``'s checkpoints).
 
 1. Few steps. For each model, samples for balanced labels with guidance 1 at 4, 6 and 8 steps, and the W1 distance
    of their brightness (clamped to [-1, 1]) to the data's, for what ``fullrange.sample`` picks and for each sampler
-   on trailing steps and on the σ ladders topped by the latent size.
+   on trailing steps and on the σ ladders topped by the latent size. ``--larger``: instead one model of 3×32×32
+   images, wider and trained longer (``LARGER``).
+
 2. Guidance. At w = 3 and 7.5, with the reproduction's own sampling (DDIM, trailing, 25 steps): pixels beyond ±1
    before clipping (the data has none) and W1, for plain CFG, Lin et al.'s rescale and the shapings of
    ``fullrange.guidance`` alone and with the rescale.
@@ -11,13 +13,14 @@ images; one per seed, trained here or resumed from ``--out``'s checkpoints).
 Each cell is the mean over the model seeds with the lowest and highest seed in brackets; each seed samples its own
 noise. Everything from one run.
 
-    python benchmarks/nfe_trained.py [--out fullrange-report] [--preset quick] [--only steps|guidance]
+    python benchmarks/nfe_trained.py [--out fullrange-report] [--preset quick] [--only steps|guidance] [--larger]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from fullrange.guidance import Shaping
 from fullrange.reproduce.common import NULL_LABEL, PRESETS, Context, balanced_labels
 
 STEPS = (4, 6, 8)
+LARGER = {"name": "larger", "size": 32, "width": 32, "train_steps": 1000, "seeds": (0,)}
+"""``--larger``: 3×32×32 images (D = 3072), a UNet of width 32, trained 1000 steps; one seed."""
 SAMPLERS = {
     "fullrange.sample() default": {},
     **{f"{s}, trailing": {"sampler": s, "spacing": "trailing"} for s in ("ddim", "euler", "dpmpp_2m", "unipc")},
@@ -56,9 +61,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("fullrange-report"))
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     parser.add_argument("--only", choices=("steps", "guidance"), default=None)
+    parser.add_argument("--larger", action="store_true", help="instead, one larger model (LARGER)")
     args = parser.parse_args()
     started = time.perf_counter()
-    ctx = Context(args.out, PRESETS[args.preset], progress=False)
+    preset = replace(PRESETS[args.preset], **LARGER) if args.larger else PRESETS[args.preset]
+    ctx = Context(args.out / "larger" if args.larger else args.out, preset, progress=False)
     p = ctx.preset
     images, _ = ctx.data
     data_b = metrics.brightness(images)
@@ -83,9 +90,13 @@ def main() -> None:
     if args.only in (None, "steps"):
         print("\nW1 of the samples' brightness to the data's, guidance 1")
         print(f"| configuration | {' | '.join(f'{n} steps' for n in STEPS)} |\n|---|{'---|' * len(STEPS)}")
+        table = {}
         for name, options in SAMPLERS.items():
-            cells = [cell([w1(run(seed, steps=n, **options)) for seed in p.seeds]) for n in STEPS]
-            print(f"| {name} | {' | '.join(cells)} |")
+            table[name] = [[w1(run(seed, steps=n, **options)) for seed in p.seeds] for n in STEPS]
+            print(f"| {name} | {' | '.join(cell(v) for v in table[name])} |")
+        default, ddim = table["fullrange.sample() default"], table["ddim, trailing"]
+        gaps = [f"{n}: {sum(a) / len(a) - sum(b) / len(b):+.4f}" for n, a, b in zip(STEPS, default, ddim, strict=True)]
+        print(f"default minus trailing DDIM, mean W1 over seeds, by steps: {', '.join(gaps)}")
     if args.only in (None, "guidance"):
         print(f"\nguidance, DDIM on {p.sample_steps} trailing steps: pixels beyond ±1 / W1")
         print(f"| method | {' | '.join(f'w = {w:g}' for w in SCALES)} |\n|---|{'---|' * len(SCALES)}")

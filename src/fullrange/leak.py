@@ -36,11 +36,14 @@ def start(noise: torch.Tensor, leak: torch.Tensor, alpha_cumprod: float) -> torc
     return x.expand_as(noise) if x.shape != noise.shape else x
 
 
-RELEASE = 0.25
-"""The tone of a model that leaks nothing is held in its predictions down to σ = RELEASE·sqrt(C·H·W): a quarter of
-the scale at which an image's mean is decided (fullrange tops its σ ladders at twice that scale). Chosen on the
-exact mixture (``benchmarks/leak_calibration.py``): held only at σ = ∞, a tone survives trailing steps, whose
-second step is already below it, but not a Karras ladder, whose next steps are still far above it."""
+RELEASE = 1 / 32
+"""The tone of a model that leaks nothing is held in its predictions down to σ = RELEASE·sqrt(C·H·W) (0.87 at
+3×16×16, 4 at SD's 4×64×64), where the noise left in an image's lowest frequencies is a thirty-second of the scale
+at which its mean is decided. Chosen on trained models (``benchmarks/tone_release.py``): on the reproduction's
+class-conditional zero-SNR models "solid black" asked with a white tone moved 7% of the way at a quarter of that
+scale, 14–33% at an eighth, 30–66% at a sixteenth and 60–80% here; the exact mixture is calibrated at every one of
+them (``benchmarks/leak_calibration.py``). Held only at σ = ∞, a tone survives trailing steps, whose second step is
+already low, but not a Karras ladder, whose next steps are still far above it."""
 
 
 def steer(denoiser, leak: torch.Tensor, k: int = BAND):

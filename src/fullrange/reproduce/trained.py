@@ -245,11 +245,17 @@ METHODS = {
     "CFG-Zero*": (0.0, Shaping(zero_star=True)),
     "interval (0.28, 5.42]": (0.0, Shaping(interval=(0.28, 5.42))),
     "FDG low=1": (0.0, Shaping(low_scale=1.0)),
+    "CFG-Zero* + zero-init": (0.0, Shaping(zero_star=True, zero_init=1)),
+    "CFG++ λ=w/12.5": (0.0, Shaping(cfg_pp=True)),
 }
 """The guidance methods compared, as (rescale φ, shaping): Lin et al.'s rescale, APG without the parallel part
 (no norm clamp or momentum, whose scales depend on the model), CFG-Zero*'s fitted negative branch, EDM2's guidance
-interval in σ (Kynkäänniemi et al.), and frequency-decoupled guidance with no guidance in the lowest 3×3
-frequencies (the brightness band)."""
+interval in σ (Kynkäänniemi et al.), frequency-decoupled guidance with no guidance in the lowest 3×3
+frequencies (the brightness band), CFG-Zero* with its first step zero-initialised, and CFG++ (on the reproduction's
+DDIM), whose λ in [0, 1] is paired with w as ``λ = w / CFG_PP_PAIRING``."""
+CFG_PP_PAIRING = 12.5
+"""CFG++'s λ for a CFG scale w is w / 12.5 here (λ = 1 at w = 12.5, λ = 0.6 at w = 7.5): a pairing chosen for this
+comparison, not a formula of the paper."""
 
 
 def guidance_experiment(ctx: Context) -> dict:
@@ -263,7 +269,9 @@ def guidance_experiment(ctx: Context) -> dict:
     images, data_labels = ctx.data
     labels = balanced_labels(ctx.preset.num_samples)
     settings = {"w=1": (1.0, 0.0, Shaping())} | {
-        f"w={w:g}, {name}": (w, phi, shaping) for w in SCALES[1:] for name, (phi, shaping) in METHODS.items()
+        f"w={w:g}, {name}": (w / CFG_PP_PAIRING if shaping.cfg_pp else w, phi, shaping)
+        for w in SCALES[1:]
+        for name, (phi, shaping) in METHODS.items()
     }
     seeds = ctx.preset.seeds
     runs: dict[str, list[dict]] = {name: [] for name in settings}
