@@ -104,6 +104,25 @@ def test_the_probe_tells_epsilon_from_v_on_models_trained_briefly(trained, repor
         assert found.scheduler_config["prediction_type"] == kind and found.family.startswith("unknown (UNet cross")
 
 
+@pytest.mark.parametrize("ztsnr", [False, True])
+def test_inspect_recommends_what_sample_picks(trained, tmp_path, ztsnr):
+    """`inspect`'s settings are `fullrange sample`'s defaults for the model, written out: the same sampler, spacing
+    and guidance rescale (0.7 at zero terminal SNR, Lin et al.), on leaky and zero-SNR models alike."""
+    from fullrange.sd.sample import SampleSettings, resolve
+
+    path = single_file(trained["v_prediction"], tmp_path / "m.safetensors", {}, ("v_pred", "ztsnr") if ztsnr else ())
+    config = ModelConfig(str(path), config=str(trained["v_prediction"]))
+    found = inspect(config)
+    picked, _ = resolve(load_stable_diffusion(config), SampleSettings())
+    assert found.settings == {
+        "sampler": picked.sampler,
+        "steps": picked.steps,
+        "spacing": picked.spacing,
+        "guidance_rescale": picked.guidance_rescale,
+    }
+    assert (picked.spacing, picked.guidance_rescale) == (("karras", 0.7) if ztsnr else ("trailing", 0.0))
+
+
 def test_markers_decide_without_a_probe_when_they_agree(trained):
     found = inspect(str(trained["v_prediction"]))
     assert found.probe is None and found.prediction == "v_prediction" and found.how["prediction"] == "markers"
