@@ -109,5 +109,5 @@ def test_steps_is_a_count_or_timesteps_never_a_single_step_at_t(steps):
     noise = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="steps must be a count"):
         fullrange.sample(model, noise, spec, sampler="ddim", steps=steps)
-    fullrange.sample(model, noise, spec, sampler="ddim", steps=np.int64(4))
+    fullrange.sample(model, noise, spec, sampler="ddim", steps=np.int64(4), spacing="leading")
     assert calls == [751.0, 501.0, 251.0, 1.0]

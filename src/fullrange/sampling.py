@@ -120,10 +120,12 @@ ZERO_SNR_RESCALE = 0.7
 """Lin et al.'s guidance rescale φ at zero terminal SNR (their §3.4), the default of :func:`sample` there."""
 
 
-def default_rescale(spec: SamplingSpec) -> float:
+def default_rescale(spec: SamplingSpec, shaping: Shaping | None = None) -> float:
     """The guidance rescale φ :func:`sample` uses where none is given: :data:`ZERO_SNR_RESCALE` at zero terminal SNR,
-    where guidance over-exposes (measured in ``fullrange reproduce`` and ``benchmarks/nfe_trained.py``), else 0."""
-    return ZERO_SNR_RESCALE if spec.schedule.zero_terminal_snr else 0.0
+    where guidance over-exposes (measured in ``fullrange reproduce`` and ``benchmarks/nfe_trained.py``), else 0; 0
+    for CFG++, whose λ <= 1 interpolates between the branches instead of extrapolating."""
+    cfg_pp = shaping is not None and shaping.cfg_pp
+    return ZERO_SNR_RESCALE if spec.schedule.zero_terminal_snr and not cfg_pp else 0.0
 
 
 def pick(spec: SamplingSpec, shape: tuple[int, ...], sampler: str | None = None, spacing: str | None = None):
@@ -222,7 +224,7 @@ def sample(
         sigmas = [ladder.sigma(i) for i in range(ladder.num_steps + 1)]
         scale = cfg_pp_scales(guidance_scale, ladder.t, sigmas).__getitem__
     if scale != 1.0:
-        phi = default_rescale(spec) if guidance_rescale is None else guidance_rescale
+        phi = default_rescale(spec, shaping) if guidance_rescale is None else guidance_rescale
         denoiser = cfg(denoiser, scale, uncond, phi, rescale_space, shaping)
     if steered:
         denoiser = signal_leak.steer(denoiser, leak)

@@ -205,7 +205,7 @@ def resolve(model: StableDiffusion, settings: SampleSettings) -> tuple[SampleSet
     sampler, spacing, note = pick(model.spec, shape, settings.sampler, settings.spacing)
     effective = {"sampler": sampler, "spacing": spacing, "resolution": resolution, "width": width, "height": height}
     if settings.guidance_rescale is None:
-        effective["guidance_rescale"] = phi = default_rescale(model.spec)
+        effective["guidance_rescale"] = phi = default_rescale(model.spec, settings.shaping)
         if phi and settings.guidance != 1:
             note = "; ".join(filter(None, [note, f"guidance rescale {phi:g} at zero terminal SNR"]))
     return replace(settings, **effective), note
