@@ -81,9 +81,8 @@ def test_the_leak_starts_at_the_actual_first_step(gen):
     seen = []
     model = lambda x, t: torch.zeros_like(x)  # noqa: E731
     L = torch.tensor([0.5, -0.5, 1.0]).view(1, 3, 1, 1)
-    fullrange.sample(
-        model, noise, STABLE_DIFFUSION, sampler="ddim", steps=10, spacing="leading", leak=L, callback=lambda info: seen.append(info)
-    )
+    options = {"sampler": "ddim", "steps": 10, "spacing": "leading", "leak": L}
+    fullrange.sample(model, noise, STABLE_DIFFUSION, **options, callback=lambda info: seen.append(info))
     assert seen[0].t == 901  # leading + 1: SD's first step
     ac = float(STABLE_DIFFUSION.schedule.alphas_cumprod[901])
     assert math.sqrt(ac) == pytest.approx(0.118, abs=5e-4)  # the figure
