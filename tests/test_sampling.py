@@ -111,3 +111,28 @@ def test_steps_is_a_count_or_timesteps_never_a_single_step_at_t(steps):
         fullrange.sample(model, noise, spec, sampler="ddim", steps=steps)
     fullrange.sample(model, noise, spec, sampler="ddim", steps=np.int64(4), spacing="leading")
     assert calls == [751.0, 501.0, 251.0, 1.0]
+
+
+def test_guidance_rescale_defaults_to_lin_et_al_at_zero_terminal_snr(caplog, gen):
+    """Without ``guidance_rescale``: φ = 0.7 at zero terminal SNR (logged), 0 on a leaky schedule and under CFG++."""
+    from fullrange.guidance import Shaping
+
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+
+    def model(x, t, scale):
+        return 0.1 * x * scale.view(-1, 1, 1, 1) + scale.view(-1, 1, 1, 1)
+
+    kwargs = {"sampler": "ddim", "steps": 4, "cond": {"scale": torch.ones(2)}, "uncond": {"scale": torch.zeros(2)}}
+    spec = SamplingSpec(ZTSNR, "v_prediction")
+    with caplog.at_level(logging.INFO, logger="fullrange"):
+        picked = fullrange.sample(model, noise, spec, guidance_scale=5.0, **kwargs)
+    assert "guidance rescale 0.7" in caplog.text
+    torch.testing.assert_close(
+        picked, fullrange.sample(model, noise, spec, guidance_scale=5.0, guidance_rescale=0.7, **kwargs)
+    )
+    assert not torch.allclose(
+        picked, fullrange.sample(model, noise, spec, guidance_scale=5.0, guidance_rescale=0.0, **kwargs)
+    )
+    assert fullrange.sampling.default_rescale(spec) == 0.7
+    assert fullrange.sampling.default_rescale(spec, Shaping(cfg_pp=True)) == 0.0
+    assert fullrange.sampling.default_rescale(STABLE_DIFFUSION) == 0.0

@@ -225,6 +225,8 @@ def sample(
         scale = cfg_pp_scales(guidance_scale, ladder.t, sigmas).__getitem__
     if scale != 1.0:
         phi = default_rescale(spec, shaping) if guidance_rescale is None else guidance_rescale
+        if guidance_rescale is None and phi:
+            logging.getLogger("fullrange").info(f"fullrange picked guidance rescale {phi:g} (zero terminal SNR)")
         denoiser = cfg(denoiser, scale, uncond, phi, rescale_space, shaping)
     if steered:
         denoiser = signal_leak.steer(denoiser, leak)
