@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from fullrange import data
 from fullrange.cli import app
+from fullrange.sampling import DEFAULT_SAMPLER
 from fullrange.sd import load_adapter, load_stable_diffusion
 from fullrange.sd.config import finetune_config, merge
 from fullrange.sd.finetune import finetune
@@ -437,7 +438,8 @@ def test_inspect_names_an_adapter_that_changes_the_prediction_type(workspace, lo
     assert [m.convention for m in found.found] == ["diffusers", "diffusers", "diffusers", "diffusers"]
     assert found.found[0].source == str(lora_dir / "scheduler_config.json")  # the adapter's come first
     assert "the adapter changes the prediction type from the base's epsilon to v_prediction" in found.notes[0]
-    assert found.settings == {"sampler": "dpmpp_2m", "steps": 25, "spacing": "trailing", "guidance_rescale": 0.7}
+    # What `fullrange sample` picks at zero terminal SNR, written out.
+    assert found.settings == {"sampler": DEFAULT_SAMPLER, "steps": 25, "spacing": "karras", "guidance_rescale": 0.7}
 
 
 def test_buckets_keep_aspect_ratios(workspace, tmp_path):
