@@ -87,8 +87,9 @@ def test_img2img_begins_first_order_at_its_start(sampler, strength):
 
 
 def test_default_picks_for_the_latent_size_and_saves_with_its_config(tmp_path):
-    scheduler = FullrangeScheduler.from_config(_config(True), num_values=4 * 128 * 128)
-    assert (scheduler.sampler, scheduler.spacing) == ("unipc", "karras") and "σ = 512" in scheduler.note
+    scheduler = FullrangeScheduler.from_config(_config(True))
+    assert (scheduler.sampler, scheduler.spacing) == ("ddim", "trailing") and "trailing steps" in scheduler.note
+    scheduler = FullrangeScheduler.from_config(_config(True), spacing="karras", num_values=4 * 128 * 128)
     scheduler.set_timesteps(6)
     expected = timesteps.ladder(ZTSNR, 6, "karras", num_values=4 * 128 * 128).float()
     torch.testing.assert_close(scheduler.timesteps, expected)

@@ -439,7 +439,7 @@ def test_inspect_names_an_adapter_that_changes_the_prediction_type(workspace, lo
     assert found.found[0].source == str(lora_dir / "scheduler_config.json")  # the adapter's come first
     assert "the adapter changes the prediction type from the base's epsilon to v_prediction" in found.notes[0]
     # What `fullrange sample` picks at zero terminal SNR, written out.
-    assert found.settings == {"sampler": DEFAULT_SAMPLER, "steps": 25, "spacing": "karras", "guidance_rescale": 0.7}
+    assert found.settings == {"sampler": DEFAULT_SAMPLER, "steps": 25, "spacing": "trailing", "guidance_rescale": 0.7}
 
 
 def test_buckets_keep_aspect_ratios(workspace, tmp_path):
@@ -710,8 +710,8 @@ def test_sample_png_says_what_made_it_and_takes_a_lora_file(workspace, tmp_path)
     expected = {
         "prompt": "a white, bright field",
         "seed": 3,
-        "sampler": "unipc",  # not asked for: what was picked, not null
-        "spacing": "karras",
+        "sampler": "ddim",  # not asked for: what was picked, not null
+        "spacing": "trailing",
         "resolution": 16,
         "model_hash": hashlib.sha256(unet).hexdigest()[:10],
         "adapter": str(outputs["kohya"]),

@@ -120,7 +120,7 @@ def test_inspect_recommends_what_sample_picks(trained, tmp_path, ztsnr):
         "spacing": picked.spacing,
         "guidance_rescale": picked.guidance_rescale,
     }
-    assert (picked.spacing, picked.guidance_rescale) == (("karras", 0.7) if ztsnr else ("trailing", 0.0))
+    assert (picked.spacing, picked.guidance_rescale) == (("trailing", 0.7) if ztsnr else ("trailing", 0.0))
 
 
 def test_markers_decide_without_a_probe_when_they_agree(trained):

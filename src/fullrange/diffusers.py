@@ -45,9 +45,9 @@ class FullrangeSchedulerOutput(BaseOutput):
 class FullrangeScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler that runs a fullrange sampler (``sampler``, with ``sampler_options`` such as
     ``{"eta": 1.0}``) on any spacing or σ ladder (``spacing``). ``None`` picks as :func:`fullrange.sampling.pick`
-    does for latents of ``num_values`` values (C·H·W; SD 1.x/2.x at 512 px by default; SDXL at 1024 px is
-    4·128·128): UniPC, and at zero terminal SNR a Karras ladder topped by that size. The other arguments are
-    diffusers' own scheduler config keys."""
+    does: DDIM on trailing steps. ``num_values`` (C·H·W; SD 1.x/2.x at 512 px by default; SDXL at 1024 px is
+    4·128·128) tops the σ ladders ("karras", "exponential") at zero terminal SNR. The other arguments are diffusers'
+    own scheduler config keys."""
 
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
@@ -82,7 +82,7 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
         )
         if spacing is not None and spacing not in SPACINGS + LADDERS:
             raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + LADDERS)}")
-        self.sampler, self.spacing, self.note = pick(self.spec, (1, num_values), sampler, spacing)
+        self.sampler, self.spacing, self.note = pick(self.spec, sampler, spacing)
         self._solver = get(self.sampler, sampler_options)
         if self.note:
             logging.getLogger("fullrange").info(self.note)

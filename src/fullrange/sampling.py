@@ -18,13 +18,13 @@ from .denoiser import from_model
 from .guidance import CFG_PP_SAMPLERS, Shaping, cfg, cfg_pp_scales
 from .prediction import check_prediction
 from .samplers import Callback, Hook, prepare
-from .timesteps import SPACINGS, plan, resolution_sigma_max
+from .timesteps import SPACINGS, plan
 
-DEFAULT_SAMPLER = "unipc"
-"""The sampler ``fullrange.sample`` uses when none is given: on the latent-size Karras ladder, UniPC had the lowest
-or near-lowest brightness error in ``benchmarks/nfe_frontier.py`` from 6 to 16 model evaluations at every size.
-(The exponential ladder did better from 8 evaluations on the flat-level toy and worse on the toy of structured
-images, up to 2× at 4×128×128; Karras is the default for its worst case.)"""
+DEFAULT_SAMPLER = "ddim"
+"""The sampler ``fullrange.sample`` uses when none is given, on trailing steps (:func:`pick`): on the trained
+zero-terminal-SNR models of ``benchmarks/nfe_trained.py`` nothing was closer to the data at 4, 6 and 8 steps. On the
+exact toys of ``benchmarks/nfe_frontier.py`` UniPC on a Karras ladder topped by the latent size is far ahead; it is
+one option away (``sampler="unipc", spacing="karras"``). The README's "Few-step sampling" has both."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,29 +128,20 @@ def default_rescale(spec: SamplingSpec, shaping: Shaping | None = None) -> float
     return ZERO_SNR_RESCALE if spec.schedule.zero_terminal_snr and not cfg_pp else 0.0
 
 
-def pick(spec: SamplingSpec, shape: tuple[int, ...], sampler: str | None = None, spacing: str | None = None):
-    """``(sampler, spacing, note)``: what :func:`sample` uses for samples of ``shape`` (B, C, H, W) where
-    ``sampler`` / ``spacing`` are not given, and one line saying what it picked (``""`` if nothing was picked).
-
-    The defaults come from ``benchmarks/nfe_frontier.py`` (README): :data:`DEFAULT_SAMPLER`, and at zero terminal
-    SNR a Karras σ ladder whose first finite step is at ``2 sqrt(C·H·W)``
-    (:func:`fullrange.timesteps.resolution_sigma_max`), where the image mean is still undecided. Other schedules take
-    trailing steps, which start at t = T-1 whatever the model's own spacing (Lin et al. §3.3; closer to the data than
-    leading on the reproduction's model trained with SD's recipe).
+def pick(spec: SamplingSpec, sampler: str | None = None, spacing: str | None = None):
+    """``(sampler, spacing, note)``: what :func:`sample` uses where ``sampler`` / ``spacing`` are not given, and one
+    line saying what it picked (``""`` if nothing was picked): :data:`DEFAULT_SAMPLER` on trailing steps, which start
+    at t = T-1 whatever the model's own spacing (Lin et al. §3.3; in ``fullrange reproduce`` closer to the data than
+    leading on the model trained with SD's recipe, and the best on the trained zero-terminal-SNR models).
     """
     picked = []
     if sampler is None:
         sampler = DEFAULT_SAMPLER
         picked.append(f"sampler {sampler}")
-    if spacing is None and not spec.schedule.zero_terminal_snr:
+    if spacing is None:
         spacing = "trailing"
-        picked.append("trailing steps, from t = T-1")
-    elif spacing is None:
-        spacing = "karras"
-        top = min(resolution_sigma_max(math.prod(shape[1:])), float(spec.schedule.sigmas[-2]))
-        size = "×".join(map(str, shape[1:]))
-        picked.append(f"a Karras σ ladder from t = T-1, then from σ = {top:.0f} for latents of {size} values")
-    note = f"fullrange picked {' and '.join(picked)} (benchmarks/nfe_frontier.py)" if picked else ""
+        picked.append("trailing steps from t = T-1")
+    note = f"fullrange picked {' and '.join(picked)} (benchmarks/nfe_trained.py)" if picked else ""
     return sampler, spacing, note
 
 
@@ -197,7 +188,7 @@ def sample(
     """
     steps = _steps(steps)
     explicit_steps = not isinstance(steps, int)
-    sampler, spacing, note = pick(spec, tuple(noise.shape), sampler, spec.spacing if explicit_steps else spacing)
+    sampler, spacing, note = pick(spec, sampler, spec.spacing if explicit_steps else spacing)
     if note:
         logging.getLogger("fullrange").info(note)
     solver = samplers.get(sampler, options)

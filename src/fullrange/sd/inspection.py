@@ -166,8 +166,7 @@ def inspect(model: ModelConfig | str, adapter: str | None = None, *, always_prob
         ztsnr = False
     spec = replace(retrained(model.spec, prediction, ztsnr), spacing="trailing", steps_offset=0)
     # What `fullrange sample` picks for this model at its own size, written out.
-    size = model.unet.config.sample_size
-    sampler, spacing, _ = pick(spec, (1, model.vae.config.latent_channels, size, size))
+    sampler, spacing, _ = pick(spec)
     settings = {"sampler": sampler, "steps": 25, "spacing": spacing, "guidance_rescale": default_rescale(spec)}
     if (model.spec.prediction, model.spec.schedule.zero_terminal_snr) != (prediction, ztsnr):
         settings |= {"prediction": prediction, "zero_terminal_snr": ztsnr}

@@ -34,21 +34,22 @@ OUT_OF_RANGE = ("control_scale", "guidance", "guidance_rescale", *TONE_SOURCES)
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """How to sample. ``sampler`` / ``spacing`` ``None`` take what :func:`fullrange.sampling.pick` picks for the
-    latent size; ``resolution`` ``None`` the UNet's. ``image``: img2img from that file, starting at the step
-    ``strength`` picks as diffusers does (the last ``int(steps · strength)`` steps, at least one). ``control_image``:
-    the ControlNet's condition, with ``control_scale``. ``mask``: inpaint ``image`` where the mask is white. At most
-    one of ``tone`` (a brightness or #rrggbb colour), ``tone_image`` and ``tone_stats`` (files) sets the starting
-    latent's leak (:mod:`fullrange.sd.tone`)."""
+    """How to sample. ``sampler`` / ``spacing`` ``None`` take what :func:`fullrange.sampling.pick` picks,
+    ``guidance_rescale`` ``None`` :func:`fullrange.sampling.default_rescale`, ``resolution`` ``None`` the UNet's.
+    ``image``: img2img from that file, starting at the step ``strength`` picks as diffusers does (the last
+    ``int(steps · strength)`` steps, at least one). ``control_image``: the ControlNet's condition, with
+    ``control_scale``. ``mask``: inpaint ``image`` where the mask is white. At most one of ``tone`` (a brightness or
+    #rrggbb colour), ``tone_image`` and ``tone_stats`` (files) sets the starting latent's leak
+    (:mod:`fullrange.sd.tone`)."""
 
     sampler: str | None = setting(
-        None, "Any of fullrange's samplers: " + ", ".join(SAMPLERS) + ".", shown="unipc, see the README"
+        None, "Any of fullrange's samplers: " + ", ".join(SAMPLERS) + ".", shown="ddim, see the README"
     )
     steps: int = setting(25, "Sample steps.")
     spacing: str | None = setting(
         None,
         "leading, linspace, trailing, karras or exponential.",
-        shown="at zero terminal SNR a Karras ladder topped by the latent size, else trailing",
+        shown="trailing",
     )
     guidance: float = setting(7.5, "Classifier-free guidance scale.")
     guidance_rescale: float | None = setting(
@@ -200,9 +201,7 @@ def resolve(model: StableDiffusion, settings: SampleSettings) -> tuple[SampleSet
     (the width and height where they are not given); with the note saying what was picked (``""`` if nothing)."""
     resolution = settings.resolution or model.unet.config.sample_size * model.vae_scale_factor
     width, height = settings.width or resolution, settings.height or resolution
-    f = model.vae_scale_factor
-    shape = (1, model.vae.config.latent_channels, height // f, width // f)
-    sampler, spacing, note = pick(model.spec, shape, settings.sampler, settings.spacing)
+    sampler, spacing, note = pick(model.spec, settings.sampler, settings.spacing)
     effective = {"sampler": sampler, "spacing": spacing, "resolution": resolution, "width": width, "height": height}
     if settings.guidance_rescale is None:
         effective["guidance_rescale"] = phi = default_rescale(model.spec, settings.shaping)
