@@ -42,8 +42,8 @@ RELEASE = 1 / 32
 at which its mean is decided. Chosen on trained models (``benchmarks/tone_release.py``): on the reproduction's
 class-conditional zero-SNR models "solid black" asked with a white tone moved 7% of the way at a quarter of that
 scale, 14–33% at an eighth, 30–66% at a sixteenth and 60–80% here; on the exact mixture it lands within 0.003 of
-the request from 0.1 to 0.9 (``benchmarks/leak_calibration.py``). Held only at σ = ∞, a tone survives trailing steps, whose second step is
-already low, but not a Karras ladder, whose next steps are still far above it."""
+the request from 0.1 to 0.9 (``benchmarks/leak_calibration.py``). Held only at σ = ∞, a tone survives trailing
+steps, whose second step is already low, but not a Karras ladder, whose next steps are still far above it."""
 
 
 def steer(denoiser, leak: torch.Tensor, k: int = BAND):
