@@ -196,7 +196,7 @@ def guide(pipe, shaping: Shaping | None = None, space: str = "v") -> torch.utils
     the sampler's next step, which only ``fullrange.sample`` knows. ``handle.remove()`` restores the pipeline."""
     if shaping is not None and shaping.cfg_pp:
         raise ValueError("CFG++ changes the sampler's step, which a hook on the UNet cannot see: use fullrange.sample")
-    run: dict = {"last": math.inf}
+    run: dict = {"last": -math.inf}
 
     def hook(module, args, kwargs, output):
         if not getattr(pipe, "do_classifier_free_guidance", False):
@@ -204,16 +204,15 @@ def guide(pipe, shaping: Shaping | None = None, space: str = "v") -> torch.utils
         x = (args[0] if args else kwargs["sample"]).float()
         t = float(torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).flatten()[0])
         raw = output[0] if isinstance(output, tuple) else output.sample
-        scheduler = pipe.scheduler
-        spec = scheduler.spec if isinstance(scheduler, FullrangeScheduler) else spec_from_config(scheduler.config)
-        ac = float(spec.schedule.alphas_cumprod_at(torch.tensor([t], dtype=torch.float64))[0])
-        run["pair"] = to_x0(spec.prediction, raw.float(), x, ac).chunk(2)  # negative first, as pipelines batch
-        if t > run["last"]:  # a new call of the pipeline: fresh momentum and step count
-            del run["guided"]
-        if "guided" not in run:
+        if t > run["last"]:  # a new call of the pipeline: its scheduler and scales, fresh momentum and step count
+            scheduler = pipe.scheduler
+            is_ours = isinstance(scheduler, FullrangeScheduler)
+            run["spec"] = scheduler.spec if is_ours else spec_from_config(scheduler.config)
             scale, phi = pipe.guidance_scale, getattr(pipe, "guidance_rescale", 0.0)
             run["guided"] = cfg(_branches(run), scale, None, phi, space, shaping)
-        run["last"] = t
+        run["last"], spec = t, run["spec"]
+        ac = float(spec.schedule.alphas_cumprod_at(torch.tensor([t], dtype=torch.float64))[0])
+        run["pair"] = to_x0(spec.prediction, raw.float(), x, ac).chunk(2)  # negative first, as pipelines batch
         half = x[: len(x) // 2]
         out = from_x0(spec.prediction, run["guided"](half, t, ac), half, ac).to(raw.dtype)
         out = torch.cat([out, out])
