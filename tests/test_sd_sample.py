@@ -277,6 +277,7 @@ def test_guidance_shaping_from_the_command_line(tiny_sd, tmp_path):
     from typer.testing import CliRunner
 
     from fullrange.cli import app
+    from fullrange.sd.sample import SampleSettings
 
     args = ["sample", "--model", str(tiny_sd), "--prompt", "a", "--sampler", "ddim", "--steps", "3"]
     args += ["--spacing", "trailing", "--no-progress"]
@@ -293,6 +294,7 @@ def test_guidance_shaping_from_the_command_line(tiny_sd, tmp_path):
     bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad"), "--guidance-interval", "3"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --guidance-interval takes lo then hi")
     # CFG++ with its λ, and CFG-Zero*'s zero-init, change the image; CFG++ needs ddim or euler and λ <= 1.
+    assert SampleSettings(guidance=0.6, cfg_pp=True).shaping.cfg_pp  # the default sampler, ddim, takes it
     plain = pixels("cfg-half", "--guidance", "0.6")
     assert not np.array_equal(pixels("cfgpp", "--guidance", "0.6", "--cfg-pp"), plain)
     assert not np.array_equal(pixels("zero-init", "--cfg-zero-init", "1"), pixels("cfg"))

@@ -22,7 +22,7 @@ from ..guidance import CFG_PP_SAMPLERS, Shaping
 from ..images import read_image, save_new_png, tile, to_uint8
 from ..prediction import add_noise
 from ..samplers import SAMPLERS, Callback, Hook
-from ..sampling import default_rescale, pick, sample
+from ..sampling import DEFAULT_SAMPLER, default_rescale, pick, sample
 from ..timesteps import LADDERS, SPACINGS
 from .model import StableDiffusion
 from .tone import leak_for, parse_tone
@@ -129,7 +129,7 @@ class SampleSettings:
         check_range("cfg_zero_init", self.cfg_zero_init, 0)
         if self.cfg_pp:
             check_range("guidance", self.guidance, 0, 1)
-            if self.sampler not in CFG_PP_SAMPLERS:
+            if (self.sampler or DEFAULT_SAMPLER) not in CFG_PP_SAMPLERS:
                 raise ConfigError("cfg_pp", f"needs --sampler {' or '.join(CFG_PP_SAMPLERS)} (its update is theirs)")
         check_range("seed", self.seed, 0)
         check_range("seed", self.seed, None, MAX_SEED)
