@@ -42,10 +42,12 @@ def test_sample_img2img_equals_diffusers_img2img_pipeline_with_the_scheduler(tin
         gens = [torch.Generator().manual_seed(i) for i in range(2)]
         kwargs = {"strength": strength, "num_inference_steps": 10, "guidance_scale": 3.0, "output_type": "pt"}
         theirs = pipe(prompts, image=latents, generator=gens, **kwargs).images
-        settings = SampleSettings("dpmpp_2m", 10, "trailing", guidance=3.0, image=str(path), strength=strength)
+        settings = SampleSettings(
+            "dpmpp_2m", 10, "trailing", guidance=3.0, image=str(path), strength=strength, guidance_rescale=0.0
+        )
         torch.testing.assert_close(generate(model, prompts, settings), theirs, atol=2e-4, rtol=0)
-    plain = SampleSettings("dpmpp_2m", 10, "trailing", guidance=3.0)
-    full = SampleSettings("dpmpp_2m", 10, "trailing", guidance=3.0, image=str(path), strength=1.0)
+    plain = SampleSettings("dpmpp_2m", 10, "trailing", guidance=3.0, guidance_rescale=0.0)
+    full = SampleSettings("dpmpp_2m", 10, "trailing", guidance=3.0, image=str(path), strength=1.0, guidance_rescale=0.0)
     torch.testing.assert_close(generate(model, prompts, full), generate(model, prompts, plain))
 
 
@@ -166,7 +168,10 @@ def test_sample_inpaints_with_a_plain_unet_as_diffusers_inpainting_pipeline(tiny
     model = load_stable_diffusion(tiny_sd)
     model = replace(model, spec=retrained(model.spec, "v_prediction", zero_terminal_snr=True))
     prompts = ["a dark room", "a bright beach"]
-    settings = SampleSettings(sampler, 5, "trailing", guidance=3.0, image=str(image), mask=str(mask))
+    # The pipeline's rescale (none), not fullrange's zero-SNR default.
+    settings = SampleSettings(
+        sampler, 5, "trailing", guidance=3.0, image=str(image), mask=str(mask), guidance_rescale=0.0
+    )
     ours = generate(model, prompts, settings)
 
     pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
