@@ -21,7 +21,7 @@ def reproduce_command(
         str,
         typer.Option(
             help="micro (a smoke test of the code: about half a minute, no verdicts), quick "
-            f"({QUICK_RUNTIME} on 2 CPU cores in the last measured run; 3 seeds), full (for a GPU: about 216 h of "
+            f"({QUICK_RUNTIME} on 2 CPU cores shared with one other job; 3 seeds), full (for a GPU: about 216 h of "
             "training on a 2-core CPU)."
         ),
     ] = "quick",
