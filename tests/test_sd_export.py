@@ -206,7 +206,7 @@ def test_kohya_lora_loads_in_diffusers_with_every_weight_and_the_same_images(tin
     noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
     kwargs = {"num_inference_steps": 5, "guidance_scale": 3.0, "height": 16, "width": 16, "output_type": "pt"}
     theirs = pipe(prompts, latents=noise, **kwargs).images
-    settings = SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0)
+    settings = SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0, guidance_rescale=0.0)
     ours = generate(load_adapter(load_stable_diffusion(tiny_sd), lora), prompts, settings)
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 

@@ -87,13 +87,20 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, l
 
     model = load_adapter(load_stable_diffusion(workspace / "sd"), outputs["lora"])
     assert model.spec.prediction == "v_prediction" and model.spec.schedule.zero_terminal_snr
-    ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0))
+    ours = generate(
+        model, PROMPTS, SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0, guidance_rescale=0.0)
+    )
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 
     # The adapter changed something: without it the same settings give other images.
     plain = replace(load_stable_diffusion(workspace / "sd"), spec=model.spec)
     assert (
-        generate(plain, PROMPTS, SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0)) - ours
+        generate(
+            plain,
+            PROMPTS,
+            SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0, guidance_rescale=0.0),
+        )
+        - ours
     ).abs().max() > 1e-4
 
 
@@ -115,7 +122,9 @@ def test_full_fine_tune_with_offset_noise_saves_a_pipeline(workspace, diffusers_
     pipe.set_progress_bar_config(disable=True)
     theirs = diffusers_images(pipe, PROMPTS, steps=5, guidance=3.0)
     ours = generate(
-        load_stable_diffusion(outputs["pipeline"]), PROMPTS, SampleSettings(sampler="ddim", steps=5, guidance=3.0)
+        load_stable_diffusion(outputs["pipeline"]),
+        PROMPTS,
+        SampleSettings(sampler="ddim", steps=5, spacing=pipe.scheduler.config.timestep_spacing, guidance=3.0),
     )
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     saved = json.loads((workspace / "full" / "config.json").read_text())
@@ -725,7 +734,7 @@ def test_sample_png_says_what_made_it_and_takes_a_lora_file(workspace, tmp_path)
     prompt, parameters = image.text["parameters"].split("\n")
     assert prompt == "a white, bright field"
     assert parameters.startswith(
-        "Steps: 3, Sampler: UniPC, Schedule type: Karras, CFG scale: 7.5, Seed: 3, Size: 16x16, "
+        "Steps: 3, Sampler: DDIM, Spacing: trailing, CFG scale: 7.5, Guidance rescale: 0.7, Seed: 3, Size: 16x16, "
         f"Model hash: {expected['model_hash']}, Model: sd, Lora hashes: "
         f'"lora_kohya: {expected["adapter_hash"]}", Lora strength: 1.0, Prediction: v_prediction, '
         "Zero terminal SNR: True, Version: fullrange "

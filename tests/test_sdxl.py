@@ -46,7 +46,14 @@ def test_sampling_matches_diffusers_sdxl_pipeline(workspace, negative_prompt, di
     ours = generate(
         model,
         PROMPTS,
-        SampleSettings(sampler="ddim", steps=4, guidance=4.0, resolution=16, negative_prompt=negative_prompt),
+        SampleSettings(
+            sampler="ddim",
+            steps=4,
+            spacing=model.spec.spacing,  # the pipeline's own
+            guidance=4.0,
+            resolution=16,
+            negative_prompt=negative_prompt,
+        ),
     )
     pipe = StableDiffusionXLPipeline.from_pretrained(workspace / "sdxl", local_files_only=True)
     # fullrange's last DDIM step returns x0; diffusers' does with set_alpha_to_one (else it stops at ᾱ_0 < 1).
@@ -76,7 +83,9 @@ def test_lora_with_zero_terminal_snr_loads_in_diffusers_and_matches(workspace, d
 
     model = load_adapter(load_stable_diffusion(workspace / "sdxl"), outputs["lora"])
     assert model.spec.prediction == "v_prediction" and model.spec.schedule.zero_terminal_snr
-    settings = SampleSettings(sampler="ddim", steps=5, spacing="trailing", guidance=3.0, resolution=16)
+    settings = SampleSettings(
+        sampler="ddim", steps=5, spacing="trailing", guidance=3.0, guidance_rescale=0.0, resolution=16
+    )
     ours = generate(model, PROMPTS, settings)
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 
@@ -116,7 +125,13 @@ def test_full_fine_tune_saves_an_sdxl_pipeline_diffusers_samples_alike(workspace
     theirs = diffusers_images(pipe, PROMPTS, 4, 3.0)
     model = load_stable_diffusion(outputs["pipeline"])
     assert model.is_xl and model.spec.prediction == "epsilon"
-    ours = generate(model, PROMPTS, SampleSettings(sampler="ddim", steps=4, guidance=3.0, resolution=16))
+    ours = generate(
+        model,
+        PROMPTS,
+        SampleSettings(
+            sampler="ddim", steps=4, spacing=pipe.scheduler.config.timestep_spacing, guidance=3.0, resolution=16
+        ),
+    )
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     base = load_stable_diffusion(workspace / "sdxl")
     changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, model.unet.state_dict()[k])]
