@@ -12,7 +12,7 @@ def _draw(gen, n=64):
     return x0, eps, ac
 
 
-@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+@pytest.mark.parametrize("kind", ["v_prediction", "sample", "flow"])
 def test_round_trip_including_zero_snr(gen, kind):
     x0, eps, ac = _draw(gen)
     x_t = prediction.add_noise(x0, eps, ac)
@@ -56,5 +56,26 @@ def test_scalar_alpha_and_dtype(gen):
 
 
 def test_unknown_prediction():
-    with pytest.raises(ValueError, match="unknown prediction type 'flow'"):
-        prediction.training_target("flow", torch.zeros(1), torch.zeros(1), 0.5)
+    with pytest.raises(ValueError, match="unknown prediction type 'flow_matching'"):
+        prediction.training_target("flow_matching", torch.zeros(1), torch.zeros(1), 0.5)
+
+
+def test_flow_formulas_in_flow_coordinates(gen):
+    """Rectified flow: the network sees ``x = (1 - tau) x0 + tau eps`` and predicts ``u = eps - x0``; written in
+    flow coordinates, ``x0 = x - tau u``. The VP maps must agree with these at every tau, SNR = 0 (tau = 1) included."""
+    x0, eps, _ = _draw(gen)
+    tau = torch.rand(x0.shape[0], generator=gen, dtype=torch.float64)
+    tau[0] = 1.0
+    ac = (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
+    t4 = tau.view(-1, 1, 1, 1)
+    x_flow = (1 - t4) * x0 + t4 * eps
+    x_t = prediction.add_noise(x0, eps, ac)
+    torch.testing.assert_close(prediction.to_flow_input(x_t, ac), x_flow)
+    torch.testing.assert_close(prediction.from_flow_input(x_flow, ac), x_t)
+    torch.testing.assert_close(prediction.model_input("flow", x_t, ac), x_flow)
+    assert prediction.model_input("vp", x_t, ac) is x_t
+    u = prediction.training_target("flow", x0, eps, ac)
+    torch.testing.assert_close(u, eps - x0)
+    torch.testing.assert_close(x_flow - t4 * u, x0)
+    torch.testing.assert_close(prediction.to_x0("flow", u, x_t, ac), x0)
+    torch.testing.assert_close(prediction.from_x0("flow", x0, x_t, ac), u)

@@ -17,6 +17,8 @@ from fullrange.samplers import SAMPLERS, STOCHASTIC
 DETERMINISTIC = sorted(set(SAMPLERS) - STOCHASTIC)
 SD = schedules.scaled_linear()
 ZTSNR = schedules.rescale_zero_terminal_snr(SD)
+FLOW = schedules.rectified_flow()
+FLOW3 = schedules.rectified_flow(shift=3.0)
 
 
 def _plans():
@@ -31,6 +33,11 @@ def _plans():
             offset = 1 if spacing == "leading" else 0
             yield f"{name}-{spacing}-{steps}", sched, timesteps.spaced(1000, steps, spacing, offset)
         yield f"{name}-karras-12", sched, timesteps.ladder(sched, 12, "karras")
+    # Rectified flow: continuous t from t = T (SNR = 0), with and without SD3's shift.
+    for name, sched in (("flow", FLOW), ("flow-shift3", FLOW3)):
+        for steps in (1, 7, 50):
+            yield f"{name}-trailing-{steps}", sched, timesteps.plan(sched, steps)
+    yield "flow-karras-12", FLOW, timesteps.ladder(FLOW, 12, "karras", num_values=3 * 8 * 8)
 
 
 PLANS = list(_plans())
@@ -87,21 +94,24 @@ def test_convergence_order_on_gaussian_toy(sampler, report):
     assert abs(orders[-1] - EXPECTED_ORDER[sampler]) < 0.25
 
 
+@pytest.mark.parametrize("sched", [ZTSNR, FLOW], ids=["ztsnr", "flow"])
 @pytest.mark.parametrize(("sampler", "order"), [("ddim", 1), ("heun", 2), ("unipc", 3)])
-def test_order_from_zero_snr_on_the_latent_size_ladder(sampler, order, report):
-    """From pure noise at t = T-1 down the ladder topped by the latent size, against the exact flow from SNR = 0:
-    the error still falls as ``S^-p`` (Heun at least 2: its step from σ = ∞ is Euler's)."""
+def test_order_from_zero_snr_on_the_latent_size_ladder(sampler, order, sched, report):
+    """From pure noise at the last timestep (t = T-1; T for rectified flow) down the ladder topped by the latent
+    size, against the exact flow from SNR = 0: the error still falls as ``S^-p`` (Heun at least 2: its step from
+    σ = ∞ is Euler's)."""
     data = toy.GaussianToy(mean=0.3, std=0.5)
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     errors = []
     for S in (16, 32, 64, 128):
-        steps = timesteps.ladder(ZTSNR, S, "exponential", num_values=3 * 8 * 8)
-        ac_last = float(ZTSNR.alphas_cumprod_at(steps[-1:])[0])
+        steps = timesteps.ladder(sched, S, "exponential", num_values=3 * 8 * 8)
+        ac_last = float(sched.alphas_cumprod_at(steps[-1:])[0])
         exact = data.denoise(data.flow(x, 0.0, ac_last), 0.0, ac_last)
-        errors.append((SAMPLERS[sampler](data.denoise, x, ZTSNR, steps) - exact).abs().max().item())
+        errors.append((SAMPLERS[sampler](data.denoise, x, sched, steps) - exact).abs().max().item())
     orders = [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)]
     report(
-        f"order from SNR = 0, {sampler}: errors {[f'{e:.2e}' for e in errors]}, orders {[round(o, 2) for o in orders]}"
+        f"order from SNR = 0 ({sched.coordinates}), {sampler}: errors {[f'{e:.2e}' for e in errors]}, "
+        f"orders {[round(o, 2) for o in orders]}"
     )
     if sampler == "heun":
         assert min(orders) > 1.8
@@ -222,8 +232,12 @@ def test_same_generator_same_output(sampler):
 def test_finite_at_zero_terminal_snr(sampler, steps):
     data = toy.MixtureToy()
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    for plan in (timesteps.spaced(1000, steps, "trailing"), timesteps.spaced(1000, steps, "linspace")):
-        out = SAMPLERS[sampler](data.denoise, x, ZTSNR, plan, generator=torch.Generator().manual_seed(0))
+    for sched, plan in (
+        (ZTSNR, timesteps.spaced(1000, steps, "trailing")),
+        (ZTSNR, timesteps.spaced(1000, steps, "linspace")),
+        (FLOW3, timesteps.plan(FLOW3, steps)),
+    ):
+        out = SAMPLERS[sampler](data.denoise, x, sched, plan, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(out).all()
 
 

@@ -107,3 +107,69 @@ def test_schedule_is_immutable_and_validated():
         schedules.Schedule(torch.tensor([0.5, 0.0, 0.0]))
     with pytest.raises(ValueError, match="unknown schedule 'quadratic'"):
         schedules.by_name("quadratic")
+
+
+def test_rectified_flow_is_a_vp_point_with_the_issue_mapping():
+    """``sqrt(ᾱ) = (1 - tau) / sqrt((1 - tau)² + tau²)`` at continuous t = T tau, exact between the table's entries,
+    SNR = 0 at t = T, and k-diffusion's sigma = tau / (1 - tau) (so ``sigma_to_t`` inverts it)."""
+    flow = schedules.rectified_flow()
+    t = torch.tensor([0.0, 0.5, 1.0, 333.3, 999.9, 1000.0], dtype=torch.float64)
+    tau = t / 1000
+    expected = (1 - tau) / ((1 - tau) ** 2 + tau**2).sqrt()
+    torch.testing.assert_close(flow.alphas_cumprod_at(t).sqrt(), expected, rtol=1e-14, atol=1e-15)
+    assert flow.zero_terminal_snr and float(flow.alphas_cumprod_at(1000.0)) == 0.0
+    torch.testing.assert_close(flow.alphas_cumprod, flow.alphas_cumprod_at(flow.timesteps), rtol=0, atol=0)
+    sigma = tau[1:-1] / (1 - tau[1:-1])
+    torch.testing.assert_close(flow.sigma_to_t(sigma), t[1:-1], rtol=1e-12, atol=1e-9)
+    assert float(flow.sigma_to_t(math.inf)) == 1000.0
+    with pytest.raises(ValueError, match=r"\[0, 1000\]"):
+        flow.alphas_cumprod_at(1000.5)
+
+
+def test_shift_is_sigma_times_k():
+    """SD3's shift ``k tau / (1 + (k - 1) tau)`` multiplies k-diffusion's sigma by k, exactly; Flux's exponential
+    shift by mu (diffusers' ``time_shift``) is the shift with ``k = exp(mu)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tau = torch.linspace(0.001, 0.999, 57, dtype=torch.float64)
+    for k in (0.5, 1.0, 3.0, 6.2):
+        shifted = schedules.shift_time(tau, k)
+        torch.testing.assert_close(shifted / (1 - shifted), k * tau / (1 - tau), rtol=1e-12, atol=0)
+    ref = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    for mu in (0.5, 0.8, 1.15):
+        torch.testing.assert_close(schedules.shift_time(tau, math.exp(mu)), ref.time_shift(mu, 1.0, tau))
+    linear = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    torch.testing.assert_close(schedules.shift_time(tau, 2.5), linear.time_shift(2.5, 1.0, tau))
+
+
+def test_flux_mu_matches_diffusers_calculate_shift():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    for seq_len in (16, 256, 1024, 4096, 6000):
+        assert schedules.flux_mu(seq_len) == pytest.approx(calculate_shift(seq_len), rel=1e-12)
+        assert schedules.flux_shift(seq_len) == pytest.approx(math.exp(calculate_shift(seq_len)), rel=1e-12)
+
+
+def test_resolution_rule_is_hoogeboom_shift_and_the_ladder_top():
+    """One fact in three forms: SD3's ``k = sqrt(m / n)`` is the ratio of :func:`resolution_sigma_max` at the two
+    sizes, and Hoogeboom's VP shift from side b to side d multiplies every sigma by ``d / b``, the same k."""
+    from fullrange.timesteps import resolution_sigma_max
+
+    m, n = 16 * 128 * 128, 16 * 32 * 32
+    k = schedules.resolution_shift(m, n)
+    assert k == pytest.approx(4.0, rel=1e-15)
+    assert k == pytest.approx(resolution_sigma_max(m) / resolution_sigma_max(n), rel=1e-15)
+    sd = schedules.scaled_linear()
+    shifted = schedules.shift_resolution(sd, 32, 128)
+    torch.testing.assert_close(shifted.sigmas, k * sd.sigmas, rtol=1e-9, atol=0)
+    assert schedules.resolution_shift(m, n, base_shift=3.0) == pytest.approx(12.0)
+    with pytest.raises(ValueError, match="shift must be a positive number"):
+        schedules.rectified_flow(shift=0)
+
+
+def test_with_shift_keeps_alphas_cumprod_and_names_the_shift():
+    base = schedules.rectified_flow()
+    three = schedules.with_shift(base, 3.0)
+    assert three.shift == 3.0 and base.shift == 1.0
+    assert torch.equal(three.alphas_cumprod, base.alphas_cumprod)
+    assert schedules.from_origin(three.origin).shift == 3.0

@@ -151,3 +151,23 @@ def test_describe_plan_is_the_plan_with_its_snr_and_mean_leak():
     top = timesteps.describe_plan(z, 12, "karras", num_values=4 * 64 * 64)
     assert top[0]["t"] == 999 and top[0]["sigma"] is None and top[0]["mean_leak"] == 0.0
     assert top[1]["sigma"] == pytest.approx(timesteps.resolution_sigma_max(4 * 64 * 64), rel=1e-6)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_steps_match_flow_match_euler(shift):
+    """Trailing steps on rectified flow are diffusers' FlowMatchEulerDiscreteScheduler with Flux's sigmas
+    ``linspace(1, 1/S, S)``, shifted; a σ ladder starts at t = T."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = schedules.rectified_flow(shift)
+    for S in (1, 4, 28):
+        ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+        ref.set_timesteps(sigmas=np.linspace(1.0, 1 / S, S).tolist())
+        ours = timesteps.plan(flow, S)
+        torch.testing.assert_close(ours, ref.timesteps.double(), rtol=2e-7, atol=1e-4)
+        assert float(ours[0]) == 1000.0
+    lad = timesteps.plan(flow, 6, "karras", num_values=4 * 64 * 64)
+    assert float(lad[0]) == 1000.0
+    torch.testing.assert_close(flow.sigma_to_t(timesteps.resolution_sigma_max(4 * 64 * 64)), lad[1])
+    with pytest.raises(ValueError, match="trailing steps or a σ ladder"):
+        timesteps.plan(flow, 6, "leading")

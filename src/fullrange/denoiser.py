@@ -14,22 +14,24 @@ from typing import Protocol
 
 import torch
 
-from .prediction import check_prediction, to_x0
+from .prediction import check_prediction, model_input, to_x0
 
 
 class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor: ...
 
 
-def from_model(model, prediction: str) -> Denoiser:
+def from_model(model, prediction: str, coordinates: str = "vp") -> Denoiser:
     """Wrap a network called like a diffusers UNet, ``model(x_t, t, **cond)`` with ``t`` a float (B,)
-    tensor, whose output is an eps, v or x0 prediction; ``.sample`` outputs are unwrapped."""
+    tensor, whose output is an eps, v, x0 or flow prediction; ``.sample`` outputs are unwrapped. ``coordinates``
+    (the schedule's) says what the network sees: ``x_t`` itself, or the flow interpolant for rectified flow."""
     check_prediction(prediction)
     param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     model_dtype = param.dtype if param is not None else None
 
     def denoise(x: torch.Tensor, t: float, alpha_cumprod: float, **cond) -> torch.Tensor:
-        x_in = x if model_dtype is None else x.to(model_dtype)
+        x_in = model_input(coordinates, x, alpha_cumprod)
+        x_in = x_in if model_dtype is None else x_in.to(model_dtype)
         t_in = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
         output = model(x_in, t_in, **cond)
         output = getattr(output, "sample", output)

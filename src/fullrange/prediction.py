@@ -1,8 +1,12 @@
-"""Prediction targets: the only place the eps / v / x0 formulas live (Salimans & Ho 2022, §4 and App. D).
+"""Prediction targets: the only place the eps / v / x0 / flow formulas live (Salimans & Ho 2022, §4 and App. D;
+rectified flow, Liu et al. 2023).
 
 With ``a = sqrt(ᾱ)``, ``s = sqrt(1 - ᾱ)`` and ``x_t = a x0 + s eps``:
-``v = a eps - s x0``, ``x0 = a x_t - s v``, ``x0 = (x_t - s eps) / a``.
-Names match diffusers' ``prediction_type``: ``"epsilon"``, ``"v_prediction"``, ``"sample"``.
+``v = a eps - s x0``, ``x0 = a x_t - s v``, ``x0 = (x_t - s eps) / a``; the flow velocity ``u = eps - x0`` gives
+``x_t = (a + s) x0 + s u``, so ``x0 = (x_t - s u) / (a + s)``, finite everywhere. The flow interpolant
+``(1 - tau) x0 + tau eps`` is ``x_t / (a + s)`` (:func:`to_flow_input`).
+Names match diffusers' ``prediction_type``: ``"epsilon"``, ``"v_prediction"``, ``"sample"``; ``"flow"`` is diffusers'
+``"flow_prediction"`` and what its flow-matching schedulers assume.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import math
 
 import torch
 
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 
 
 def check_prediction(prediction: str) -> str:
@@ -35,12 +39,14 @@ def _coefficients(
 def training_target(
     prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha_cumprod: torch.Tensor | float
 ) -> torch.Tensor:
-    """What the network learns to output: eps, ``v = a eps - s x0``, or x0."""
+    """What the network learns to output: eps, ``v = a eps - s x0``, x0, or the flow velocity ``u = eps - x0``."""
     check_prediction(prediction)
     if prediction == "epsilon":
         return eps
     if prediction == "sample":
         return x0
+    if prediction == "flow":
+        return eps - x0
     a, s = _coefficients(alpha_cumprod, x0)
     return a * eps - s * x0
 
@@ -55,6 +61,8 @@ def to_x0(
     a, s = _coefficients(alpha_cumprod, x_t)
     if prediction == "v_prediction":
         x0 = a * x_t - s * output
+    elif prediction == "flow":
+        x0 = (x_t - s * output) / (a + s)  # a + s >= 1: finite at SNR = 0
     else:
         if bool(torch.as_tensor(a == 0).any()):
             raise ValueError(
@@ -70,6 +78,8 @@ def from_x0(prediction: str, x0: torch.Tensor, x_t: torch.Tensor, alpha_cumprod:
     check_prediction(prediction)
     if prediction == "sample":
         return x0
+    if prediction == "flow":
+        return to_eps(x0, x_t, alpha_cumprod) - x0
     return (to_v if prediction == "v_prediction" else to_eps)(x0, x_t, alpha_cumprod)
 
 
@@ -94,3 +104,20 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, alpha_cumprod: torch.Tensor |
     """The forward process ``x_t = a x0 + s eps`` (DDPM eq. 4)."""
     a, s = _coefficients(alpha_cumprod, x0)
     return a * x0 + s * eps
+
+
+def to_flow_input(x_t: torch.Tensor, alpha_cumprod: torch.Tensor | float) -> torch.Tensor:
+    """The flow interpolant ``(1 - tau) x0 + tau eps = x_t / (a + s)`` of a variance-preserving ``x_t``."""
+    a, s = _coefficients(alpha_cumprod, x_t)
+    return x_t / (a + s)
+
+
+def from_flow_input(x: torch.Tensor, alpha_cumprod: torch.Tensor | float) -> torch.Tensor:
+    """The variance-preserving ``x_t = (a + s) x`` of a flow interpolant ``x``: the inverse of :func:`to_flow_input`."""
+    a, s = _coefficients(alpha_cumprod, x)
+    return x * (a + s)
+
+
+def model_input(coordinates: str, x_t: torch.Tensor, alpha_cumprod: torch.Tensor | float) -> torch.Tensor:
+    """What a network trained in ``coordinates`` (a schedule's ``"vp"`` or ``"flow"``) sees at ``x_t``."""
+    return to_flow_input(x_t, alpha_cumprod) if coordinates == "flow" else x_t

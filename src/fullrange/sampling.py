@@ -140,7 +140,7 @@ def pick(spec: SamplingSpec, sampler: str | None = None, spacing: str | None = N
         picked.append(f"sampler {sampler}")
     if spacing is None:
         spacing = "trailing"
-        picked.append("trailing steps from t = T-1")
+        picked.append("trailing steps from pure noise")
     note = f"fullrange picked {' and '.join(picked)} (benchmarks/nfe_trained.py)" if picked else ""
     return sampler, spacing, note
 
@@ -206,7 +206,7 @@ def sample(
             )
         else:
             noise = signal_leak.start(noise, leak, alpha_cumprod)
-    denoiser = from_model(model, spec.prediction)
+    denoiser = from_model(model, spec.prediction, spec.schedule.coordinates)
     scale = guidance_scale
     if shaping is not None and shaping.cfg_pp:
         if sampler not in CFG_PP_SAMPLERS or options.get("eta", 0.0) != 0:

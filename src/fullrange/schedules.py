@@ -1,7 +1,10 @@
-"""Noise schedules: ᾱ_t builders, zero-terminal-SNR rescaling, resolution shift.
+"""Noise schedules: ᾱ_t builders, zero-terminal-SNR rescaling, resolution shift, rectified flow and its shifts.
 
 Notation (DDPM, 0-indexed): ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) eps`` for ``t`` in ``0..T-1``,
 ``SNR(t) = ᾱ_t / (1 - ᾱ_t)``, k-diffusion ``sigma_t = sqrt((1 - ᾱ_t) / ᾱ_t)``.
+Rectified flow (SD3, Flux) has continuous ``t`` in ``[0, T]`` and flow time ``tau = t / T``:
+``x = (1 - tau) x0 + tau eps`` is the variance-preserving point with ``sqrt(ᾱ) = (1 - tau) / r`` scaled by
+``r = sqrt((1 - tau)² + tau²)``, so its SNR is 0 at ``t = T`` and ``sigma = tau / (1 - tau)``.
 Everything is float64; cast at the boundary.
 """
 
@@ -9,10 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
-SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine")
+SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "rectified_flow")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class Origin:
     beta_start: float | None = None
     beta_end: float | None = None
     zero_terminal_snr: bool = False
+    shift: float | None = None  # rectified flow's time shift
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +41,9 @@ class Schedule:
 
     alphas_cumprod: torch.Tensor
     origin: Origin | None = None
+
+    coordinates: ClassVar[str] = "vp"
+    """What the network sees: ``"vp"``, ``x_t`` itself; ``"flow"``, the flow interpolant (:class:`RectifiedFlow`)."""
 
     def __post_init__(self) -> None:
         ac = self.alphas_cumprod
@@ -54,6 +62,11 @@ class Schedule:
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The training timestep of each ``alphas_cumprod`` entry: ``0..T-1`` (the last is the noisiest)."""
+        return torch.arange(self.num_train_timesteps, dtype=torch.float64)
 
     @property
     def betas(self) -> torch.Tensor:
@@ -109,6 +122,106 @@ class Schedule:
         lo = hi - 1
         frac = (log_sigma - finite[lo]) / (finite[hi] - finite[lo])
         return lo.to(torch.float64) + frac
+
+
+@dataclass(frozen=True, eq=False)
+class RectifiedFlow(Schedule):
+    """Rectified flow (Liu et al. 2023; SD3, Esser et al. 2024): ``x = (1 - tau) x0 + tau eps``, ``tau = t / T``
+    continuous in ``[0, 1]``, SNR = 0 at ``t = T`` by construction.
+
+    ``alphas_cumprod`` tabulates ᾱ at the training timesteps ``t = 1..T`` (diffusers' ``tau = k / T``); between them
+    ᾱ is exact, not interpolated. The network sees the interpolant ``x_t / (sqrt(ᾱ) + sqrt(1 - ᾱ))`` and ``t``
+    (diffusers' timestep ``tau · T``). ``origin.shift`` is the model's time shift (:func:`shift_time`), used where
+    steps or training times are drawn; it does not change ᾱ(t).
+    """
+
+    coordinates: ClassVar[str] = "flow"
+
+    @property
+    def shift(self) -> float:
+        return 1.0 if self.origin is None or self.origin.shift is None else self.origin.shift
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float64)
+
+    def alphas_cumprod_at(self, t: torch.Tensor | float) -> torch.Tensor:
+        """ᾱ at continuous ``t`` in ``[0, T]``: ``(1 - tau)² / ((1 - tau)² + tau²)``, exact."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        T = self.num_train_timesteps
+        if bool(((t < 0) | (t > T)).any()):
+            raise ValueError(f"timesteps must lie in [0, {T}], got {t.tolist()}")
+        return _flow_alphas_cumprod(t / T)
+
+    def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """``t = T · sigma / (1 + sigma)`` (``tau = sigma / (1 + sigma)``; ``sigma = inf`` is ``t = T``)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if bool((sigma < 0).any()):
+            raise ValueError(f"sigma must be >= 0, got {sigma.tolist()}")
+        tau = torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+        return self.num_train_timesteps * tau
+
+
+def _flow_alphas_cumprod(tau: torch.Tensor) -> torch.Tensor:
+    return (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
+
+
+def rectified_flow(shift: float = 1.0, num_train_timesteps: int = 1000) -> RectifiedFlow:
+    """The rectified-flow schedule with time shift ``shift`` (1: none; SD3 uses 3, Flux a shift per image size)."""
+    _check_T(num_train_timesteps)
+    check_shift(shift)
+    tau = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    origin = Origin("rectified_flow", num_train_timesteps, zero_terminal_snr=True, shift=float(shift))
+    return RectifiedFlow(_flow_alphas_cumprod(tau), origin)
+
+
+def check_shift(shift: float) -> float:
+    if not (isinstance(shift, int | float) and 0 < shift < math.inf):
+        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    return float(shift)
+
+
+def shift_time(tau: torch.Tensor | float, shift: float) -> torch.Tensor:
+    """SD3's time shift ``k tau / (1 + (k - 1) tau)`` (Esser et al. 2024, eq. 23).
+
+    In k-diffusion's coordinates it is exactly ``sigma -> k sigma`` (``sigma = tau / (1 - tau)``), the same move as
+    topping a σ ladder at a larger :func:`fullrange.timesteps.resolution_sigma_max`. Flux's exponential shift by μ is
+    ``k = exp(μ)`` (:func:`flux_shift`), diffusers' linear one ``k = μ``."""
+    tau = torch.as_tensor(tau, dtype=torch.float64)
+    return shift * tau / (1 + (shift - 1) * tau)
+
+
+def resolution_shift(num_values: int, base_num_values: int, base_shift: float = 1.0) -> float:
+    """SD3's resolution rule: ``k = base_shift · sqrt(m / n)`` for ``m`` values per sample against the ``n`` of the
+    resolution the shift ``base_shift`` was set for (Esser et al. 2024, §5.3.2)."""
+    if num_values < 1 or base_num_values < 1:
+        raise ValueError(f"num_values must be positive, got {num_values} and {base_num_values}")
+    return check_shift(base_shift) * math.sqrt(num_values / base_num_values)
+
+
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Flux's μ, linear in the number of 2×2 latent patches (diffusers' ``calculate_shift``)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+def flux_shift(image_seq_len: int, **rule) -> float:
+    """Flux's dynamic shift as a static one: its time shift ``exp(μ) / (exp(μ) + 1/tau - 1)`` is
+    :func:`shift_time` with ``k = exp(μ)`` (:func:`flux_mu`)."""
+    return math.exp(flux_mu(image_seq_len, **rule))
+
+
+def with_shift(schedule: RectifiedFlow, shift: float) -> RectifiedFlow:
+    """``schedule`` with another time shift (the same ᾱ(t): the shift decides only which t are visited or drawn)."""
+    check_shift(shift)
+    origin = schedule.origin or Origin("rectified_flow", schedule.num_train_timesteps, zero_terminal_snr=True)
+    return RectifiedFlow(schedule.alphas_cumprod, replace(origin, shift=float(shift)))
 
 
 def from_betas(betas: torch.Tensor, origin: Origin | None = None) -> Schedule:
@@ -174,6 +287,8 @@ def by_name(name: str, num_train_timesteps: int = 1000, *, zero_terminal_snr: bo
 def from_origin(origin: Origin) -> Schedule:
     """The schedule an :class:`Origin` names; betas left ``None`` take the builder's defaults."""
     betas = {k: v for k, v in (("beta_start", origin.beta_start), ("beta_end", origin.beta_end)) if v is not None}
+    if origin.name == "rectified_flow":
+        return rectified_flow(1.0 if origin.shift is None else origin.shift, origin.num_train_timesteps)
     if origin.name == "cosine":
         schedule = cosine(origin.num_train_timesteps)
     elif origin.name in ("linear", "scaled_linear"):

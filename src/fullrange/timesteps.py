@@ -12,7 +12,7 @@ import math
 import torch
 
 from .metrics import mean_leak
-from .schedules import Schedule
+from .schedules import RectifiedFlow, Schedule, shift_time
 
 SPACINGS = ("leading", "linspace", "trailing")
 LADDERS = ("karras", "exponential")
@@ -95,7 +95,7 @@ def ladder(
     """Fractional timesteps of a σ ladder on ``schedule``, descending.
 
     The range defaults to the schedule's own ``[σ(0), σ(T-1)]``. On a zero-terminal-SNR schedule the
-    first step is t = T-1 (σ = ∞, pure noise) and the other ``num_steps - 1`` follow the ladder from
+    first step is its last timestep (σ = ∞, pure noise: t = T-1, or T for rectified flow) and the other ``num_steps - 1`` follow the ladder from
     ``sigma_max`` down: by default :func:`resolution_sigma_max` of ``num_values`` (the sample's C·H·W) when
     given, else :data:`ZTSNR_SIGMA_MAX`; never above the schedule's largest finite σ.
     """
@@ -118,8 +118,18 @@ def ladder(
         ladder_sigmas = exponential_sigmas(sigma_min, sigma_max, n)
     t = schedule.sigma_to_t(ladder_sigmas)
     if ztsnr:
-        t = torch.cat([t.new_tensor([T - 1.0]), t])
+        t = torch.cat([schedule.timesteps[-1:], t])
     return t
+
+
+def flow_steps(schedule: RectifiedFlow, num_steps: int, shift: float | None = None) -> torch.Tensor:
+    """Rectified flow's steps: ``tau = 1 - k / S`` for ``k = 0..S-1`` (from pure noise, evenly spaced; Flux's and
+    diffusers' ``FlowMatchEulerDiscreteScheduler`` with these sigmas), time-shifted by ``shift`` (default the
+    schedule's, :func:`fullrange.schedules.shift_time`), as continuous ``t = T tau``, descending."""
+    if num_steps < 1:
+        raise ValueError(f"steps must be positive, got {num_steps}")
+    tau = 1 - torch.arange(num_steps, dtype=torch.float64) / num_steps
+    return schedule.num_train_timesteps * shift_time(tau, schedule.shift if shift is None else shift)
 
 
 def plan(
@@ -130,9 +140,14 @@ def plan(
     num_values: int | None = None,
 ) -> torch.Tensor:
     """The steps a sampler visits: ``spaced`` for leading / linspace / trailing (``steps_offset`` applies to
-    leading only, as in diffusers), ``ladder`` for karras / exponential (topped by ``num_values``, see there)."""
+    leading only, as in diffusers), ``ladder`` for karras / exponential (topped by ``num_values``, see there).
+    Rectified flow takes trailing steps (:func:`flow_steps`, with its shift) or a ladder."""
     if spacing in LADDERS:
         return ladder(schedule, num_steps, spacing, num_values=num_values)
+    if isinstance(schedule, RectifiedFlow):
+        if spacing != "trailing":
+            raise ValueError(f"rectified flow is sampled with trailing steps or a σ ladder, not {spacing!r}")
+        return flow_steps(schedule, num_steps)
     offset = steps_offset if spacing == "leading" else 0
     return spaced(schedule.num_train_timesteps, num_steps, spacing, offset)
 
