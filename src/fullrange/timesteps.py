@@ -94,15 +94,15 @@ def ladder(
 ) -> torch.Tensor:
     """Fractional timesteps of a σ ladder on ``schedule``, descending.
 
-    The range defaults to the schedule's own ``[σ(0), σ(T-1)]``. On a zero-terminal-SNR schedule the
-    first step is its last timestep (σ = ∞, pure noise: t = T-1, or T for rectified flow) and the other ``num_steps - 1`` follow the ladder from
+    The range defaults to the schedule's own ``[σ(0), σ(T-1)]``. On a zero-terminal-SNR schedule the first step is
+    its last timestep (σ = ∞, pure noise: t = T-1, or T for rectified flow) and the other ``num_steps - 1`` follow the
+    ladder from
     ``sigma_max`` down: by default :func:`resolution_sigma_max` of ``num_values`` (the sample's C·H·W) when
     given, else :data:`ZTSNR_SIGMA_MAX`; never above the schedule's largest finite σ.
     """
     if kind not in LADDERS:
         raise ValueError(f"unknown ladder {kind!r}; choose one of {', '.join(LADDERS)}")
     sigmas = schedule.sigmas
-    T = schedule.num_train_timesteps
     if sigma_min is None:
         sigma_min = float(sigmas[0])
     ztsnr = schedule.zero_terminal_snr
