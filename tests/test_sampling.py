@@ -84,7 +84,7 @@ def test_sample_picks_trailing_ddim_and_says_so(caplog, gen):
     spec = SamplingSpec(ZTSNR, "v_prediction")
     with caplog.at_level(logging.INFO, logger="fullrange"):
         picked = fullrange.sample(model, noise, spec, steps=6)
-    assert "fullrange picked sampler ddim and trailing steps from t = T-1" in caplog.text
+    assert "fullrange picked sampler ddim and trailing steps from pure noise" in caplog.text
     trailing = timesteps.plan(ZTSNR, 6, "trailing")
     torch.testing.assert_close(picked, SAMPLERS["ddim"](data.denoise, noise, ZTSNR, trailing), atol=1e-5, rtol=0)
     assert fullrange.sampling.pick(STABLE_DIFFUSION)[:2] == ("ddim", "trailing")  # not SD's own leading

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -26,11 +26,12 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from .guidance import Shaping, cfg
-from .prediction import from_x0, to_x0
+from .prediction import from_flow_input, from_x0, to_flow_input, to_x0
 from .samplers import Stepper, get
 from .samplers._common import Ladder, prepare
 from .sampling import pick
-from .scheduler_config import spec_from_config
+from .scheduler_config import flow_shift_from_config, flow_spec_from_config, is_flow_config, spec_from_config
+from .schedules import shift_time, with_shift
 from .timesteps import LADDERS, SPACINGS
 
 
@@ -80,6 +81,16 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
                 "rescale_betas_zero_snr": rescale_betas_zero_snr,
             }
         )
+        self._setup(sampler, spacing, sampler_options)
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``; a flow-matching config (SD3, Flux) gives a :class:`FullrangeFlowScheduler`."""
+        if cls is FullrangeScheduler and config is not None and is_flow_config(dict(config)):
+            return FullrangeFlowScheduler.from_config(config, return_unused_kwargs, **kwargs)
+        return super().from_config(config, return_unused_kwargs, **kwargs)
+
+    def _setup(self, sampler: str | None, spacing: str | None, sampler_options: dict | None) -> None:
         if spacing is not None and spacing not in SPACINGS + LADDERS:
             raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + LADDERS)}")
         self.sampler, self.spacing, self.note = pick(self.spec, sampler, spacing)
@@ -158,7 +169,8 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
         i = self._points[k]
         if self._stepper is None:  # at the first step, or img2img's begin: no history yet
             self._stepper = self._solver.make(lad, i, **self.options)
-        x = sample.float()
+        flow = self.spec.schedule.coordinates == "flow"  # the pipeline's latents are the flow interpolant
+        x = from_flow_input(sample.float(), lad.alphas_cumprod[i]) if flow else sample.float()
         x0 = to_x0(self.spec.prediction, model_output.float(), x, lad.alphas_cumprod[i])
         stepper = self._stepper
         if stepper.at_start and self._points[k + 1 : k + 2] == [i]:
@@ -169,6 +181,8 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
             prev = x0
         else:
             prev = stepper.step(x, x0, generator)
+            if flow:
+                prev = to_flow_input(prev, lad.alphas_cumprod[stepper.i])
         self._step_index += 1
         out = (prev.to(sample.dtype), x0.to(sample.dtype))
         return FullrangeSchedulerOutput(*out) if return_dict else out
@@ -182,6 +196,75 @@ class FullrangeScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+class FullrangeFlowScheduler(FullrangeScheduler):
+    """:class:`FullrangeScheduler` for rectified-flow models (SD3, Flux): it reads a ``FlowMatchEulerDiscreteScheduler``
+    config (``shift``, or ``use_dynamic_shifting`` with the ``mu`` the pipeline passes) and keeps the pipeline's
+    latents in flow coordinates, ``(1 - tau) x0 + tau eps``, stepping in variance-preserving ones.
+
+    Steps: the ``sigmas`` a pipeline passes (Flux's ``linspace(1, 1/S, S)``), shifted as diffusers does; without them
+    :func:`fullrange.timesteps.flow_steps` (the same sigmas: diffusers' own default for SD3 ends one shift lower) or
+    a σ ladder (``spacing="karras"``, unshifted). DDIM (the default) is diffusers' flow-matching Euler step exactly.
+
+        pipe.scheduler = FullrangeFlowScheduler.from_config(pipe.scheduler.config, sampler="unipc")
+    """
+
+    _compatibles: ClassVar[list[str]] = ["FlowMatchEulerDiscreteScheduler"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        invert_sigmas: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        sampler: str | None = None,
+        spacing: str | None = None,
+        sampler_options: dict | None = None,
+        num_values: int = 16 * 128 * 128,
+    ):
+        self.spec = flow_spec_from_config(dict(self.config))
+        self._setup(sampler, spacing, sampler_options)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ) -> None:
+        """Plan the steps: explicit ``timesteps``, the pipeline's ``sigmas`` shifted, or ``num_inference_steps`` of
+        the scheduler's spacing; ``mu`` is Flux's dynamic shift (required with ``use_dynamic_shifting``)."""
+        shift = flow_shift_from_config(dict(self.config), mu)
+        self.spec = replace(self.spec, schedule=with_shift(self.spec.schedule, shift))
+        T = self.config.num_train_timesteps
+        if timesteps is not None:
+            steps = torch.as_tensor(timesteps, dtype=torch.float64)
+        elif sigmas is not None:
+            steps = T * shift_time(torch.as_tensor(sigmas, dtype=torch.float64), shift)
+        elif num_inference_steps is None:
+            raise ValueError("give num_inference_steps, sigmas or timesteps")
+        else:
+            steps = self.spec.plan(num_inference_steps, self.spacing, num_values=self.config.num_values)
+        self._plan(steps, device)
+
+    def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The flow interpolant ``(1 - tau) sample + tau noise`` at ``timestep`` (img2img's start)."""
+        t = torch.as_tensor(timestep).detach().flatten().cpu().to(torch.float64)
+        tau = (t / self.config.num_train_timesteps).to(sample.device, torch.float32)
+        tau = tau.reshape(-1, *(1,) * (sample.ndim - 1))
+        return ((1 - tau) * sample.float() + tau * noise.float()).to(sample.dtype)
 
 
 def guide(pipe, shaping: Shaping | None = None, space: str = "v") -> torch.utils.hooks.RemovableHandle:

@@ -123,9 +123,11 @@ ZERO_SNR_RESCALE = 0.7
 def default_rescale(spec: SamplingSpec, shaping: Shaping | None = None) -> float:
     """The guidance rescale φ :func:`sample` uses where none is given: :data:`ZERO_SNR_RESCALE` at zero terminal SNR,
     where guidance over-exposes (measured in ``fullrange reproduce`` and ``benchmarks/nfe_trained.py``), else 0; 0
-    for CFG++, whose λ <= 1 interpolates between the branches instead of extrapolating."""
+    for CFG++, whose λ <= 1 interpolates between the branches instead of extrapolating, and for rectified flow (SD3,
+    Flux: sampled without a rescale by their authors; fullrange has not measured one there)."""
     cfg_pp = shaping is not None and shaping.cfg_pp
-    return ZERO_SNR_RESCALE if spec.schedule.zero_terminal_snr and not cfg_pp else 0.0
+    measured = spec.schedule.coordinates == "vp"  # not measured on rectified-flow models: they keep their authors' 0
+    return ZERO_SNR_RESCALE if spec.schedule.zero_terminal_snr and measured and not cfg_pp else 0.0
 
 
 def pick(spec: SamplingSpec, sampler: str | None = None, spacing: str | None = None):
