@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import fullrange
 from fullrange import losses, models, schedules, toy
 
 
@@ -73,3 +74,50 @@ def test_batch_loss_weights_each_sample_and_shards_add_up():
     assert loss() == pytest.approx(sum(per_sample) / 4, rel=1e-5)
     weighted = loss(weight=torch.tensor([1.0, 0.0, 2.0, 0.0]))
     assert weighted == pytest.approx((per_sample[0] + 2 * per_sample[2]) / 4, rel=1e-5)
+
+
+def test_flow_min_snr_weight_is_the_x0_weight_in_velocity_units():
+    """An error δ in u is an error ``s/(a + s) δ`` in x0; the flow weight times u's MSE must be ``min(SNR, γ)``
+    times x0's MSE."""
+    ac = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.999], dtype=torch.float64)
+    a, s = ac.sqrt(), (1 - ac).sqrt()
+    x0_per_u = (s / (a + s)) ** 2
+    snr = ac / (1 - ac)
+    expected = snr.clamp(max=5.0) * x0_per_u
+    torch.testing.assert_close(losses.min_snr_weight(snr, "flow", 5.0), expected)
+
+
+def test_flow_timestep_draws_are_sd3s_logit_normal_shifted():
+    """``t = T · shift(sigmoid(n))`` with n standard normal: the median is ``T · shift(1/2)``; its logit is normal."""
+    for shift in (1.0, 3.0):
+        spec = fullrange.SamplingSpec(schedules.rectified_flow(shift), "flow")
+        recipe = losses.Recipe("flow", spec, timestep_draw="logit_normal")
+        t = losses.draw_timesteps(recipe, 200_000, torch.Generator().manual_seed(0))
+        assert t.dtype == torch.float64 and t.min() > 0 and t.max() < 1000
+        assert t.median().item() == pytest.approx(1000 * shift / (1 + shift), rel=0.01)
+        tau = t / 1000
+        unshifted = tau / (shift - (shift - 1) * tau)  # the inverse of k u / (1 + (k - 1) u)
+        logit = torch.logit(unshifted)
+        assert abs(logit.mean().item()) < 0.01 and logit.std().item() == pytest.approx(1.0, abs=0.01)
+    uniform = losses.Recipe("flow", fullrange.SamplingSpec(schedules.rectified_flow(), "flow"))
+    t = losses.draw_timesteps(uniform, 200_000, torch.Generator().manual_seed(1))
+    assert t.mean().item() == pytest.approx(500, abs=2) and t.dtype == torch.float64
+    with pytest.raises(ValueError, match="unknown timestep_draw 'beta'"):
+        losses.Recipe("broken", timestep_draw="beta")
+
+
+def test_flow_batch_loss_feeds_the_interpolant_and_learns_the_velocity():
+    """A network that sees the flow interpolant ``(1 - tau) x0 + tau eps`` and t = T tau, and answers with the exact
+    ``eps - x0`` it can recover from them (it is told x0), has zero loss; one a flow sign off does not."""
+    recipe = losses.get_recipe("flow")
+    x0 = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def oracle(x, t, sign=1.0):
+        tau = (t.double() / 1000).view(-1, 1, 1, 1)
+        eps = (x.double() - (1 - tau) * x0.double()) / tau  # invert the interpolant
+        return (sign * (eps - x0.double())).float()
+
+    loss = losses.batch_loss(oracle, x0, {}, recipe, torch.Generator().manual_seed(3))
+    assert loss.item() < 1e-8
+    wrong = losses.batch_loss(lambda x, t: oracle(x, t, -1.0), x0, {}, recipe, torch.Generator().manual_seed(3))
+    assert wrong.item() > 0.5

@@ -184,7 +184,9 @@ def test_cli_a_tone_at_zero_terminal_snr_says_how_it_acts(tiny_sd, tmp_path):
     said = "note: the first step (t = 999) is at zero SNR, where nothing leaks: the tone replaces the lowest"
     assert said in toned.output and "zero SNR" not in plain.output and "warning" not in toned.output
     # What it picked for a zero-terminal-SNR model, said once: DDIM on trailing steps.
-    assert plain.output.count("note: fullrange picked sampler ddim and trailing steps from pure noise") == 1, plain.output
+    assert plain.output.count("note: fullrange picked sampler ddim and trailing steps from pure noise") == 1, (
+        plain.output
+    )
     images = [np.asarray(Image.open(tmp_path / f / "000000-x.png")) for f in ("a", "b")]
     assert not np.array_equal(*images)
 

@@ -11,8 +11,10 @@ from . import noise, prediction
 from .denoiser import map_cond
 from .prediction import check_prediction
 from .sampling import STABLE_DIFFUSION, ZERO_TERMINAL_SNR, SamplingSpec
+from .schedules import RectifiedFlow, rectified_flow, shift_time
 
 WEIGHTINGS = ("none", "min_snr")
+TIMESTEP_DRAWS = ("uniform", "logit_normal")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class Recipe:
     weighting: str = "none"
     snr_gamma: float = 5.0
     weight_floor: float = 0.0
+    timestep_draw: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         if self.noise not in noise.NOISES:
@@ -38,6 +43,11 @@ class Recipe:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(
                 f"recipe {self.name!r}: unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}"
+            )
+        if self.timestep_draw not in TIMESTEP_DRAWS:
+            raise ValueError(
+                f"recipe {self.name!r}: unknown timestep_draw {self.timestep_draw!r}; "
+                f"choose one of {', '.join(TIMESTEP_DRAWS)}"
             )
 
     def describe(self) -> dict:
@@ -51,9 +61,11 @@ RECIPES = {
     "offset": Recipe("offset", noise="offset", offset_strength=0.1),
     "pyramid": Recipe("pyramid", noise="pyramid", pyramid_discount=0.8),
     "ztsnr": Recipe("ztsnr", ZERO_TERMINAL_SNR),
+    "flow": Recipe("flow", SamplingSpec(rectified_flow(), "flow"), timestep_draw="logit_normal"),
 }
-"""Stable Diffusion's recipe (scaled_linear, eps, iid noise, leading steps) and the three fixes of the article and the
-paper: offset noise, pyramid noise, zero terminal SNR with v-prediction and trailing steps."""
+"""Stable Diffusion's recipe (scaled_linear, eps, iid noise, leading steps), the three fixes of the article and the
+paper (offset noise, pyramid noise, zero terminal SNR with v-prediction and trailing steps), and rectified flow as
+SD3 trains it (flow target, logit-normal(0, 1) times, no shift at the base size, no weighting; Esser et al. 2024)."""
 
 
 def get_recipe(name: str) -> Recipe:
@@ -69,12 +81,32 @@ def sample_timesteps(
     return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
 
 
+def draw_timesteps(recipe: Recipe, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The recipe's training timesteps, shape (B,), on the CPU. ``u`` in (0, 1) is uniform or logit-normal
+    (``sigmoid(N(logit_mean, logit_std²))``, SD3's §3.1); rectified flow trains at continuous ``t = T · shift(u)``
+    (its schedule's shift, :func:`fullrange.schedules.shift_time`), a table schedule at ``t = floor(u T)``. Uniform
+    draws on a table are :func:`sample_timesteps` (integers)."""
+    schedule = recipe.spec.schedule
+    T = schedule.num_train_timesteps
+    if recipe.timestep_draw == "uniform" and not isinstance(schedule, RectifiedFlow):
+        return sample_timesteps(batch_size, T, generator)
+    if recipe.timestep_draw == "logit_normal":
+        normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+        u = torch.sigmoid(recipe.logit_mean + recipe.logit_std * normal)
+    else:
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    if isinstance(schedule, RectifiedFlow):
+        return T * shift_time(u, schedule.shift)
+    return (u * T).long().clamp(max=T - 1)
+
+
 def min_snr_weight(snr: torch.Tensor, prediction: str, gamma: float = 5.0, floor: float = 0.0) -> torch.Tensor:
     """Min-SNR-γ (Hang et al. 2023) for the target actually trained, finite at SNR = 0.
 
     The weight on the x0-MSE is ``min(SNR, γ)``; divided by the target's own scale it becomes
     ``min(1, γ/SNR)`` for eps (1 at SNR = 0, the limit of ``min(SNR, γ)/SNR``), ``min(SNR, γ)/(SNR + 1)``
-    for v and ``min(SNR, γ)`` for x0. The last two are 0 at SNR = 0, which silences exactly the steps that
+    for v, ``min(SNR, γ)`` for x0 and ``min(SNR, γ)/(1 + sqrt(SNR))²`` for the flow velocity (its x0 error is
+    ``s/(a + s)`` times u's). The last two are 0 at SNR = 0, which silences exactly the steps that
     set the image mean at zero terminal SNR; ``floor`` is a lower bound on the weight that keeps them.
     """
     check_prediction(prediction)
@@ -84,6 +116,8 @@ def min_snr_weight(snr: torch.Tensor, prediction: str, gamma: float = 5.0, floor
         weight = (gamma / snr).clamp(max=1.0)  # γ / 0 = inf at SNR = 0 clamps to 1, the limit
     elif prediction == "v_prediction":
         weight = clipped / (snr + 1)
+    elif prediction == "flow":
+        weight = clipped / (1 + snr.sqrt()) ** 2
     else:
         weight = clipped
     return weight.clamp(min=floor)
@@ -122,7 +156,7 @@ def batch_loss(
     process would. ``weight`` scales each sample's loss (prior preservation).
     """
     schedule, target_kind = recipe.spec.schedule, recipe.spec.prediction
-    t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, generator)
+    t = draw_timesteps(recipe, x0.shape[0], generator)
     eps = draw_noise(recipe, tuple(x0.shape), generator)
     eps_in = noise.perturb(eps, recipe.input_perturbation, generator) if recipe.input_perturbation else eps
     device = device if device is not None else x0.device
@@ -130,13 +164,14 @@ def batch_loss(
     shard = slice(rank * share, (rank + 1) * share)
     t, x0, eps, eps_in = t[shard], x0[shard].to(device), eps[shard].to(device), eps_in[shard].to(device)
     cond = map_cond(lambda v: v[shard].to(device), cond)
-    ac = schedule.alphas_cumprod[t].to(device)
+    ac = (schedule.alphas_cumprod[t] if t.dtype == torch.int64 else schedule.alphas_cumprod_at(t)).to(device)
     x_t = prediction.add_noise(x0, eps_in, ac)
     target = prediction.training_target(target_kind, x0, eps, ac)  # the unperturbed eps: perturbation moves only x_t
-    output = model(x_t, t.to(device), **cond)
+    t_in = t.to(device) if t.dtype == torch.int64 else t.to(device, torch.float32)
+    output = model(prediction.model_input(schedule.coordinates, x_t, ac), t_in, **cond)
     per_sample = per_sample_mse(getattr(output, "sample", output), target)
     if recipe.weighting == "min_snr":
-        snr_weight = min_snr_weight(schedule.snr[t], target_kind, recipe.snr_gamma, recipe.weight_floor)
+        snr_weight = min_snr_weight(ac / (1 - ac), target_kind, recipe.snr_gamma, recipe.weight_floor)
         per_sample = per_sample * snr_weight.to(device=device, dtype=per_sample.dtype)
     if weight is not None:
         per_sample = per_sample * weight[shard].to(device=device, dtype=per_sample.dtype)
