@@ -249,3 +249,20 @@ def test_inspect_reads_damaged_and_hostile_configs_as_findings(trained, tmp_path
     command = next(line for line in out.splitlines() if line.startswith("sample with: "))
     assert shlex.split(command)[shlex.split(command).index("--model") + 1] == str(folder)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_unet_with_a_flow_matching_config_is_inspected_and_sampled_as_rectified_flow(tmp_path):
+    """A diffusers folder whose scheduler is flow-matching (an SD model converted to rectified flow, say): inspect
+    reads it as flow prediction at SNR = 0 and writes the config back; sample takes its shift and says so."""
+    folder = save_tiny_stable_diffusion(tmp_path / "m")
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    found = inspect(str(folder))
+    assert (found.prediction, found.zero_terminal_snr, found.how["prediction"]) == ("flow", True, "markers")
+    assert found.probe is None and found.scheduler_config == config
+    assert found.settings["guidance_rescale"] == 0.0 and found.settings["spacing"] == "trailing"
+    out = runner.invoke(
+        app, ["sample", "--model", str(folder), "--prompt", "a", "--steps", "3", "--out", str(tmp_path / "o")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "rectified flow: trailing steps with the model's time shift 3" in out.output

@@ -144,6 +144,9 @@ def pick(spec: SamplingSpec, sampler: str | None = None, spacing: str | None = N
         spacing = "trailing"
         picked.append("trailing steps from pure noise")
     note = f"fullrange picked {' and '.join(picked)} (benchmarks/nfe_trained.py)" if picked else ""
+    if isinstance(spec.schedule, schedules.RectifiedFlow) and spacing == "trailing":
+        shift = f"rectified flow: trailing steps with the model's time shift {spec.schedule.shift:g}"
+        note = f"{note}; {shift}" if note else shift
     return sampler, spacing, note
 
 

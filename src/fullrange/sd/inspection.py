@@ -109,7 +109,7 @@ def probe(model: StableDiffusion, seed: int = 0) -> Probe:
     time_ids = model.time_ids(pixels, (0, 0), pixels)
     cond = model.condition(model.encode_prompts([""]), None if time_ids is None else time_ids.unsqueeze(0))
     param = next(unet.parameters())
-    t = torch.full((1,), model.spec.schedule.num_train_timesteps - 1.0, device=param.device)
+    t = torch.full((1,), float(model.spec.schedule.timesteps[-1]), device=param.device)
     out = unet(x.to(param), t, **cond).sample.float().cpu()
     return Probe.of(out, x)
 

@@ -1,6 +1,7 @@
 """What a checkpoint says about how it must be sampled: its prediction type and zero terminal SNR, written four ways.
 
-- ``diffusers``: the scheduler config's ``prediction_type`` and ``rescale_betas_zero_snr``;
+- ``diffusers``: the scheduler config's ``prediction_type`` and ``rescale_betas_zero_snr``, or a flow-matching config
+  (rectified flow: flow prediction, SNR = 0 at t = T);
 - ``comfyui``: empty ``v_pred`` / ``ztsnr`` tensors in a single file (their presence is the marker);
 - ``kohya``: ``ss_v_parameterization`` / ``ss_zero_terminal_snr`` in the safetensors metadata;
 - ``modelspec``: ``modelspec.prediction_type`` in the safetensors metadata (``epsilon`` or ``v``).
@@ -13,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..scheduler_config import is_flow_config
+
 PRECEDENCE = ("diffusers", "comfyui", "kohya", "modelspec")
 """Which convention wins a disagreement: the most explicit first (a config, then marker tensors, then metadata)."""
 PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
-PREDICTIONS |= {"sample": "sample", "x0": "sample"}
+PREDICTIONS |= {"sample": "sample", "x0": "sample", "flow": "flow", "flow_prediction": "flow"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ def from_header(header: dict, source: str) -> list[Marker]:
 
 def from_config(config: dict, source: str) -> list[Marker]:
     """The markers of a diffusers scheduler config (only the keys it sets)."""
+    if is_flow_config(config):
+        key = "_class_name" if "_class_name" in config else "use_dynamic_shifting"
+        return [Marker(source, "diffusers", key, str(config.get(key)), prediction="flow", zero_terminal_snr=True)]
     found = []
     if config.get("prediction_type") is not None:
         value = config["prediction_type"]
