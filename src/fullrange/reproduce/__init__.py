@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .common import PRESETS, Context, Preset, provenance, write_json
+from .convert import convert_experiment
 from .facts import exact_sweep, schedule_facts
 from .finetune import finetune_experiment
 from .report import write_report
@@ -26,6 +27,7 @@ EXPERIMENTS: dict[str, Callable[[Context], dict]] = {
     "exact_sweep": exact_sweep,
     "from_scratch": from_scratch,
     "finetune": finetune_experiment,
+    "convert": convert_experiment,
     "guidance": guidance_experiment,
     "sample_steps": sample_steps,
     "training_free": training_free,

@@ -12,7 +12,16 @@ from pathlib import Path
 
 from ..files import write_bytes
 
-ORDER = ("schedule_facts", "exact_sweep", "from_scratch", "finetune", "guidance", "sample_steps", "training_free")
+ORDER = (
+    "schedule_facts",
+    "exact_sweep",
+    "from_scratch",
+    "finetune",
+    "convert",
+    "guidance",
+    "sample_steps",
+    "training_free",
+)
 
 
 def _results(out: Path) -> list[dict]:
@@ -25,6 +34,7 @@ TITLES = {
     "exact_sweep": "with an exact denoiser, which schedules and steps keep the range?",
     "from_scratch": "trained from scratch, which recipes reach the full range?",
     "finetune": "fine-tuned on one black image, which recipe gets there?",
+    "convert": "an SD-recipe model converted to flow: how far, and when to stop?",
     "guidance": "guidance at zero terminal SNR: over-exposure, its rescale, colour casts",
     "sample_steps": "where sampling starts: leading, linspace or trailing steps",
     "training_free": "no fine-tuning: the leak-aware start",
