@@ -268,3 +268,43 @@ def test_the_probe_reads_comfyuis_unet_as_fullranges_probe_reads_diffusers(twin,
         unet, "forward", lambda x, **kwargs: torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
     )
     assert comfyui.probe(twin.model).prediction == "v_prediction"
+
+
+def test_comfyuis_model_sampling_sd3_is_fullranges_rectified_flow():
+    """ComfyUI's ModelSamplingSD3 node (its own patch code) on an SD-architecture model: its "simple" sigmas are
+    fullrange's trailing flow steps with the same shift, its timestep is ``t = 1000 tau``, its start is the flow
+    interpolant and its denoised output is fullrange's x0 of a flow prediction. So a UNet converted to plain
+    rectified flow is sampled by ComfyUI as fullrange samples it."""
+    from fullrange import prediction, schedules, timesteps
+
+    comfy = oracles.comfyui()
+    patched = {}
+
+    class Patcher:  # the part of ComfyUI's ModelPatcher the node touches
+        model = SimpleNamespace(model_config=None)
+
+        def clone(self):
+            return self
+
+        def add_object_patch(self, name, value):
+            patched[name] = value
+
+    comfy.nodes_model_advanced.ModelSamplingSD3().patch(Patcher(), shift=3.0)
+    sampling = patched["model_sampling"]
+    flow = schedules.rectified_flow(3.0)
+    for steps in (4, 10, 25, 28):
+        sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", steps).double()
+        ours = timesteps.plan(flow, steps)
+        if 1000 % steps:  # ComfyUI picks entries of its 1000-step table: 1 - floor(k T / S) / T before the shift
+            k = torch.arange(steps, dtype=torch.float64)
+            ours = 1000 * schedules.shift_time(1 - (k * 1000 / steps).floor() / 1000, 3.0)
+        torch.testing.assert_close(sigmas[:-1] * 1000, ours, rtol=0, atol=2e-4)
+        torch.testing.assert_close(sampling.timestep(sigmas[:-1]).double(), ours, rtol=0, atol=2e-4)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, u = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    tau = 0.6
+    ac = float(flow.alphas_cumprod_at(1000 * tau))
+    start = sampling.noise_scaling(torch.tensor(tau), noise, x0)
+    torch.testing.assert_close(start, prediction.to_flow_input(prediction.add_noise(x0, noise, ac), ac))
+    denoised = sampling.calculate_denoised(torch.tensor(tau), u, start)
+    torch.testing.assert_close(denoised, prediction.to_x0("flow", u, prediction.from_flow_input(start, ac), ac))

@@ -19,6 +19,7 @@ from fullrange.sd.config import ModelConfig
 from fullrange.sd.export import export
 from fullrange.sd.inspection import inspect
 from fullrange.sd.testing import save_tiny_stable_diffusion
+from fullrange.sd.tools import settings_for
 
 runner = CliRunner()
 
@@ -266,3 +267,33 @@ def test_a_unet_with_a_flow_matching_config_is_inspected_and_sampled_as_rectifie
     )
     assert out.exit_code == 0, out.output
     assert "rectified flow: trailing steps with the model's time shift 3" in out.output
+    comfy = settings_for("comfyui", found, folder)
+    assert comfy.settings[0].startswith("ModelSamplingSD3: shift = 3 ")
+    assert "samples it as epsilon" in comfy.warnings[-1]
+    assert "FlowMatchEulerDiscreteScheduler', 'shift': 3}" in settings_for("diffusers", found, folder).settings[0]
+    assert "no flow sampling" in settings_for("a1111", found, folder).warnings[-1]
+
+
+def test_a_diffusers_sd_pipeline_samples_a_flow_unet_with_fullranges_scheduler(tmp_path):
+    """What ``inspect --for diffusers`` says for a flow UNet works: StableDiffusionPipeline with
+    ``FullrangeScheduler.from_config(a flow-matching config)`` equals ``fullrange.sample`` with the flow spec."""
+    from diffusers import StableDiffusionPipeline
+
+    from fullrange import sampling, schedules
+    from fullrange.diffusers import FullrangeScheduler
+
+    folder = save_tiny_stable_diffusion(tmp_path / "m")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+    pipe.scheduler = FullrangeScheduler.from_config(config, sampler="dpmpp_2m")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    embeds = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=g)
+    out = pipe(
+        prompt_embeds=embeds, latents=latents, num_inference_steps=5, guidance_scale=1.0, output_type="latent"
+    ).images
+    spec = sampling.SamplingSpec(schedules.rectified_flow(3.0), "flow")
+    ours = sampling.sample(
+        pipe.unet, latents, spec, sampler="dpmpp_2m", steps=5, cond={"encoder_hidden_states": embeds}
+    )
+    torch.testing.assert_close(out, ours, rtol=0, atol=1e-5)

@@ -104,6 +104,11 @@ def config_from_spec(spec: SamplingSpec) -> dict:
     origin = spec.schedule.origin
     if origin is None:
         raise ValueError("this schedule was not built by name (linear, scaled_linear, cosine): no config names it")
+    if spec.prediction == "flow" and origin.name != "rectified_flow":
+        raise ValueError(
+            "flow prediction on a VP timestep table (fullrange's aligned conversion) has no diffusers scheduler "
+            "config: fullrange.sample and FullrangeScheduler sample it"
+        )
     if origin.name == "rectified_flow":
         return {
             "_class_name": "FlowMatchEulerDiscreteScheduler",

@@ -34,6 +34,9 @@ def settings_for(tool: str, found: Inspection, path: Path | str) -> ToolSettings
     single = path.is_file() and path.suffix == ".safetensors"
     v, ztsnr = found.prediction == "v_prediction", found.zero_terminal_snr
     marked = {m.key for m in found.found if m.convention == "comfyui" and Path(m.source) == path}
+    if found.prediction == "flow":
+        settings, warnings = _flow(tool, found.scheduler_config.get("shift", 1.0))
+        return ToolSettings(tool, tuple(settings), tuple(warnings))
     settings, warnings = {
         "comfyui": _comfyui,
         "a1111": _a1111,
@@ -45,6 +48,30 @@ def settings_for(tool: str, found: Inspection, path: Path | str) -> ToolSettings
         command = f"fullrange export --model {path} --out NAME.safetensors"
         warnings.insert(0, f"{TOOLS[tool]} loads single files: write one with `{command}`")
     return ToolSettings(tool, tuple(settings), tuple(warnings))
+
+
+def _flow(tool: str, shift: float) -> tuple[list[str], list[str]]:
+    """A UNet trained as rectified flow (SD's architecture, the flow interpolant at t = 1000 tau, velocity out)."""
+    if tool == "comfyui":
+        settings = [
+            f"ModelSamplingSD3: shift = {shift:g} (flow sampling of this UNet: input the interpolant, t = 1000 tau)",
+            "KSampler: sampler_name = euler, scheduler = simple, denoise = 1",
+        ]
+        warnings = [
+            "no marker tells ComfyUI that an SD / SDXL UNet is a flow model: without ModelSamplingSD3 it "
+            "samples it as epsilon"
+        ]
+    elif tool == "diffusers":
+        settings = [
+            f"pipe.scheduler = FullrangeScheduler.from_config({{'_class_name': 'FlowMatchEulerDiscreteScheduler', "
+            f"'shift': {shift:g}}}) (fullrange.diffusers: SD pipelines call scale_model_input, which diffusers' "
+            "FlowMatchEulerDiscreteScheduler lacks)",
+        ]
+        warnings = []
+    else:
+        settings = []
+        warnings = [f"{TOOLS[tool]} has no flow sampling for SD / SDXL UNets known to fullrange (not checked here)"]
+    return settings, warnings
 
 
 def _comfyui(found, path, v, ztsnr, single, marked):
