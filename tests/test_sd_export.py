@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fullrange.cli import app
-from fullrange.sampling import ZERO_TERMINAL_SNR
+from fullrange.sampling import STABLE_DIFFUSION, ZERO_TERMINAL_SNR, retrained
 from fullrange.sd import load_stable_diffusion, markers, single_file
 from fullrange.sd.config import ModelConfig
 from fullrange.sd.export import FAMILIES, export
@@ -337,3 +337,31 @@ def test_export_diffusers_by_default_samples_in_plain_diffusers_on_the_cpu(tiny_
     stored = load_file(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary or old folder left
+
+
+def test_a_rectified_flow_unet_exports_with_its_shift_and_comfyuis_flow_workflow(tmp_path):
+    """A plain rectified-flow UNet: the single file says flow and its shift, the workflow beside it has ComfyUI's
+    ModelSamplingSD3 with that shift (instead of any v / ztsnr marker), and fullrange reads the file back as the same
+    rectified flow. Flow prediction on SD's own timesteps (the aligned conversion) is refused in one line."""
+    import json as _json
+
+    from fullrange.sd.testing import save_tiny_stable_diffusion
+
+    folder = save_tiny_stable_diffusion(tmp_path / "m")
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    (folder / "scheduler" / "scheduler_config.json").write_text(_json.dumps(config))
+    model = load_stable_diffusion(folder)
+    written = export(tmp_path / "flow.safetensors", model, family="sd1")
+    assert [p.name for p in written] == ["flow.safetensors", "flow.comfyui.json"]
+    header = single_file.read_header(written[0])
+    assert "v_pred" not in header and "ztsnr" not in header
+    assert header["__metadata__"]["modelspec.prediction_type"] == "flow"
+    assert header["__metadata__"]["fullrange.flow_shift"] == "3"
+    workflow = _json.loads(written[1].read_text())
+    assert workflow["2"] == {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    back = load_stable_diffusion(ModelConfig(str(written[0]), config=str(folder)))
+    assert back.spec.prediction == "flow" and back.spec.schedule.shift == 3.0
+    assert back.spec.schedule.coordinates == "flow"
+    aligned = replace(load_stable_diffusion(folder), spec=retrained(STABLE_DIFFUSION, "flow", True))
+    with pytest.raises(ValueError, match="aligned conversion"):
+        export(tmp_path / "aligned.safetensors", aligned, family="sd1")

@@ -18,12 +18,31 @@ from .model import FAMILIES, StableDiffusion, as_pipeline
 __all__ = ["FAMILIES", "export", "export_diffusers", "save_pipeline"]
 
 
+FLOW_SHIFT_KEY = "fullrange.flow_shift"
+"""Metadata key of a rectified-flow single file: its time shift (fullrange's; ``modelspec.prediction_type`` is
+``flow``)."""
+
+
+def refuse_aligned_flow(spec) -> bool:
+    """Whether ``spec`` is rectified flow (exportable: ComfyUI's ModelSamplingSD3 samples it); a ValueError for flow
+    prediction on a VP timestep table (the aligned conversion), which only fullrange samples."""
+    if spec.prediction != "flow":
+        return False
+    if spec.schedule.coordinates != "flow":
+        raise ValueError(
+            "a flow-prediction model on SD's own timesteps (the aligned conversion) is sampled by fullrange only: "
+            "no tool feeds it those timesteps, so it is not exported"
+        )
+    return True
+
+
 def checkpoint_state(model: StableDiffusion, family: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """What a single file of ``model`` holds: its networks' tensors in the LDM layout of ``family`` (every adapter
     merged in place first; a name still an adapter's is refused), on their own device and dtype (the meta device
     too: shapes and names without memory), ComfyUI's ``v_pred`` / ``ztsnr`` marker tensors, and the metadata
     (kohya's ``ss_*``, ``modelspec.*``) that say how it must be sampled."""
     family = model.layout(family)
+    flow = refuse_aligned_flow(model.spec)
     merge_all(model)
     second = model.text_encoder_2.state_dict() if model.is_xl else None
     state = {
@@ -37,8 +56,11 @@ def checkpoint_state(model: StableDiffusion, family: str | None = None) -> tuple
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE[family].removesuffix("/lora"),
-        "modelspec.prediction_type": "v" if v else "epsilon",
+        "modelspec.prediction_type": "flow" if flow else "v" if v else "epsilon",
     }
+    if flow:  # no tool reads a flow marker in an SD / SDXL file: the workflow beside it says ModelSamplingSD3
+        metadata[FLOW_SHIFT_KEY] = f"{model.spec.schedule.shift:g}"
+        return state, metadata
     if v:
         state["v_pred"] = torch.tensor([])
         metadata["ss_v_parameterization"] = "true"
@@ -69,8 +91,13 @@ def companions(path: Path | str, model: StableDiffusion, family: str) -> list[Pa
     """
     v, ztsnr = model.spec.prediction == "v_prediction", model.spec.schedule.zero_terminal_snr
     path, written = Path(path), []
+    side = model.unet.config.sample_size * model.vae_scale_factor
+    if refuse_aligned_flow(model.spec):
+        workflow = comfyui_workflow(path.name, False, False, side, shift=model.spec.schedule.shift)
+        write_bytes(path.with_suffix(".comfyui.json"), json.dumps(workflow, indent=2).encode())
+        return [path.with_suffix(".comfyui.json")]
     if v or ztsnr:
-        workflow = comfyui_workflow(path.name, v, ztsnr, model.unet.config.sample_size * model.vae_scale_factor)
+        workflow = comfyui_workflow(path.name, v, ztsnr, side)
         write_bytes(path.with_suffix(".comfyui.json"), json.dumps(workflow, indent=2).encode())
         written.append(path.with_suffix(".comfyui.json"))
     if v and family in ("sd1", "sd2"):
@@ -80,22 +107,33 @@ def companions(path: Path | str, model: StableDiffusion, family: str) -> list[Pa
     return written
 
 
-def comfyui_workflow(checkpoint: str, v: bool, ztsnr: bool, side: int, prompt: str = "a city street at night") -> dict:
+def comfyui_workflow(
+    checkpoint: str,
+    v: bool,
+    ztsnr: bool,
+    side: int,
+    prompt: str = "a city street at night",
+    shift: float | None = None,
+) -> dict:
     """A ComfyUI workflow (API format) that samples ``checkpoint`` right: ModelSamplingDiscrete sets the prediction
     type and zero terminal SNR (ComfyUI caps its top at σ ≈ 4519, not σ = ∞), RescaleCFG 0.7 at zero terminal SNR,
-    and the "simple" scheduler starts at the schedule's last step, as trailing spacing does."""
+    and the "simple" scheduler starts at the schedule's last step, as trailing spacing does. With ``shift``, a
+    rectified-flow UNet: ModelSamplingSD3 with that shift (flow sampling, exactly fullrange's: tests/test_comfyui)."""
     model = ["2", 0]
-    nodes = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "2": {
+    sampling = (
+        {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": shift}}
+        if shift is not None
+        else {
             "class_type": "ModelSamplingDiscrete",
             "inputs": {"model": ["1", 0], "sampling": "v_prediction" if v else "eps", "zsnr": ztsnr},
-        },
-    }
+        }
+    )
+    nodes = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}, "2": sampling}
     if ztsnr:
         nodes["3"] = {"class_type": "RescaleCFG", "inputs": {"model": ["2", 0], "multiplier": 0.7}}
         model = ["3", 0]
-    sampler = {"seed": 0, "steps": 25, "cfg": 7.5, "sampler_name": "dpmpp_2m", "scheduler": "simple", "denoise": 1.0}
+    name = "euler" if shift is not None else "dpmpp_2m"
+    sampler = {"seed": 0, "steps": 25, "cfg": 7.5, "sampler_name": name, "scheduler": "simple", "denoise": 1.0}
     return nodes | {
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},

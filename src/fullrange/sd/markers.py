@@ -114,6 +114,8 @@ MODELSPEC_ARCHITECTURE = {
 def adapter_metadata(spec, base, family: str, title: str) -> dict[str, str]:
     """kohya's ``ss_*`` and ``modelspec.*`` keys for an adapter trained as ``spec`` on a ``base`` (sampling specs) of
     ``family``, and a description when the adapter changes the base's prediction type or terminal SNR."""
+    if spec.prediction == "flow":
+        raise ValueError("adapter exports of flow models are not built (no tool reads a flow adapter's markers)")
     v = spec.prediction == "v_prediction"
     ztsnr = spec.schedule.zero_terminal_snr
     meta = {

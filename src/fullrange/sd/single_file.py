@@ -176,6 +176,9 @@ def load(path: Path | str, *, config: Path | str | None = None, dtype=torch.floa
             f"zero terminal SNR {bool(decision.zero_terminal_snr)} (fullrange inspect probes it)",
             stacklevel=2,
         )
+    if decision.prediction == "flow":  # a rectified-flow UNet (fullrange's export): its shift in the metadata
+        shift = float((header.get("__metadata__") or {}).get("fullrange.flow_shift", 1.0))
+        return parts, {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}
     if decision.prediction is not None:
         scheduler_config["prediction_type"] = decision.prediction
     if decision.zero_terminal_snr:
