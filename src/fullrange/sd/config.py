@@ -100,7 +100,10 @@ class NoiseConfig:
     input_perturbation: float = setting(0.0, "Input perturbation γ, e.g. 0.1.", shown="0, off")
     zero_terminal_snr: bool = setting(False, "Rescale the schedule to zero terminal SNR (Lin et al. Alg. 1).")
     prediction: str | None = setting(
-        None, "epsilon or v_prediction.", shown="the checkpoint's; v_prediction with `noise.zero_terminal_snr`"
+        None,
+        "epsilon, v_prediction, sample, or flow (the velocity eps - x0 on the checkpoint's own timesteps: with "
+        "`noise.zero_terminal_snr`, the aligned conversion to flow, which only fullrange samples).",
+        shown="the checkpoint's; v_prediction with `noise.zero_terminal_snr`",
     )
     min_snr_gamma: float = setting(0.0, "Min-SNR-γ loss weighting, e.g. 5.", shown="0, off")
     snr_weight_floor: float = setting(0.0, "Floor on the min-SNR weight (keeps the steps at SNR = 0).")
