@@ -844,3 +844,29 @@ def test_a_bf16_run_saves_its_frozen_parts_in_full_precision(workspace, tmp_path
     merged, unet = expected.unet.state_dict(), saved.unet.state_dict()
     assert {v.dtype for v in unet.values()} == {torch.float32}
     assert all(torch.equal(unet[k], merged[k]) for k in merged)
+
+
+def test_full_fine_tune_to_rectified_flow_saves_a_flow_pipeline(workspace, diffusers_images):
+    """``noise.flow_shift`` turns the checkpoint into rectified flow: the saved pipeline's scheduler is
+    flow-matching with that shift, fullrange loads it back as flow, diffusers' SD pipeline with FullrangeScheduler
+    samples it as fullrange does, and the card says how to sample it in each tool."""
+    from fullrange.diffusers import FullrangeScheduler
+
+    config = _config(workspace, "flow", adapter={"kind": "full"}, noise={"flow_shift": 3.0})
+    outputs = finetune(config, progress=False, log=lambda _: None)
+    scheduler = json.loads((outputs["pipeline"] / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 3.0
+    saved = json.loads((workspace / "flow" / "config.json").read_text())
+    assert saved["recipe"]["timestep_draw"] == "logit_normal" and saved["recipe"]["spec"]["prediction"] == "flow"
+    model = load_stable_diffusion(outputs["pipeline"])
+    assert model.spec.prediction == "flow" and model.spec.schedule.shift == 3.0
+    pipe = StableDiffusionPipeline.from_pretrained(outputs["pipeline"], local_files_only=True)
+    pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config)
+    theirs = diffusers_images(pipe, PROMPTS, steps=4, guidance=3.0)
+    ours = generate(model, PROMPTS, SampleSettings(steps=4, guidance=3.0))
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+    card = outputs["card"].read_text()
+    assert "**rectified-flow** model with time shift **3**" in card and "*ModelSamplingSD3* with shift 3" in card
+    assert "ModelSamplingDiscrete" not in card and "guidance_rescale" not in card
+    with pytest.raises(Exception, match="flow_shift"):
+        _config(workspace, "bad", noise={"flow_shift": 3.0, "zero_terminal_snr": True})

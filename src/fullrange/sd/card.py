@@ -92,7 +92,59 @@ def _files(outputs: dict[str, Path], out: Path, validation: Path | None) -> list
     return lines
 
 
+def _flow_sampling(base: StableDiffusion, spec: SamplingSpec, outputs: dict[str, Path]) -> list[str]:
+    """How a model turned into flow is sampled: rectified flow by fullrange, diffusers (through fullrange's
+    scheduler) and ComfyUI; flow on SD's own timesteps (the aligned conversion) by fullrange alone."""
+    adapter = next((outputs[k] for k in ("lora", "oft") if k in outputs), None)
+    model = (
+        f"--model {shlex.quote(str(base.source))} --adapter {shlex.quote(str(adapter))}"
+        if adapter
+        else (f"--model {shlex.quote(str(outputs['pipeline']))}")
+    )
+    command = ["```bash", f'fullrange sample {model} --prompt "..." --out samples', "```", ""]
+    if spec.schedule.coordinates != "flow":
+        return [
+            "## How to sample it",
+            "",
+            "It predicts the flow velocity on the base's own timesteps (the aligned "
+            "conversion): only fullrange samples it.",
+            "",
+            *command,
+        ]
+    shift = f"{spec.schedule.shift:g}"
+    pipeline = "StableDiffusionXLPipeline" if base.is_xl else "StableDiffusionPipeline"
+    return [
+        "## How to sample it",
+        "",
+        f"It must be sampled as a **rectified-flow** model with time shift **{shift}**: it sees the flow interpolant "
+        "(1 − τ) x0 + τ ε at timestep 1000 τ and predicts the velocity ε − x0.",
+        "",
+        "**fullrange**: it reads that from the " + ("adapter folder." if adapter else "pipeline."),
+        "",
+        *command,
+        "**diffusers**: through fullrange's scheduler (SD pipelines call `scale_model_input`, which diffusers' "
+        "`FlowMatchEulerDiscreteScheduler` lacks).",
+        "",
+        "```python",
+        f"from diffusers import {pipeline} as Pipeline",
+        "from fullrange.diffusers import FullrangeScheduler",
+        "",
+        f"pipe = Pipeline.from_pretrained({_py(outputs.get('pipeline', base.source))})",
+        "pipe.scheduler = FullrangeScheduler.from_config(pipe.scheduler.config)  # flow-matching, shift " + shift,
+        'image = pipe("...").images[0]',
+        "```",
+        "",
+        f"**ComfyUI**: load a single file (`fullrange export`, which writes the workflow beside it); add "
+        f"*ModelSamplingSD3* with shift {shift}, and sample with euler and the simple scheduler.",
+        "",
+        "**A1111 / Forge**: no flow sampling for SD / SDXL UNets is known to fullrange.",
+        "",
+    ]
+
+
 def _sampling(config: FinetuneConfig, base: StableDiffusion, spec: SamplingSpec, outputs: dict[str, Path]) -> list:
+    if spec.prediction == "flow":
+        return _flow_sampling(base, spec, outputs)
     v = spec.prediction == "v_prediction"
     ztsnr = spec.schedule.zero_terminal_snr
     adapter = outputs.get(config.adapter.kind)  # a LoRA or OFT folder; a full fine-tune has none

@@ -105,6 +105,13 @@ class NoiseConfig:
         "`noise.zero_terminal_snr`, the aligned conversion to flow, which only fullrange samples).",
         shown="the checkpoint's; v_prediction with `noise.zero_terminal_snr`",
     )
+    flow_shift: float = setting(
+        0.0,
+        "Turn the checkpoint into a rectified-flow model with this time shift (1: none; SD3 samples 1024² with 3): "
+        "it then sees the flow interpolant at t = 1000 tau, learns the velocity eps - x0 at logit-normal times, and "
+        "is sampled, exported and inspected as a flow model.",
+        shown="0, off",
+    )
     min_snr_gamma: float = setting(0.0, "Min-SNR-γ loss weighting, e.g. 5.", shown="0, off")
     snr_weight_floor: float = setting(0.0, "Floor on the min-SNR weight (keeps the steps at SNR = 0).")
 
@@ -118,6 +125,13 @@ class NoiseConfig:
             raise ConfigError("offset", "and noise.pyramid are alternatives; give one")
         if self.prediction is not None:
             check_choice("prediction", self.prediction, PREDICTIONS)
+        check_range("flow_shift", self.flow_shift, 0)
+        if self.flow_shift and (self.zero_terminal_snr or self.prediction not in (None, "flow")):
+            raise ConfigError(
+                "flow_shift",
+                "turns the model into rectified flow, which has zero terminal SNR and predicts the flow velocity: "
+                "leave noise.zero_terminal_snr and noise.prediction unset",
+            )
         if self.zero_terminal_snr and self.prediction == "epsilon":
             raise ConfigError(
                 "prediction",

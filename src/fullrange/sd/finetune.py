@@ -171,8 +171,12 @@ def for_validation(model: StableDiffusion, config: FinetuneConfig):
 
 def recipe_for(noise: NoiseConfig, spec: SamplingSpec) -> Recipe:
     """The training recipe: the checkpoint's own schedule and target, changed as ``noise`` asks. Zero terminal SNR
-    rescales that schedule, trains v-prediction unless told otherwise, and samples with trailing steps."""
+    rescales that schedule, trains v-prediction unless told otherwise, and samples with trailing steps;
+    ``flow_shift`` makes it rectified flow with that shift (SD3's training: logit-normal times)."""
     schedule = spec.schedule
+    if noise.flow_shift:  # the conversion to rectified flow (the reproduction's convert experiment measures it)
+        spec = SamplingSpec(schedules.rectified_flow(noise.flow_shift), "flow")
+        schedule = spec.schedule
     if noise.zero_terminal_snr and not schedule.zero_terminal_snr:
         schedule = schedules.rescale_zero_terminal_snr(schedule)
     try:
@@ -194,6 +198,7 @@ def recipe_for(noise: NoiseConfig, spec: SamplingSpec) -> Recipe:
         weighting="min_snr" if noise.min_snr_gamma else "none",
         snr_gamma=noise.min_snr_gamma or 5.0,
         weight_floor=noise.snr_weight_floor,
+        timestep_draw="logit_normal" if isinstance(schedule, schedules.RectifiedFlow) else "uniform",
     )
 
 
