@@ -204,8 +204,9 @@ class FullrangeFlowScheduler(FullrangeScheduler):
     latents in flow coordinates, ``(1 - tau) x0 + tau eps``, stepping in variance-preserving ones.
 
     Steps: the ``sigmas`` a pipeline passes (Flux's ``linspace(1, 1/S, S)``), shifted as diffusers does; without them
-    :func:`fullrange.timesteps.flow_steps` (the same sigmas: diffusers' own default for SD3 ends one shift lower) or
-    a σ ladder (``spacing="karras"``, unshifted). DDIM (the default) is diffusers' flow-matching Euler step exactly.
+    :func:`fullrange.timesteps.flow_steps` (the same sigmas; diffusers' own default for SD3 ends at 1/T shifted
+    twice) or a σ ladder (``spacing="karras"``, unshifted). DDIM (the default) is diffusers' flow-matching Euler step
+    exactly.
 
         pipe.scheduler = FullrangeFlowScheduler.from_config(pipe.scheduler.config, sampler="unipc")
     """
@@ -266,6 +267,10 @@ class FullrangeFlowScheduler(FullrangeScheduler):
         tau = tau.reshape(-1, *(1,) * (sample.ndim - 1))
         return ((1 - tau) * sample.float() + tau * noise.float()).to(sample.dtype)
 
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """:meth:`scale_noise` under the name SD's img2img and inpainting pipelines call (flow coordinates)."""
+        return self.scale_noise(original_samples, timesteps, noise)
+
 
 def guide(pipe, shaping: Shaping | None = None, space: str = "v") -> torch.utils.hooks.RemovableHandle:
     """fullrange's guidance inside a diffusers pipeline (SD, SDXL, img2img, ControlNet: any that batches the negative
@@ -295,6 +300,8 @@ def guide(pipe, shaping: Shaping | None = None, space: str = "v") -> torch.utils
             run["guided"] = cfg(_branches(run), scale, None, phi, space, shaping)
         run["last"], spec = t, run["spec"]
         ac = float(spec.schedule.alphas_cumprod_at(torch.tensor([t], dtype=torch.float64))[0])
+        if spec.schedule.coordinates == "flow":  # a flow UNet's input is the interpolant; the guidance is in VP terms
+            x = from_flow_input(x, ac)
         run["pair"] = to_x0(spec.prediction, raw.float(), x, ac).chunk(2)  # negative first, as pipelines batch
         half = x[: len(x) // 2]
         out = from_x0(spec.prediction, run["guided"](half, t, ac), half, ac).to(raw.dtype)
