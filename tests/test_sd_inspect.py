@@ -280,7 +280,8 @@ def test_a_diffusers_sd_pipeline_samples_a_flow_unet_with_fullranges_scheduler(t
     from diffusers import StableDiffusionPipeline
 
     from fullrange import sampling, schedules
-    from fullrange.diffusers import FullrangeScheduler
+    from fullrange.diffusers import FullrangeScheduler, guide
+    from fullrange.guidance import Shaping
 
     folder = save_tiny_stable_diffusion(tmp_path / "m")
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -296,4 +297,25 @@ def test_a_diffusers_sd_pipeline_samples_a_flow_unet_with_fullranges_scheduler(t
     ours = sampling.sample(
         pipe.unet, latents, spec, sampler="dpmpp_2m", steps=5, cond={"encoder_hidden_states": embeds}
     )
+    torch.testing.assert_close(out, ours, rtol=0, atol=1e-5)
+    # fullrange's guidance inside the same pipeline (guide): the hook reads the flow UNet's input as the interpolant
+    negative = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=g)
+    shaping = Shaping(zero_star=True, eta=0.0, momentum=-0.5)
+    guided = {"latents": latents, "num_inference_steps": 5, "guidance_scale": 3.0, "output_type": "latent"}
+    plain = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **guided).images
+    handle = guide(pipe, shaping)
+    out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **guided).images
+    handle.remove()
+    ours = sampling.sample(
+        pipe.unet,
+        latents,
+        spec,
+        sampler="dpmpp_2m",
+        steps=5,
+        cond={"encoder_hidden_states": embeds},
+        uncond={"encoder_hidden_states": negative},
+        guidance_scale=3.0,
+        shaping=shaping,
+    )
+    assert (out - plain).abs().max() > 1e-3
     torch.testing.assert_close(out, ours, rtol=0, atol=1e-5)
