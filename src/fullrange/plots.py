@@ -47,7 +47,7 @@ def log_steps_axis(ax, steps) -> None:
 def schedule_plot(schedule: Schedule, t: torch.Tensor, num_values: int, path: Path | str, label: str) -> str:
     """log SNR over the training timesteps with the sample steps ``t`` marked, and the mean leak √(SNR·N) of
     samples of ``num_values`` values (:func:`fullrange.metrics.mean_leak`)."""
-    all_t = range(schedule.num_train_timesteps)
+    all_t = schedule.timesteps.numpy()
     fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(7, 6), sharex=True)
     top.plot(all_t, schedule.log_snr.numpy(), label=label)
     visited = schedule.alphas_cumprod_at(t)
