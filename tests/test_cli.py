@@ -3,7 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from fullrange import schedules
+from fullrange import schedules, timesteps
 from fullrange.cli import app
 
 runner = CliRunner()
@@ -57,6 +57,9 @@ def test_schedule_zero_terminal_snr_table_and_plot(tmp_path):
         (["--steps", "2000"], "steps must be between 1 and num_train_timesteps=1000"),
         (["--schedule", "quadratic"], "unknown schedule 'quadratic'"),
         (["--plot", "out.jpg"], "must name a .png file"),
+        (["--shift", "3"], "--shift applies to --schedule rectified_flow, not scaled_linear"),
+        (["--schedule", "rectified_flow", "--shift", "-1"], "shift must be a positive number"),
+        (["--schedule", "rectified_flow", "--spacing", "leading"], "trailing steps or a σ ladder"),
     ],
 )
 def test_schedule_bad_options_give_one_line_errors(args, message):
@@ -171,3 +174,11 @@ def test_one_runtime_for_the_main_job_everywhere():
     assert f"The earlier run, beside the test suite only, took {QUICK_RUNTIME}" in readme
     result = runner.invoke(app, ["reproduce", "--help"], terminal_width=200)
     assert f"quick ({QUICK_RUNTIME} on 2 CPU cores" in " ".join(result.output.split())
+
+
+def test_schedule_rectified_flow_with_a_shift_is_the_library_plan():
+    result = runner.invoke(app, ["schedule", "--schedule", "rectified_flow", "--shift", "3", "--steps", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = [row["t"] for row in json.loads(result.output)["plan"]]
+    expected = timesteps.plan(schedules.rectified_flow(3.0), 4)
+    assert plan == [round(float(t), 3) for t in expected] and plan[0] == 1000.0

@@ -26,7 +26,8 @@ def parse_resolution(text: str) -> tuple[int, ...]:
     return sides
 
 
-Schedule = Annotated[str, typer.Option("--schedule", help="linear, scaled_linear or cosine.")]
+Schedule = Annotated[str, typer.Option("--schedule", help="linear, scaled_linear, cosine or rectified_flow.")]
+Shift = Annotated[float, typer.Option(help="Rectified flow's time shift (SD3: 3; 1: none).")]
 ZeroTerminalSNR = Annotated[bool, typer.Option(help="Rescale to zero terminal SNR (Lin et al. Alg. 1).")]
 TrainTimesteps = Annotated[int, typer.Option("--train-timesteps", help="T, the training timesteps.")]
 Spacing = Annotated[str, typer.Option(help="leading, linspace, trailing, or a σ ladder: karras, exponential.")]
@@ -46,6 +47,7 @@ def schedule_command(
     spacing: Spacing = "trailing",
     steps: Steps = 10,
     steps_offset: StepsOffset = 0,
+    shift: Shift = 1.0,
     resolution: Resolution = "64x64x4",
     as_json: AsJson = False,
     plot: Plot = None,
@@ -60,6 +62,10 @@ def schedule_command(
         fail(f"--plot {plot} must name a .png file")
     try:
         schedule = schedules.by_name(name, num_train_timesteps, zero_terminal_snr=zero_terminal_snr)
+        if shift != 1.0:
+            if not isinstance(schedule, schedules.RectifiedFlow):
+                fail(f"--shift applies to --schedule rectified_flow, not {name}")
+            schedule = schedules.with_shift(schedule, shift)
         rows = timesteps.describe_plan(schedule, steps, spacing, steps_offset, num_values)
     except ValueError as err:
         fail(str(err))
