@@ -18,6 +18,7 @@ from fullrange.sd.export import export
 from fullrange.sd.sample import SampleSettings, generate, seeded_noise
 from fullrange.sd.testing import save_twin
 from fullrange.sd.tone import colour_leak, parse_tone
+from fullrange.timesteps import plan as timesteps_plan
 
 SIDE = 64  # pixels: the twin's 8×8 latents
 PROMPT = "a dark room"
@@ -144,6 +145,35 @@ def test_comfyui_samples_as_fullrange_with_the_nodes(twin, report):
     report(f"ComfyUI nodes vs fullrange sample (SD 1.5 twin, euler, 10 trailing steps, 64 px), largest pixel "
            f"difference: SD's schedule, guidance 3: {plain:.1e}; v + zero terminal SNR, guidance 1: {exact:.1e} "
            f"(ComfyUI's σ_max 4518.8 vs ∞), {capped:.1e} against fullrange on ComfyUI's capped schedule")  # fmt: skip
+
+
+def test_sigmas_node_and_sampling_of_a_flow_model_are_fullranges(twin, report):
+    """The twin's UNet under ComfyUI's ModelSamplingSD3 (shift 3) is a rectified-flow model: the Sigmas node gives
+    τ of fullrange's flow plan, 1 first (no cap), and ComfyUI's Euler on it gives ``fullrange sample``'s images for
+    the same UNet read as a flow model (shift 3)."""
+    from fullrange import schedules
+    from fullrange.sampling import SamplingSpec
+
+    seeds, steps = [0, 1], 10
+    flow_model = twin.comfy.nodes_model_advanced.ModelSamplingSD3().patch(twin.model, 3.0)[0]
+    sigmas = comfyui.Sigmas().make(flow_model, steps, "trailing")[0]
+    flow = schedules.rectified_flow(3.0)
+    expected = torch.cat([timesteps_plan(flow, steps) / 1000, torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(sigmas.double(), expected, rtol=0, atol=1e-6)
+    assert sigmas[0] == 1.0
+    empty = torch.zeros(len(seeds), 4, SIDE // 8, SIDE // 8)
+    differences = []
+    for cfg in (1.0, 3.0):
+        theirs = _comfy_images(twin, flow_model, sigmas, cfg, empty, seeds)
+        ours = _fullrange_images(twin, SamplingSpec(flow, "flow"), seeds, steps, cfg)
+        differences.append((theirs - ours).abs().max().item())
+    report(
+        f"ComfyUI ModelSamplingSD3 + Sigmas vs fullrange sample, flow: {differences[0]:.1e} at guidance 1, "
+        f"{differences[1]:.1e} at 3"
+    )
+    # At guidance 3 the random twin amplifies float differences between attention implementations (see the test
+    # above): agreement to 1e-3, where a wrong shift or guidance would be off by far more.
+    assert differences[0] < 2e-4 and differences[1] < 1e-3
 
 
 def _as_toy(twin, monkeypatch):

@@ -13,6 +13,9 @@ How ComfyUI's numbers relate to fullrange's (measured in ``tests/test_comfyui.py
 - ComfyUI scales its noise by σ_0, so σ_0 = ∞ (zero terminal SNR) cannot reach its samplers: **Sigmas** starts
   its ladders at the model's own top instead, which ComfyUI's zero-SNR schedule caps at σ ≈ 4518.8 (ᾱ_T = 4.9e-8).
   fullrange's exact first step from σ = ∞ is the limit of that step; the cap makes it close, not equal.
+- A flow model (SD3, Flux, or an SD UNet under ModelSamplingSD3) has ComfyUI's "sigma" = flow time τ and starts at
+  τ = 1 exactly: **Sigmas** gives τ of fullrange's rectified-flow plan with the model's shift (SD3's ``shift``;
+  Flux's ``exp(shift)``, its shift being μ).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from .config import ConfigError
 from .leak import from_low_frequencies, low_frequencies
-from .schedules import Schedule
+from .schedules import Schedule, rectified_flow
 from .timesteps import LADDERS, SPACINGS, plan
 
 CATEGORY = "fullrange"
@@ -34,9 +37,25 @@ PROBE_SIDE = 32
 """Latent side of the probe's noise (the probe's verdict does not depend on it)."""
 
 
+def flow_shift(model_sampling) -> float | None:
+    """The time shift of a ComfyUI flow model (its model sampling is CONST), ``None`` for the others: SD3's discrete
+    flow takes ``shift`` as k, Flux's takes it as μ (k = exp(μ))."""
+    import math
+
+    import comfy.model_sampling as sampling
+
+    if not isinstance(model_sampling, sampling.CONST):
+        return None
+    shift = float(model_sampling.shift)
+    return math.exp(shift) if isinstance(model_sampling, sampling.ModelSamplingFlux) else shift
+
+
 def comfy_schedule(model_sampling) -> Schedule:
-    """fullrange's schedule of a ComfyUI model: ᾱ = 1 / (1 + σ²) of its discrete σ table, with ComfyUI's zero-SNR
-    top read as what it stands for, ᾱ_T = 0."""
+    """fullrange's schedule of a ComfyUI model: rectified flow with its shift for a flow model, else ᾱ = 1 / (1 + σ²)
+    of its discrete σ table, with ComfyUI's zero-SNR top read as what it stands for, ᾱ_T = 0."""
+    shift = flow_shift(model_sampling)
+    if shift is not None:
+        return rectified_flow(shift)
     sigmas = model_sampling.sigmas.detach().double().cpu()
     alphas_cumprod = 1 / (1 + sigmas**2)
     if alphas_cumprod[-1] <= 2 * COMFYUI_ZSNR_ALPHA_CUMPROD:
@@ -49,6 +68,9 @@ def ladder_sigmas(model_sampling, steps: int, spacing: str, num_values: int | No
     first step at zero terminal SNR) becomes the model's own top, ComfyUI's cap."""
     schedule = comfy_schedule(model_sampling)
     timesteps = plan(schedule, steps, spacing, num_values=num_values)
+    if schedule.coordinates == "flow":  # ComfyUI's flow sigma is τ, 1 at pure noise: no cap needed
+        tau = timesteps / schedule.num_train_timesteps
+        return torch.cat([tau, tau.new_zeros(1)]).float()
     alphas_cumprod = schedule.alphas_cumprod_at(timesteps)
     sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
     sigmas = torch.where(torch.isinf(sigmas), float(model_sampling.sigma_max), sigmas)
