@@ -74,6 +74,8 @@ def test_flow_configs_read_and_refused():
     assert spec_from_config(sana.config).schedule.shift == 4.0
     with pytest.raises(ValueError, match="use_karras_sigmas is not supported"):
         FullrangeScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True).config)
+    with pytest.raises(ValueError, match="use_dynamic_shifting sets the shift per image size"):
+        spec_from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config)
     dynamic = FullrangeScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config)
     with pytest.raises(ValueError, match="give mu"):
         dynamic.set_timesteps(4)

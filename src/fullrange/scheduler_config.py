@@ -67,7 +67,8 @@ def flow_shift_from_config(config: dict, mu: float | None = None) -> float:
 
 def flow_spec_from_config(config: dict, mu: float | None = None) -> SamplingSpec:
     """The spec of a rectified-flow model from its scheduler config: flow prediction, trailing steps, the config's
-    time shift (:func:`flow_shift_from_config`; a dynamic config without ``mu`` takes shift 1 until sampled)."""
+    time shift (:func:`flow_shift_from_config`; a dynamic config without ``mu`` holds shift 1 until a pipeline
+    passes one, as in :class:`fullrange.diffusers.FullrangeFlowScheduler`)."""
     bad = [k for k in FLOW_UNSUPPORTED if config.get(k)]
     if bad:
         raise ValueError(f"scheduler config: {', '.join(bad)} is not supported for flow models")
@@ -78,8 +79,15 @@ def flow_spec_from_config(config: dict, mu: float | None = None) -> SamplingSpec
 
 
 def spec_from_config(config: dict) -> SamplingSpec:
-    """The sampling spec a diffusers scheduler config describes."""
+    """The sampling spec a diffusers scheduler config describes. A flow-matching config with Flux's dynamic shift
+    is refused: its shift depends on the image size, which only a pipeline's ``mu`` gives
+    (:class:`fullrange.diffusers.FullrangeFlowScheduler` takes it)."""
     if is_flow_config(config):
+        if config.get("use_dynamic_shifting") and not config.get("use_flow_sigmas"):
+            raise ValueError(
+                "scheduler config: use_dynamic_shifting sets the shift per image size; give a static shift "
+                "(schedules.flux_shift(seq_len) is Flux's for one size)"
+            )
         return flow_spec_from_config(config)
     c = DIFFUSERS_DEFAULTS | {k: v for k, v in config.items() if v is not None}
     if config.get("trained_betas") is not None:
