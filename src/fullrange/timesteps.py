@@ -95,10 +95,9 @@ def ladder(
     """Fractional timesteps of a σ ladder on ``schedule``, descending.
 
     The range defaults to the schedule's own ``[σ(0), σ(T-1)]``. On a zero-terminal-SNR schedule the first step is
-    its last timestep (σ = ∞, pure noise: t = T-1, or T for rectified flow) and the other ``num_steps - 1`` follow the
-    ladder from
-    ``sigma_max`` down: by default :func:`resolution_sigma_max` of ``num_values`` (the sample's C·H·W) when
-    given, else :data:`ZTSNR_SIGMA_MAX`; never above the schedule's largest finite σ.
+    its last timestep (σ = ∞, pure noise: t = T-1, or T for rectified flow) and the other ``num_steps - 1`` follow
+    the ladder from ``sigma_max`` down: by default :func:`resolution_sigma_max` of ``num_values`` (the sample's
+    C·H·W) when given, else :data:`ZTSNR_SIGMA_MAX`; never above the schedule's largest finite σ.
     """
     if kind not in LADDERS:
         raise ValueError(f"unknown ladder {kind!r}; choose one of {', '.join(LADDERS)}")
