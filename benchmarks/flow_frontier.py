@@ -35,7 +35,7 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
-from nfe_frontier import Counted, reference
+from nfe_frontier import best, reference, score, sweep_steps
 
 from fullrange import metrics, prediction, schedules, timesteps, toy
 from fullrange.samplers import SAMPLERS
@@ -92,16 +92,7 @@ def runs(data, noise: torch.Tensor):
     mu = schedules.flux_mu(seq_len)
 
     def sweep(family, config, fn, model=data.denoise):
-        for steps in STEPS:
-            counted = Counted(model)
-            try:
-                x0 = fn(counted, steps)
-            except Exception as error:  # a failure is a result here
-                yield family, f"{config} ({type(error).__name__})", steps, counted.calls, None
-                continue
-            if counted.calls > max(BUDGETS):
-                return
-            yield family, config, steps, counted.calls, x0
+        yield from sweep_steps(family, config, fn, model, STEPS, max(BUDGETS))
 
     for family, k in shifts(shape).items():
         shifted = schedules.with_shift(flow, k)
@@ -141,11 +132,6 @@ def runs(data, noise: torch.Tensor):
         )
     for config, fn in peers.items():
         yield from sweep("diffusers", config, fn, net)
-
-
-def best(rows: list[dict], family: str, budget: int) -> dict | None:
-    fits = [r for r in rows if r["family"] == family and r["nfe"] <= budget and math.isfinite(r["error"])]
-    return min(fits, key=lambda r: (r["error"], r["rmse"])) if fits else None
 
 
 def markdown(table: dict) -> str:
@@ -202,23 +188,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         noise = torch.randn((batch, *shape), generator=g, dtype=torch.float64)
         data_b = torch.cat([metrics.brightness(data.sample((64, *shape), g)) for _ in range(8)])
-        b_std = float(data_b.std())
         ref = reference(data.denoise, noise, 1000)
-        rows = []
-        for family, config, steps, nfe, x0 in runs(data, noise):
-            finite = x0 is not None and bool(torch.isfinite(x0).all())
-            b = metrics.brightness(x0) if finite else None
-            rows.append(
-                {
-                    "family": family,
-                    "config": config,
-                    "steps": steps,
-                    "nfe": nfe,
-                    "error": float((b - metrics.brightness(ref)).abs().mean()) / b_std if finite else math.inf,
-                    "rmse": float((x0 - ref).flatten(1).pow(2).mean(1).sqrt().mean()) if finite else math.inf,
-                    "w1": metrics.wasserstein_1d(metrics.brightness(x0), data_b) if finite else math.inf,
-                }
-            )
+        rows = [score(*run, ref, data_b) for run in runs(data, noise)]
         table[size] = {"batch": batch, "shifts": shifts(shape), "rows": rows}
         print(f"\n{size}, batch {batch}, shifts {', '.join(f'{k} {v:.3f}' for k, v in shifts(shape).items())}")
         failed = sorted({r["config"] for r in rows if not math.isfinite(r["error"])})

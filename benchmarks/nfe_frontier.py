@@ -86,6 +86,36 @@ def make_data(kind: str, shape: tuple[int, int, int]):
     return toy.ImageMixtureToy(scenes.to(torch.float64))
 
 
+def sweep_steps(family: str, config: str, fn, model, step_counts, max_nfe: int):
+    """``(family, config, steps, NFE, x0)`` of ``fn(counted_model, steps)`` for each step count until the NFE exceeds
+    ``max_nfe``; a run that raises is a result (x0 ``None``, the error's name in the config)."""
+    for steps in step_counts:
+        counted = Counted(model)
+        try:
+            x0 = fn(counted, steps)
+        except Exception as error:  # diffusers' Heun at zero SNR, say: a failure is a result here
+            yield family, f"{config} ({type(error).__name__})", steps, counted.calls, None
+            continue
+        if counted.calls > max_nfe:
+            return
+        yield family, config, steps, counted.calls, x0
+
+
+def score(family: str, config: str, steps: int, nfe: int, x0, ref: torch.Tensor, data_b: torch.Tensor) -> dict:
+    """One row: brightness error (/ the data's brightness std), RMSE to the exact ODE's ``ref``, W1 to the data."""
+    finite = x0 is not None and bool(torch.isfinite(x0).all())
+    b = metrics.brightness(x0) if finite else None
+    return {
+        "family": family,
+        "config": config,
+        "steps": steps,
+        "nfe": nfe,
+        "error": float((b - metrics.brightness(ref)).abs().mean()) / float(data_b.std()) if finite else math.inf,
+        "rmse": float((x0 - ref).flatten(1).pow(2).mean(1).sqrt().mean()) if finite else math.inf,
+        "w1": metrics.wasserstein_1d(metrics.brightness(x0), data_b) if finite else math.inf,
+    }
+
+
 def runs(data, noise: torch.Tensor, kd):
     """Every (family, configuration, x0, NFE) with NFE <= 16."""
     num_values = math.prod(noise.shape[1:])
@@ -101,16 +131,7 @@ def runs(data, noise: torch.Tensor, kd):
     network = _diffusers_loop.as_v_network(data, SCHEDULE)
 
     def sweep(family, config, fn, model=data.denoise):
-        for steps in range(2, 17):
-            counted = Counted(model)
-            try:
-                x0 = fn(counted, steps)
-            except Exception as error:  # diffusers' Heun at zero SNR, say: a failure is a result here
-                yield family, f"{config} ({type(error).__name__})", steps, counted.calls, None
-                continue
-            if counted.calls > max(BUDGETS):
-                return
-            yield family, config, steps, counted.calls, x0
+        yield from sweep_steps(family, config, fn, model, range(2, 17), max(BUDGETS))
 
     yield from sweep(
         "fullrange default", "fullrange.sample()", lambda m, s: fullrange.sample(m, noise, spec, steps=s), network
@@ -164,21 +185,7 @@ def main() -> None:
             float((metrics.brightness(check) - metrics.brightness(ref)).abs().mean()) / b_std,
             float((check - ref).flatten(1).pow(2).mean(1).sqrt().mean()),
         )
-        rows = []
-        for family, config, steps, nfe, x0 in runs(data, noise, kd):
-            finite = x0 is not None and bool(torch.isfinite(x0).all())
-            b = metrics.brightness(x0) if finite else None
-            rows.append(
-                {
-                    "family": family,
-                    "config": config,
-                    "steps": steps,
-                    "nfe": nfe,
-                    "error": float((b - metrics.brightness(ref)).abs().mean()) / b_std if finite else math.inf,
-                    "rmse": float((x0 - ref).flatten(1).pow(2).mean(1).sqrt().mean()) if finite else math.inf,
-                    "w1": metrics.wasserstein_1d(metrics.brightness(x0), data_b) if finite else math.inf,
-                }
-            )
+        rows = [score(*run, ref, data_b) for run in runs(data, noise, kd)]
         table[size] = {"batch": batch, "reference_vs_half_steps": converged, "rows": rows}
         print_size(size, batch, converged, rows)
     print(f"({args.toy} toy; all from this run, {time.perf_counter() - started:.0f} s)")
