@@ -870,3 +870,9 @@ def test_full_fine_tune_to_rectified_flow_saves_a_flow_pipeline(workspace, diffu
     assert "ModelSamplingDiscrete" not in card and "guidance_rescale" not in card
     with pytest.raises(Exception, match="flow_shift"):
         _config(workspace, "bad", noise={"flow_shift": 3.0, "zero_terminal_snr": True})
+    # A LoRA turned flow: its folder carries the flow config; no kohya file (no tool reads one), said, not a crash.
+    said = []
+    tables = {"adapter": {"kind": "lora"}, "noise": {"flow_shift": 3.0}, "output": {"family": "sd1"}}
+    lora = finetune(_config(workspace, "flow_lora", **tables), progress=False, log=said.append)
+    assert "kohya" not in lora and any("kohya file not written: adapter exports of flow" in line for line in said)
+    assert load_adapter(load_stable_diffusion(workspace / "sd"), lora["lora"]).spec.schedule.shift == 3.0

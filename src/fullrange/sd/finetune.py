@@ -320,6 +320,8 @@ def save_adapter(model: StableDiffusion, base: StableDiffusion, config: Finetune
             outputs[key] = kind.export(folder / name, outputs[kind.name], base, config.output.family)
         except ConfigError as err:
             log(f"{key} file not written: {err} (with --family, or [output] family)")
+        except ValueError as err:  # a model no tool reads from an adapter file (a flow model)
+            log(f"{key} file not written: {err}")
     return outputs
 
 
