@@ -166,14 +166,16 @@ def test_one_runtime_for_the_main_job_everywhere():
     """The README's set-up line, its reproduction section and ``reproduce --help`` state the same measured time."""
     from pathlib import Path
 
-    from fullrange.cli.reproduce import QUICK_RUNTIME
+    from fullrange.cli.reproduce import CONVERT_RUNTIME, QUICK_RUNTIME
 
-    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    readme = " ".join(Path(__file__).parents[1].joinpath("README.md").read_text().split())
     first_screen = readme[: readme.index("## Three things to try")]
     assert f"({QUICK_RUNTIME} on 2 CPU cores shared with one other job" in first_screen
-    assert f"The earlier run, beside the test suite only, took {QUICK_RUNTIME}" in readme
+    assert f"`convert` alone {CONVERT_RUNTIME} beside the test suite" in first_screen
+    assert f"beside the test suite only, took {QUICK_RUNTIME}; `convert` alone took {CONVERT_RUNTIME}" in readme
     result = runner.invoke(app, ["reproduce", "--help"], terminal_width=200)
-    assert f"quick ({QUICK_RUNTIME} on 2 CPU cores" in " ".join(result.output.split())
+    help_text = " ".join(result.output.split())
+    assert f"quick ({QUICK_RUNTIME} on 2 CPU cores" in help_text and f"convert alone {CONVERT_RUNTIME}" in help_text
 
 
 def test_schedule_rectified_flow_with_a_shift_is_the_library_plan():

@@ -10,7 +10,8 @@ import typer
 from ._errors import INTERRUPTED, fail
 from ._options import Progress
 
-QUICK_RUNTIME = "25 min 18 s"  # the quick preset, measured; the README states the same (a test)
+QUICK_RUNTIME = "25 min 18 s"  # the quick preset's last full run, measured; the README states the same (a test)
+CONVERT_RUNTIME = "34 min 31 s"  # `--only convert`, measured (2070.8 s); not yet in a full run
 
 
 def reproduce_command(
@@ -21,8 +22,9 @@ def reproduce_command(
         str,
         typer.Option(
             help="micro (a smoke test of the code: about half a minute, no verdicts), quick "
-            f"({QUICK_RUNTIME} on 2 CPU cores shared with one other job; 3 seeds), full (for a GPU: about 216 h of "
-            "training on a 2-core CPU)."
+            f"({QUICK_RUNTIME} on 2 CPU cores shared with one other job before the flow recipe and the convert "
+            f"experiment were added, convert alone {CONVERT_RUNTIME} beside the test suite; 3 seeds), full (for a GPU: "
+            "about 216 h of training on a 2-core CPU)."
         ),
     ] = "quick",
     only: Annotated[list[str] | None, typer.Option(help="Run only this experiment (repeatable).")] = None,
