@@ -188,3 +188,15 @@ def test_a_sections_introduction_is_one_paragraph_in_the_html(micro_run):
     first_paragraph = doc.split("\n\n")[0].replace("\n", " ")
     assert escape.escape(first_paragraph.split("`")[0]) in page
     assert "\n" not in page[page.index('<h2 id="from_scratch">') :].split("<p>")[1].split("</p>")[0]
+
+
+def test_the_conversion_stops_when_w1_has_not_improved_for_two_evaluations():
+    """The stopping rule of ``convert``: a gain is a W1 at least 5% below the best so far; two evaluations in a row
+    without one stop it, and the best evaluation up to the stop is the model kept."""
+    from fullrange.reproduce.convert import best_step, stop_step
+
+    curve = {0: 0.22, 25: 0.09, 50: 0.071, 75: 0.075, 100: 0.035, 125: 0.063, 150: 0.034, 175: 0.01}
+    assert stop_step(curve) == 150  # 0.034 is not 5% below 0.035: the second evaluation without a gain
+    assert best_step(curve, stop_step(curve)) == 150 and best_step(curve) == 175
+    assert stop_step({0: 0.2, 25: 0.1, 50: 0.05, 75: 0.025}) is None  # still halving: it runs on
+    assert stop_step({0: 0.2, 25: 0.2, 50: 0.2}, patience=3) is None
