@@ -35,7 +35,7 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
-from nfe_frontier import best, reference, score, sweep_steps
+from nfe_frontier import best, plot, reference, score, sweep_steps
 
 from fullrange import metrics, prediction, schedules, timesteps, toy
 from fullrange.samplers import SAMPLERS
@@ -147,28 +147,6 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(table: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(table), figsize=(5.2 * len(table), 4), squeeze=False, sharey=True)
-    for ax, (size, entry) in zip(axes[0], table.items(), strict=True):
-        for family in FAMILIES:
-            points = [(b, best(entry["rows"], family, b)) for b in BUDGETS]
-            points = [(b, r["error"]) for b, r in points if r is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), "o-", label=family, alpha=0.85)
-        ax.set(title=f"{size}, rectified flow (flat toy)", xlabel="model evaluations (NFE)", yscale="log")
-        ax.set_xticks(BUDGETS)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("brightness error / data std (best per family)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
@@ -201,7 +179,7 @@ def main() -> None:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(table, f, indent=1)
     if args.plot:
-        plot(table, args.plot)
+        plot(table, args.plot, "{size}, rectified flow (flat toy)", FAMILIES, BUDGETS, goal=None)
 
 
 if __name__ == "__main__":

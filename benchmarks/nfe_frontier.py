@@ -193,7 +193,7 @@ def main() -> None:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(table, f, indent=1)
     if args.plot:
-        plot(table, args.plot, args.toy)
+        plot(table, args.plot, f"{{size}} ({args.toy} toy)")
 
 
 def best(rows: list[dict], family: str, budget: int) -> dict | None:
@@ -236,7 +236,15 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(table: dict, path: str, kind: str) -> None:
+def plot(
+    table: dict,
+    path: str,
+    title: str,
+    families: tuple[str, ...] = FAMILIES,
+    budgets: tuple[int, ...] = BUDGETS,
+    goal: float | None = 0.02,
+) -> None:
+    """Per size (``title`` formats with it), each family's best brightness error within each NFE budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,14 +252,15 @@ def plot(table: dict, path: str, kind: str) -> None:
 
     fig, axes = plt.subplots(1, len(table), figsize=(5.2 * len(table), 4), squeeze=False, sharey=True)
     for ax, (size, entry) in zip(axes[0], table.items(), strict=True):
-        for family in FAMILIES:
-            points = [(b, best(entry["rows"], family, b)) for b in BUDGETS]
+        for family in families:
+            points = [(b, best(entry["rows"], family, b)) for b in budgets]
             points = [(b, r["error"]) for b, r in points if r is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), "o-", label=family, alpha=0.85)
-        ax.axhline(0.02, color="gray", linestyle=":", label="goal 0.02")
-        ax.set(title=f"{size} ({kind} toy)", xlabel="model evaluations (NFE)", yscale="log")
-        ax.set_xticks(BUDGETS)
+        if goal is not None:
+            ax.axhline(goal, color="gray", linestyle=":", label=f"goal {goal:g}")
+        ax.set(title=title.format(size=size), xlabel="model evaluations (NFE)", yscale="log")
+        ax.set_xticks(budgets)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("brightness error / data std (best per family)")
     axes[0][-1].legend(fontsize=8)
